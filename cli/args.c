@@ -1,0 +1,116 @@
+#include "cli/args.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+opt *args_get(opt *opts, size_t n, const char *name) {
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(opts[i].name, name) == 0) return &opts[i];
+    return NULL;
+}
+
+void args_help(const char *cmd, const char *summary, const opt *opts, size_t n) {
+    printf("usage: kmv %s", cmd);
+    for (size_t i = 0; i < n; i++) {
+        const opt *o = &opts[i];
+        printf(o->required ? " --%s" : " [--%s", o->name);
+        if (o->type != OPT_FLAG) printf(" %s", o->arg);
+        if (!o->required) printf("]");
+    }
+    printf("\n\n%s\n\noptions:\n", summary);
+    for (size_t i = 0; i < n; i++) {
+        char left[64];
+        snprintf(left, sizeof left, "--%s%s%s", opts[i].name, opts[i].type == OPT_FLAG ? "" : " ",
+                 opts[i].type == OPT_FLAG ? "" : opts[i].arg);
+        printf("  %-22s %s\n", left, opts[i].help);
+    }
+    printf("  %-22s %s\n", "--help", "show this help");
+}
+
+/* Strict numeric parsing: the whole string must be the number, so "1e" or
+ * "0.1x" is an error rather than a silently different value. */
+static int parse_value(opt *o, const char *cmd, const char *v) {
+    char *end;
+    errno = 0;
+    switch (o->type) {
+    case OPT_STRING:
+        if (*v == '\0') goto bad;
+        o->s = v;
+        return 0;
+    case OPT_DOUBLE:
+        o->d = strtod(v, &end);
+        if (*v == '\0' || *end != '\0' || errno != 0 || !isfinite(o->d)) goto bad;
+        return 0;
+    case OPT_INT:
+        o->i = strtoll(v, &end, 10);
+        if (*v == '\0' || *end != '\0' || errno != 0) goto bad;
+        return 0;
+    case OPT_U64:
+        if (*v == '-') goto bad;
+        o->u = (uint64_t)strtoull(v, &end, 0);
+        if (*v == '\0' || *end != '\0' || errno != 0) goto bad;
+        return 0;
+    case OPT_FLAG:
+        break;
+    }
+bad:
+    fprintf(stderr, "kmv %s: invalid value '%s' for --%s\n", cmd, v, o->name);
+    return EXIT_USAGE;
+}
+
+int args_parse(const char *cmd, const char *summary, opt *opts, size_t n, int argc,
+               char **argv) {
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            args_help(cmd, summary, opts, n);
+            return -1;
+        }
+        if (strncmp(a, "--", 2) != 0) {
+            fprintf(stderr, "kmv %s: unexpected argument '%s' (see kmv %s --help)\n", cmd, a, cmd);
+            return EXIT_USAGE;
+        }
+        const char *name = a + 2, *eq = strchr(name, '=');
+        size_t len = eq ? (size_t)(eq - name) : strlen(name);
+        opt *o = NULL;
+        for (size_t k = 0; k < n; k++)
+            if (strlen(opts[k].name) == len && strncmp(opts[k].name, name, len) == 0) o = &opts[k];
+        if (o == NULL) {
+            fprintf(stderr, "kmv %s: unknown option '%.*s' (see kmv %s --help)\n", cmd,
+                    (int)(len + 2), a, cmd);
+            return EXIT_USAGE;
+        }
+        if (o->seen) {
+            fprintf(stderr, "kmv %s: --%s given twice\n", cmd, o->name);
+            return EXIT_USAGE;
+        }
+        o->seen = 1;
+        if (o->type == OPT_FLAG) {
+            if (eq) {
+                fprintf(stderr, "kmv %s: --%s takes no value\n", cmd, o->name);
+                return EXIT_USAGE;
+            }
+            continue;
+        }
+        const char *v = eq ? eq + 1 : (i + 1 < argc ? argv[++i] : NULL);
+        if (v == NULL) {
+            fprintf(stderr, "kmv %s: --%s needs a value (%s)\n", cmd, o->name, o->arg);
+            return EXIT_USAGE;
+        }
+        int rc = parse_value(o, cmd, v);
+        if (rc != 0) return rc;
+    }
+    for (size_t k = 0; k < n; k++) {
+        if (opts[k].required && !opts[k].seen) {
+            fprintf(stderr, "kmv %s: missing --%s %s (see kmv %s --help)\n", cmd, opts[k].name,
+                    opts[k].arg, cmd);
+            return EXIT_USAGE;
+        }
+    }
+    (void)summary;
+    return EXIT_OK;
+}

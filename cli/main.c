@@ -1,0 +1,44 @@
+/* kmv: the command-line tool, a thin layer over kmv/kmv.h. */
+#include <stdio.h>
+#include <string.h>
+
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "kmv/kmv.h"
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: kmv COMMAND [OPTIONS]\n"
+            "\n"
+            "Gaussian-kernel matrix-vector products and attention.\n"
+            "Bandwidth convention: K_ij = exp(-||q_i - k_j||^2 / (2 sigma^2)).\n"
+            "\n"
+            "commands:\n"
+            "  matvec      y = K x for keys, queries and x in .npy files\n"
+            "  attention   D^-1 A V with A_ij = exp(<q_i, k_j> / sqrt(d))\n"
+            "  demo        run both on the GloVe sample shipped with kmv\n"
+            "\n"
+            "kmv COMMAND --help describes a command; kmv --version prints the version.\n");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return EXIT_USAGE;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
+        usage(stdout);
+        return EXIT_OK;
+    }
+    if (strcmp(cmd, "--version") == 0) {
+        printf("kmv %s\n", kmv_version_string());
+        return EXIT_OK;
+    }
+    if (strcmp(cmd, "matvec") == 0) return cmd_matvec(argc - 2, argv + 2);
+    if (strcmp(cmd, "attention") == 0) return cmd_attention(argc - 2, argv + 2);
+    if (strcmp(cmd, "demo") == 0) return cmd_demo(argc - 2, argv + 2, argv[0]);
+    fprintf(stderr, "kmv: unknown command '%s'\n\n", cmd);
+    usage(stderr);
+    return EXIT_USAGE;
+}

@@ -1,0 +1,220 @@
+/* `kmv matvec` and `kmv attention`: load, check shapes, one library call,
+ * write the result and the stats. The two commands differ only in their
+ * option names and the call they make, so they share this file. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "cli/io.h"
+#include "kmv/kmv.h"
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static const char *mode_name(int mode) {
+    switch (mode) {
+    case KMV_MODE_EXACT:
+        return "exact";
+    case KMV_MODE_APPROX:
+        return "approx";
+    default:
+        return "fallback";
+    }
+}
+
+static int write_stats(const char *cmd, const char *path, const kmv_params *p, int attn,
+                       const kmv_stats *st, double t_load, double t_write) {
+    char buf[2048];
+    int len = snprintf(
+        buf, sizeof buf,
+        "{\n"
+        "  \"command\": \"%s\",\n"
+        "  \"version\": \"%s\",\n"
+        "  \"mode\": \"%s\",\n"
+        "  \"kernel\": \"%s\",\n"
+        "  \"n_keys\": %zu,\n"
+        "  \"n_queries\": %zu,\n"
+        "  \"dim\": %zu,\n"
+        "  \"n_cols\": %zu,\n"
+        "  \"causal\": %s,\n"
+        "  \"sigma\": %.17g,\n"
+        "  \"scale\": %.17g,\n"
+        "  \"eps\": %.17g,\n"
+        "  \"delta\": %.17g,\n"
+        "  \"seed\": %llu,\n"
+        "  \"threads\": %d,\n"
+        "  \"kernel_evals\": %llu,\n"
+        "  \"seconds\": %.9f,\n"
+        "  \"phases\": {\n"
+        "    \"load\": %.9f,\n"
+        "    \"prepare\": %.9f,\n"
+        "    \"kernel\": %.9f,\n"
+        "    \"write\": %.9f\n"
+        "  }\n"
+        "}\n",
+        cmd, kmv_version_string(), mode_name(st->mode), attn ? "attention" : "gaussian",
+        st->n_keys, st->n_queries, st->dim, st->n_cols, p->causal ? "true" : "false",
+        attn ? 0.0 : p->sigma, attn ? p->attn_scale : 0.0, p->eps, p->delta,
+        (unsigned long long)p->seed, st->n_threads, (unsigned long long)st->kernel_evals,
+        t_load + st->seconds + t_write, t_load, st->seconds_prepare, st->seconds_kernel, t_write);
+    if (len < 0 || (size_t)len >= sizeof buf) {
+        fprintf(stderr, "kmv %s: stats too long\n", cmd);
+        return EXIT_FAIL;
+    }
+    return io_write_text(cmd, path, buf, (size_t)len);
+}
+
+/* Option tables. Names follow the interface; attention says q/k/v. */
+#define COMMON_OPTS                                                                          \
+    {"eps", OPT_DOUBLE, 0, "E", "target error eps, in (0, 1) (default 0.1)", 0, 0, 0, 0, 0}, \
+        {"seed", OPT_U64, 0, "N", "random seed (default 1)", 0, 0, 0, 0, 0},                 \
+        {"threads", OPT_INT, 0, "T", "threads, 0 = all cores (default 0)", 0, 0, 0, 0, 0},   \
+        {"exact", OPT_FLAG, 0, "", "use the exact engine", 0, 0, 0, 0, 0},                   \
+        {"out", OPT_STRING, 1, "Y.npy", "output, n_queries x n_cols float32", 0, 0, 0, 0, 0}, \
+        {"stats", OPT_STRING, 0, "FILE.json", "write run statistics as JSON", 0, 0, 0, 0, 0}
+
+static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **argv) {
+    const char *summary =
+        attn ? "Normalized attention D^-1 A V with A_ij = exp(scale <q_i, k_j>)."
+             : "Gaussian kernel product y = K x, K_ij = exp(-||q_i - k_j||^2 / (2 sigma^2)).";
+    int rc = args_parse(cmd, summary, o, no, argc, argv);
+    if (rc != 0) return rc < 0 ? EXIT_OK : rc;
+
+    kmv_params p;
+    kmv_params_init(&p);
+    opt *v;
+    if (!attn) {
+        p.sigma = args_get(o, no, "sigma")->d;
+        if (!(p.sigma > 0)) {
+            fprintf(stderr, "kmv %s: --sigma must be > 0\n", cmd);
+            return EXIT_USAGE;
+        }
+        if ((v = args_get(o, no, "delta"))->seen) p.delta = v->d;
+    } else {
+        if ((v = args_get(o, no, "scale"))->seen) {
+            if (!(v->d > 0)) {
+                fprintf(stderr, "kmv %s: --scale must be > 0\n", cmd);
+                return EXIT_USAGE;
+            }
+            p.attn_scale = v->d;
+        }
+    }
+    if ((v = args_get(o, no, "causal")) != NULL) p.causal = v->seen;
+    if ((v = args_get(o, no, "eps"))->seen) p.eps = v->d;
+    if ((v = args_get(o, no, "seed"))->seen) p.seed = v->u;
+    p.exact = args_get(o, no, "exact")->seen;
+    if ((v = args_get(o, no, "threads"))->seen) {
+        if (v->i < 0 || v->i > 4096) {
+            fprintf(stderr, "kmv %s: --threads must be in [0, 4096]\n", cmd);
+            return EXIT_USAGE;
+        }
+        p.n_threads = (int)v->i;
+    }
+    if (!(p.eps > 0 && p.eps < 1)) {
+        fprintf(stderr, "kmv %s: --eps must be in (0, 1)\n", cmd);
+        return EXIT_USAGE;
+    }
+    if (!(p.delta > 0 && p.delta < 1)) {
+        fprintf(stderr, "kmv %s: --delta must be in (0, 1)\n", cmd);
+        return EXIT_USAGE;
+    }
+
+    const char *qn = attn ? "q" : "queries", *kn = attn ? "k" : "keys", *xn = attn ? "v" : "x";
+    const char *qpath = args_get(o, no, qn)->s, *kpath = args_get(o, no, kn)->s;
+    const char *xpath = args_get(o, no, xn)->s, *out = args_get(o, no, "out")->s;
+    const char *stats_path = args_get(o, no, "stats")->s;
+
+    double t0 = now();
+    kmv_array Q = {0}, K = {0}, X = {0};
+    kmv_ctx *ctx = NULL;
+    float *y = NULL;
+    rc = EXIT_FAIL;
+    if (io_load(cmd, qpath, "queries", 0, &Q) || io_load(cmd, kpath, "keys", 0, &K) ||
+        io_load(cmd, xpath, attn ? "values" : "x", 1, &X))
+        goto done;
+    if (Q.cols != K.cols) {
+        fprintf(stderr, "kmv %s: dimension mismatch: queries %s have dim %zu, keys %s have dim %zu\n",
+                cmd, qpath, Q.cols, kpath, K.cols);
+        goto done;
+    }
+    if (X.rows != K.rows) {
+        fprintf(stderr, "kmv %s: %s has %zu rows but there are %zu keys in %s\n", cmd, xpath,
+                X.rows, K.rows, kpath);
+        goto done;
+    }
+    double t_load = now() - t0;
+
+    int err = kmv_ctx_create(&p, &ctx);
+    if (err == KMV_OK) {
+        y = malloc(Q.rows * X.cols * sizeof(float) + 1);
+        if (y == NULL) err = KMV_ENOMEM;
+    }
+    kmv_stats st;
+    if (err == KMV_OK) {
+        err = attn ? kmv_attention(ctx, Q.data, Q.rows, K.data, K.rows, K.cols, X.data, X.cols, y,
+                                   &st)
+                   : kmv_matvec(ctx, Q.data, Q.rows, K.data, K.rows, K.cols, X.data, X.cols, y,
+                                &st);
+    }
+    if (err == KMV_EUNSUPPORTED && !p.exact) {
+        fprintf(stderr,
+                "kmv %s: the approximate engine is not available in kmv %s; pass --exact for "
+                "the exact product\n",
+                cmd, kmv_version_string());
+        goto done;
+    }
+    if (err != KMV_OK) {
+        fprintf(stderr, "kmv %s: %s (%s)\n", cmd, kmv_strerror(err), kmv_errname(err));
+        goto done;
+    }
+
+    double t1 = now();
+    char msg[512];
+    err = kmv_npy_write(out, y, X.ndim, Q.rows, X.cols, msg, sizeof msg);
+    if (err != KMV_OK) {
+        fprintf(stderr, "kmv %s: %s\n", cmd, msg);
+        goto done;
+    }
+    double t_write = now() - t1;
+    if (stats_path != NULL && write_stats(cmd, stats_path, &p, attn, &st, t_load, t_write))
+        goto done;
+    rc = EXIT_OK;
+done:
+    free(y);
+    kmv_ctx_free(ctx);
+    kmv_array_free(&Q);
+    kmv_array_free(&K);
+    kmv_array_free(&X);
+    return rc;
+}
+
+int cmd_matvec(int argc, char **argv) {
+    opt o[] = {
+        {"queries", OPT_STRING, 1, "Q.npy", "queries, m x d float32/float64", 0, 0, 0, 0, 0},
+        {"keys", OPT_STRING, 1, "K.npy", "keys, n x d", 0, 0, 0, 0, 0},
+        {"x", OPT_STRING, 1, "X.npy", "x, length n, or n x c for c columns at once", 0, 0, 0, 0, 0},
+        {"sigma", OPT_DOUBLE, 1, "S", "bandwidth: K = exp(-|q-k|^2 / (2 S^2)), S > 0", 0, 0, 0, 0, 0},
+        {"delta", OPT_DOUBLE, 0, "P", "failure probability, in (0, 1) (default 0.01)", 0, 0, 0, 0, 0},
+        {"causal", OPT_FLAG, 0, "", "query i sees keys j <= i only", 0, 0, 0, 0, 0},
+        COMMON_OPTS,
+    };
+    return run("matvec", 0, o, sizeof o / sizeof o[0], argc, argv);
+}
+
+int cmd_attention(int argc, char **argv) {
+    opt o[] = {
+        {"q", OPT_STRING, 1, "Q.npy", "queries, m x d", 0, 0, 0, 0, 0},
+        {"k", OPT_STRING, 1, "K.npy", "keys, n x d", 0, 0, 0, 0, 0},
+        {"v", OPT_STRING, 1, "V.npy", "values, n x c (or length n)", 0, 0, 0, 0, 0},
+        {"scale", OPT_DOUBLE, 0, "S", "logit scale, > 0 (default 1/sqrt(d))", 0, 0, 0, 0, 0},
+        {"causal", OPT_FLAG, 0, "", "query i sees keys j <= i only", 0, 0, 0, 0, 0},
+        COMMON_OPTS,
+    };
+    return run("attention", 1, o, sizeof o / sizeof o[0], argc, argv);
+}

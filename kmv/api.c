@@ -1,0 +1,123 @@
+/* The public operations: validate once, then hand a kmv__problem to an
+ * engine. Everything an engine may assume about its input is established
+ * here, so the engines carry no argument checks of their own. */
+#include <limits.h>
+#include <math.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kmv/alloc.h"
+#include "kmv/context.h"
+#include "kmv/exact.h"
+#include "kmv/timer.h"
+
+int kmv_find_nonfinite(const float *data, size_t count, size_t *where) {
+    if (count == 0) return KMV_OK;
+    /* A branch-free scan first: inputs are almost always clean, and the
+     * position is only needed when they are not. */
+    int bad = 0;
+#pragma omp simd reduction(| : bad)
+    for (size_t i = 0; i < count; i++) bad |= !isfinite(data[i]);
+    if (!bad) return KMV_OK;
+    for (size_t i = 0; i < count; i++) {
+        if (!isfinite(data[i])) {
+            if (where != NULL) *where = i;
+            break;
+        }
+    }
+    return KMV_ENONFINITE;
+}
+
+/* Every element count an engine forms (operands, copies, per-block scratch)
+ * is a small multiple of these; a margin of 64 keeps all of them, times
+ * sizeof(double), inside size_t. Arrays that large could not exist anyway. */
+static int fits(size_t a, size_t b) {
+    size_t prod;
+    return kmv__mul_size(a, b, &prod) && prod <= SIZE_MAX / 64;
+}
+
+static int threads_for(const kmv_params *p) {
+    if (p->n_threads > 0) return p->n_threads;
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+typedef enum { OP_GAUSS, OP_ATTN } op_kind;
+
+static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const float *k,
+               size_t n, size_t d, const float *x, size_t c, float *y, kmv_stats *stats) {
+    double t0 = kmv__now();
+    if (ctx == NULL) return KMV_EINVAL;
+    const kmv_params *pa = &ctx->params;
+    if (d == 0) return KMV_EINVAL;
+    if (!fits(m, d) || !fits(n, d) || !fits(n, c) || !fits(m, c) || !fits(m + n + 1, d + 1) ||
+        m > SIZE_MAX / 64 || n > SIZE_MAX / 64)
+        return KMV_EOVERFLOW;
+    /* BLAS takes int dimensions and leading dimensions. */
+    if (d > INT_MAX || c > INT_MAX) return KMV_EOVERFLOW;
+    if ((m > 0 && q == NULL) || (n > 0 && k == NULL) || (n > 0 && c > 0 && x == NULL) ||
+        (m > 0 && c > 0 && y == NULL))
+        return KMV_EINVAL;
+    if (kmv_find_nonfinite(q, m * d, NULL) != KMV_OK ||
+        kmv_find_nonfinite(k, n * d, NULL) != KMV_OK ||
+        kmv_find_nonfinite(x, n * c, NULL) != KMV_OK)
+        return KMV_ENONFINITE;
+    if (op == OP_ATTN && n == 0) return KMV_EEMPTY;
+    if (!pa->exact) return KMV_EUNSUPPORTED;
+
+    kmv__problem p = {q, k, x, y, m, n, d, c, pa->causal, threads_for(pa)};
+    uint64_t evals = 0;
+    double t1 = kmv__now();
+    int rc = KMV_OK;
+    if (m > 0 && c > 0) {
+        if (n == 0) {
+            memset(y, 0, m * c * sizeof(float));
+        } else if (op == OP_GAUSS) {
+            rc = kmv__exact_gauss(&ctx->alloc, &p, pa->sigma);
+        } else {
+            double scale = pa->attn_scale > 0.0 ? pa->attn_scale : 1.0 / sqrt((double)d);
+            rc = kmv__exact_attn(&ctx->alloc, &p, scale);
+        }
+        /* Causal: row i sees min(i + 1, n) keys. */
+        if (!pa->causal) {
+            evals = (uint64_t)m * n;
+        } else {
+            size_t tri = m < n ? m : n;
+            evals = (uint64_t)tri * (tri + 1) / 2 + (uint64_t)(m - tri) * n;
+        }
+    }
+    if (rc != KMV_OK) return rc;
+    double t2 = kmv__now();
+    if (stats != NULL) {
+        memset(stats, 0, sizeof *stats);
+        stats->mode = KMV_MODE_EXACT;
+        stats->n_keys = n;
+        stats->n_queries = m;
+        stats->dim = d;
+        stats->n_cols = c;
+        stats->n_threads = p.n_threads;
+        stats->kernel_evals = evals;
+        stats->seconds = t2 - t0;
+        stats->seconds_prepare = t1 - t0;
+        stats->seconds_kernel = t2 - t1;
+    }
+    return KMV_OK;
+}
+
+int kmv_matvec(const kmv_ctx *ctx, const float *queries, size_t n_queries, const float *keys,
+               size_t n_keys, size_t dim, const float *x, size_t n_cols, float *y,
+               kmv_stats *stats) {
+    return run(ctx, OP_GAUSS, queries, n_queries, keys, n_keys, dim, x, n_cols, y, stats);
+}
+
+int kmv_attention(const kmv_ctx *ctx, const float *q, size_t n_queries, const float *k,
+                  size_t n_keys, size_t dim, const float *v, size_t n_cols, float *out,
+                  kmv_stats *stats) {
+    return run(ctx, OP_ATTN, q, n_queries, k, n_keys, dim, v, n_cols, out, stats);
+}

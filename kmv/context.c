@@ -1,0 +1,61 @@
+/* Parameters and the context handle: defaults live here and only here. */
+#include <math.h>
+#include <string.h>
+
+#include "kmv/alloc.h"
+#include "kmv/context.h"
+
+void kmv_params_init(kmv_params *p) {
+    memset(p, 0, sizeof *p);
+    p->sigma = 1.0;
+    p->attn_scale = 0.0;
+    p->causal = 0;
+    p->exact = 0;
+    p->eps = 0.1;
+    p->delta = 0.01;
+    p->seed = 1;
+    p->n_threads = 0;
+}
+
+int kmv_params_check(const kmv_params *p) {
+    if (p == NULL) return KMV_EINVAL;
+    /* Written as negated ranges so that NaN fails every test. */
+    if (!(isfinite(p->sigma) && p->sigma > 0.0)) return KMV_EINVAL;
+    if (!(isfinite(p->attn_scale) && p->attn_scale >= 0.0)) return KMV_EINVAL;
+    if (!(p->eps > 0.0 && p->eps < 1.0)) return KMV_EINVAL;
+    if (!(p->delta > 0.0 && p->delta < 1.0)) return KMV_EINVAL;
+    if (p->n_threads < 0) return KMV_EINVAL;
+    if ((p->allocator.alloc == NULL) != (p->allocator.free == NULL)) return KMV_EINVAL;
+    return KMV_OK;
+}
+
+int kmv_ctx_create(const kmv_params *params, kmv_ctx **out) {
+    kmv_params defaults;
+    kmv_allocator a;
+    kmv_ctx *ctx;
+    int rc;
+
+    if (out == NULL) return KMV_EINVAL;
+    *out = NULL;
+    if (params == NULL) {
+        kmv_params_init(&defaults);
+        params = &defaults;
+    }
+    if ((rc = kmv_params_check(params)) != KMV_OK) return rc;
+    if ((rc = kmv__allocator_resolve(&params->allocator, &a)) != KMV_OK) return rc;
+    ctx = kmv__malloc(&a, sizeof *ctx);
+    if (ctx == NULL) return KMV_ENOMEM;
+    ctx->params = *params;
+    ctx->alloc = a;
+    *out = ctx;
+    return KMV_OK;
+}
+
+void kmv_ctx_free(kmv_ctx *ctx) {
+    if (ctx == NULL) return;
+    /* Copy first: the allocator lives inside the block being freed. */
+    kmv_allocator a = ctx->alloc;
+    kmv__free(&a, ctx);
+}
+
+const kmv_params *kmv_ctx_params(const kmv_ctx *ctx) { return ctx ? &ctx->params : NULL; }

@@ -1,0 +1,12 @@
+/* Internal: the context's layout, shared by the files that run operations. */
+#ifndef KMV_CONTEXT_H
+#define KMV_CONTEXT_H
+
+#include "kmv/kmv.h"
+
+struct kmv_ctx {
+    kmv_params params;
+    kmv_allocator alloc; /* params.allocator with defaults resolved */
+};
+
+#endif /* KMV_CONTEXT_H */

@@ -1,0 +1,40 @@
+/* Internal: the kernel's arithmetic on one block of dot products.
+ *
+ * Both kernels start from a block S = Q_b K_b^T of dot products (one GEMM)
+ * and turn each row into kernel values with one vectorized exp per entry.
+ * These row functions are the only place the exp is evaluated, so accuracy
+ * and speed of every engine rest on them. */
+#ifndef KMV_KERNEL_H
+#define KMV_KERNEL_H
+
+#include <stddef.h>
+
+/* exp(x) for x <= 0 to within 2 ulp; x < -87.3 (where expf is subnormal or
+ * zero) gives 0. Scalar version of what the row functions compute. */
+float kmv__expf(float x);
+
+/* Gaussian row: e_j = exp(min(0, 2 s_j - qn - kn_j) * c) where qn = ||q||^2,
+ * kn_j = ||k_j||^2 and c = 1/(2 sigma^2), in place over s[0..len).
+ * The min(0, .) undoes float cancellation that could make a squared distance
+ * negative. Returns sum_j e_j x_j, accumulated in float over the row. */
+float kmv__gauss_row(float *s, size_t len, float qn, const float *kn, float c,
+                     const float *x);
+
+/* Same as kmv__gauss_row without the weighted sum (for n_cols > 1, where the
+ * products with V are one GEMM afterwards). */
+void kmv__gauss_row_exp(float *s, size_t len, float qn, const float *kn, float c);
+
+/* From squared distances: e_j = exp(-max(0, t_j) * c), in place over
+ * t[0..len). Returns sum_j e_j x_j when x is not NULL, else 0. */
+float kmv__gauss_row_dist(float *t, size_t len, float c, const float *x);
+
+/* max_j s_j over s[0..len), len >= 1. */
+float kmv__row_max(const float *s, size_t len);
+
+/* Attention row: e_j = exp(scale * s_j - shift) in place, where shift is at
+ * least scale * max_j s_j so every e_j <= 1. Returns sum_j e_j, and when x
+ * is not NULL stores sum_j e_j x_j in *dot. */
+float kmv__attn_row(float *s, size_t len, float scale, float shift, const float *x,
+                    float *dot);
+
+#endif /* KMV_KERNEL_H */

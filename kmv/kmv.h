@@ -1,0 +1,280 @@
+/*
+ * kmv: fast Gaussian-kernel matrix-vector products and transformer attention.
+ *
+ * Given keys k_1..k_n and queries q_1..q_m in R^d, kmv computes y = K x with
+ *
+ *     K_ij = exp(-||q_i - k_j||^2 / (2 sigma^2))          (Gaussian kernel)
+ *
+ * and normalized attention O = D^{-1} A V with A_ij = exp(s <q_i, k_j>),
+ * s = 1/sqrt(d) unless given, D = diag(A 1).
+ *
+ * BANDWIDTH CONVENTION, stated loudly because peers differ: sigma is the
+ * standard deviation of the Gaussian, K_ij = exp(-||q-k||^2 / (2 sigma^2)).
+ * Code written for exp(-||q-k||^2 / h^2) must pass sigma = h / sqrt(2).
+ *
+ * Conventions used by every declaration below:
+ *  - Matrices are float32, row-major, contiguous: keys are n_keys x dim,
+ *    queries n_queries x dim, x (or V) n_keys x n_cols, y (or O)
+ *    n_queries x n_cols. A vector x is the case n_cols = 1.
+ *  - Every call that can fail returns an int: KMV_OK (0) or a negative
+ *    KMV_E* code; kmv_strerror() names it. There is no global "last error".
+ *  - Inputs are never modified and never retained after a call returns,
+ *    unless a declaration says otherwise. Outputs are written only on success
+ *    of the call's validation: a call that returns an error before computing
+ *    leaves its outputs untouched.
+ *  - All memory the library allocates goes through the allocator in
+ *    kmv_params (malloc/free by default). BLAS and the OpenMP runtime keep
+ *    private buffers of their own that this hook does not see.
+ *
+ * ABI promise: none before 1.0. Until then, rebuild against the header of the
+ * library you link; KMV_VERSION_NUMBER tells which one that is. Source
+ * compatibility is kept across minor versions: new fields are added to the
+ * params struct only with defaults set by kmv_params_init(), so callers that
+ * initialize with it keep working.
+ */
+#ifndef KMV_H
+#define KMV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__) && __GNUC__ >= 4
+#define KMV_API __attribute__((visibility("default")))
+#else
+#define KMV_API
+#endif
+
+/* ---------------------------------------------------------------- version */
+
+#define KMV_VERSION_MAJOR 0
+#define KMV_VERSION_MINOR 1
+#define KMV_VERSION_PATCH 0
+#define KMV_VERSION_NUMBER \
+    (KMV_VERSION_MAJOR * 10000 + KMV_VERSION_MINOR * 100 + KMV_VERSION_PATCH)
+
+/* "MAJOR.MINOR.PATCH" of the linked library. Static storage; thread-safe. */
+KMV_API const char *kmv_version_string(void);
+
+/* Version number of the linked library, KMV_VERSION_NUMBER's format. */
+KMV_API unsigned kmv_version_number(void);
+
+/* ----------------------------------------------------------------- errors */
+
+/* X(NAME, value, message). Codes are explicit so they never shift. */
+#define KMV_ERRNO_MAP(X)                                                        \
+    X(OK, 0, "success")                                                         \
+    X(EINVAL, -1, "invalid argument")                                           \
+    X(ENOMEM, -2, "out of memory")                                              \
+    X(EDIM, -3, "dimension mismatch")                                           \
+    X(ENONFINITE, -4, "input contains NaN or infinity")                         \
+    X(EOVERFLOW, -5, "size overflow")                                           \
+    X(EEMPTY, -6, "empty input where at least one row is required")             \
+    X(EIO, -7, "input/output error")                                            \
+    X(EFORMAT, -8, "malformed or unsupported file")                             \
+    X(EUNSUPPORTED, -9, "not supported by this version")
+
+typedef enum kmv_errno {
+#define KMV__ERRNO_ENUM(name, value, msg) KMV_##name = value,
+    KMV_ERRNO_MAP(KMV__ERRNO_ENUM)
+#undef KMV__ERRNO_ENUM
+} kmv_errno;
+
+/* A static, human-readable message for a code returned by any kmv call, or
+ * "unknown error" for anything else. Never NULL. Thread-safe. */
+KMV_API const char *kmv_strerror(int code);
+
+/* The code's symbolic name ("KMV_ENOMEM"), or "KMV_UNKNOWN". Thread-safe. */
+KMV_API const char *kmv_errname(int code);
+
+/* -------------------------------------------------------------- allocator */
+
+/* Every allocation the library makes goes through this hook. alloc returns
+ * NULL on failure (the library then returns KMV_ENOMEM and frees whatever
+ * it had taken); free accepts NULL. Both must be thread-safe if the library
+ * is used from several threads, and neither may call back into kmv.
+ * Leaving both pointers NULL selects malloc/free. */
+typedef struct kmv_allocator {
+    void *(*alloc)(void *opaque, size_t size);
+    void (*free)(void *opaque, void *ptr);
+    void *opaque;
+} kmv_allocator;
+
+/* ----------------------------------------------------------------- params */
+
+typedef enum kmv_mode {
+    KMV_MODE_EXACT = 0,    /* the exact engine ran because it was asked for */
+    KMV_MODE_APPROX = 1,   /* the approximate engine ran */
+    KMV_MODE_FALLBACK = 2  /* approximation was asked for; exact was cheaper */
+} kmv_mode;
+
+typedef struct kmv_params {
+    double sigma;      /* Gaussian bandwidth, finite and > 0. Default 1.   */
+    double attn_scale; /* attention logit scale s in exp(s <q,k>); 0 means
+                          1/sqrt(dim). Finite and >= 0. Default 0.          */
+    int causal;        /* nonzero: query i sees only keys j <= i (query and
+                          key rows being positions of one sequence; keys
+                          past the last query are then never seen).
+                          Default 0.                                        */
+    int exact;         /* nonzero: always run the exact engine. Default 0,
+                          which asks for the approximate engine.            */
+    double eps;        /* target error: ||Kx - y||_2 <= eps ||x||_2.
+                          In (0, 1). Default 0.1.                           */
+    double delta;      /* failure probability of that bound, in (0, 1).
+                          Default 0.01.                                     */
+    uint64_t seed;     /* every random choice derives from it. Default 1.   */
+    int n_threads;     /* threads per call; 0 means OpenMP's default
+                          (OMP_NUM_THREADS, else the core count). >= 0.     */
+    kmv_allocator allocator; /* {NULL, NULL, NULL} selects malloc/free.     */
+} kmv_params;
+
+/* Fill *p with the defaults documented above. Thread-safe. */
+KMV_API void kmv_params_init(kmv_params *p);
+
+/* Check every field of *p against its documented range.
+ * Returns KMV_OK or KMV_EINVAL. Thread-safe. */
+KMV_API int kmv_params_check(const kmv_params *p);
+
+/* ------------------------------------------------------------------ stats */
+
+/* What one call did. Times are wall-clock seconds. */
+typedef struct kmv_stats {
+    int mode;               /* a kmv_mode */
+    size_t n_keys;
+    size_t n_queries;
+    size_t dim;
+    size_t n_cols;
+    int n_threads;          /* threads the call ran on */
+    uint64_t kernel_evals;  /* kernel entries evaluated */
+    double seconds;         /* whole call */
+    double seconds_prepare; /* validation, norms, scratch */
+    double seconds_kernel;  /* kernel evaluation and accumulation */
+} kmv_stats;
+
+/* ---------------------------------------------------------------- context */
+
+/* A validated copy of kmv_params and the allocator; the handle later
+ * versions hang caches on. Calls take it const: one context may serve any
+ * number of concurrent calls from different threads. */
+typedef struct kmv_ctx kmv_ctx;
+
+/* Create a context from *params (NULL: the defaults).
+ * On success *out owns a context to release with kmv_ctx_free().
+ * Errors: KMV_EINVAL (out NULL, or a field out of range), KMV_ENOMEM.
+ * On error *out is set to NULL. Thread-safe. */
+KMV_API int kmv_ctx_create(const kmv_params *params, kmv_ctx **out);
+
+/* Release a context; NULL is a no-op. Not concurrently with calls using it. */
+KMV_API void kmv_ctx_free(kmv_ctx *ctx);
+
+/* The params the context was created with. Thread-safe. */
+KMV_API const kmv_params *kmv_ctx_params(const kmv_ctx *ctx);
+
+/* ------------------------------------------------------------- operations */
+
+/* Gaussian kernel product y = K x, K_ij = exp(-||q_i - k_j||^2/(2 sigma^2)),
+ * sigma from the context's params; causal params mask K_ij for j > i.
+ *
+ * @param queries  n_queries x dim
+ * @param keys     n_keys x dim
+ * @param x        n_keys x n_cols (a vector when n_cols = 1)
+ * @param y        n_queries x n_cols, written on success; may not overlap
+ *                 the inputs
+ * @param stats    filled on success when not NULL
+ *
+ * n_queries = 0 or n_cols = 0 is an empty result (KMV_OK, nothing written);
+ * n_keys = 0 gives y = 0 (an empty sum). dim must be >= 1.
+ * The exact engine's y is within 1e-5 relative of a float64 evaluation of
+ * sum_j |K_ij x_j| per entry. The approximate engine is not in this version:
+ * with params.exact = 0 the call returns KMV_EUNSUPPORTED.
+ * Errors: KMV_EINVAL (NULL pointer with a nonzero size, dim = 0),
+ * KMV_EOVERFLOW (a size product overflows size_t), KMV_ENONFINITE (NaN or
+ * infinity in queries, keys or x), KMV_ENOMEM, KMV_EUNSUPPORTED.
+ * Cost: O(n_queries n_keys (dim + n_cols)) time on params.n_threads threads,
+ * O((n_queries + n_keys) dim) extra memory, never an n_queries x n_keys
+ * matrix. Thread-safe: concurrent calls on one context are allowed. */
+KMV_API int kmv_matvec(const kmv_ctx *ctx,
+                       const float *queries, size_t n_queries,
+                       const float *keys, size_t n_keys, size_t dim,
+                       const float *x, size_t n_cols,
+                       float *y, kmv_stats *stats);
+
+/* Normalized attention O = D^{-1} A V, A_ij = exp(s <q_i, k_j>), s from
+ * params.attn_scale (0: 1/sqrt(dim)), D = diag(A 1); causal params mask
+ * A_ij for j > i. Logits are shifted by their running row maximum, so no
+ * logit, however large, overflows: the result is finite for finite input.
+ *
+ * @param q    n_queries x dim
+ * @param k    n_keys x dim
+ * @param v    n_keys x n_cols
+ * @param out  n_queries x n_cols, written on success; may not overlap inputs
+ * @param stats filled on success when not NULL
+ *
+ * n_queries = 0 or n_cols = 0 is an empty result; n_keys = 0 is KMV_EEMPTY
+ * (a softmax over nothing is undefined). Other errors as kmv_matvec().
+ * Same cost and thread-safety as kmv_matvec(). */
+KMV_API int kmv_attention(const kmv_ctx *ctx,
+                          const float *q, size_t n_queries,
+                          const float *k, size_t n_keys, size_t dim,
+                          const float *v, size_t n_cols,
+                          float *out, kmv_stats *stats);
+
+/* Find the first NaN or infinity among count floats.
+ * Returns KMV_OK if there is none, else KMV_ENONFINITE and, when where is
+ * not NULL, sets *where to its index. data may be NULL when count = 0.
+ * Thread-safe. */
+KMV_API int kmv_find_nonfinite(const float *data, size_t count, size_t *where);
+
+/* ---------------------------------------------------------------- .npy I/O */
+
+/* A float32 array read from a .npy file: rows x cols, row-major. A 1-D file
+ * of length n reads as ndim = 1, rows = n, cols = 1. */
+typedef struct kmv_array {
+    float *data;
+    size_t rows;
+    size_t cols;
+    int ndim;                /* 1 or 2, as stored in the file */
+    kmv_allocator allocator; /* the one data came from */
+} kmv_array;
+
+/* Read a NumPy .npy file (format versions 1, 2 and 3) holding little-endian
+ * float32 or float64 (converted to float32; values beyond float32's range
+ * are an error, not infinity) in C order, 1-D or 2-D. Fortran order is
+ * accepted for 1-D arrays, where it is the same layout, and refused for 2-D.
+ *
+ * @param path   file to read
+ * @param alloc  allocator for out->data (NULL: malloc/free)
+ * @param out    filled on success; release with kmv_array_free()
+ * @param err    when not NULL, receives on failure a message that names the
+ *               file and the reason (truncated to err_len bytes, with NUL)
+ *
+ * Errors: KMV_EINVAL (NULL path or out), KMV_EIO (cannot open or read),
+ * KMV_EFORMAT (not .npy, unsupported dtype, order, rank or version, a
+ * malformed header, data shorter or longer than the header says),
+ * KMV_EOVERFLOW (the shape's product overflows), KMV_ENOMEM.
+ * On error *out is zeroed. Thread-safe. */
+KMV_API int kmv_npy_read(const char *path, const kmv_allocator *alloc,
+                         kmv_array *out, char *err, size_t err_len);
+
+/* Release an array's data and zero it; NULL or an empty array is a no-op. */
+KMV_API void kmv_array_free(kmv_array *a);
+
+/* Write a float32 .npy file (version 1.0), 1-D of length rows when
+ * ndim = 1 (cols must then be 1), else rows x cols.
+ * The data go to a temporary file in the same directory that is flushed,
+ * synced and then renamed over path, so path holds either its old content
+ * or the complete new array, never part of one.
+ * Errors: KMV_EINVAL (bad ndim, NULL path, NULL data with nonzero size),
+ * KMV_EOVERFLOW, KMV_EIO (with err naming the file and reason).
+ * Thread-safe for distinct paths. */
+KMV_API int kmv_npy_write(const char *path, const float *data, int ndim,
+                          size_t rows, size_t cols, char *err, size_t err_len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KMV_H */

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# End-to-end checks of the kmv tool: exit statuses, messages, outputs that
+# appear whole or not at all. Prints "N passed, M failed" last.
+set -u
+
+KMV=${KMV:-./kmv}
+GEN=${NPYGEN:-./tests/npygen}
+T=$(mktemp -d "${TEST_TMPDIR:-/tmp}/kmv_cli.XXXXXX")
+trap 'rm -rf "$T"' EXIT
+pass=0
+failn=0
+
+ok() { pass=$((pass + 1)); }
+bad() { failn=$((failn + 1)); echo "FAIL: $*"; }
+
+# expect STATUS PATTERN -- command...: the exit status must be STATUS and
+# stderr+stdout must match the extended regex PATTERN.
+expect() {
+    local want=$1 pat=$2
+    shift 3
+    local out status
+    out=$("$@" 2>&1)
+    status=$?
+    if [ "$status" -ne "$want" ]; then
+        bad "'$*' exited $status, want $want; output: $out"
+    elif ! grep -Eq -- "$pat" <<<"$out"; then
+        bad "'$*' output does not match /$pat/: $out"
+    else
+        ok
+    fi
+}
+
+# absent FILE: a failed run must leave no output and no temporary file.
+absent() {
+    if [ -e "$1" ] || compgen -G "$1.tmp.*" >/dev/null; then bad "$1 or a temporary of it exists"; else ok; fi
+}
+
+$GEN write "$T/q.npy" 50 6 1
+$GEN write "$T/k.npy" 80 6 2
+$GEN write "$T/k5.npy" 80 5 3
+$GEN write "$T/x.npy" 80 1 4 ndim=1
+$GEN write "$T/x79.npy" 79 1 5 ndim=1
+$GEN write "$T/v.npy" 80 3 6
+$GEN write "$T/ones.npy" 80 3 0 fill=1
+$GEN write "$T/qnan.npy" 50 6 7 bad=nan 7 2
+$GEN write "$T/xinf.npy" 80 1 8 ndim=1 bad=inf 13 0
+printf 'not a numpy file' >"$T/junk.npy"
+
+# Help and version.
+expect 0 "^kmv [0-9]+\.[0-9]+\.[0-9]+$" -- $KMV --version
+expect 0 "commands:" -- $KMV --help
+expect 0 "usage: kmv matvec.*--sigma" -- $KMV matvec --help
+expect 0 "usage: kmv attention.*--causal" -- $KMV attention --help
+expect 0 "usage: kmv demo" -- $KMV demo --help
+
+# Usage errors exit 2.
+expect 2 "usage: kmv COMMAND" -- $KMV
+expect 2 "unknown command 'frobnicate'" -- $KMV frobnicate
+expect 2 "unknown option '--sigam'" -- $KMV matvec --sigam 1
+expect 2 "missing --sigma" -- $KMV matvec --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --out "$T/y.npy"
+expect 2 "missing --out" -- $KMV matvec --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --sigma 1
+expect 2 "invalid value 'abc' for --sigma" -- $KMV matvec --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --sigma abc --out "$T/y.npy"
+expect 2 "invalid value '1e' for --eps" -- $KMV matvec --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --sigma 1 --eps 1e --out "$T/y.npy"
+expect 2 "sigma must be > 0" -- $KMV matvec --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --sigma -1 --out "$T/y.npy"
+expect 2 "eps must be in \(0, 1\)" -- $KMV matvec --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --sigma 1 --eps 1.5 --out "$T/y.npy"
+expect 2 "delta must be in \(0, 1\)" -- $KMV matvec --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --sigma 1 --delta 0 --out "$T/y.npy"
+expect 2 "threads must be" -- $KMV matvec --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --sigma 1 --threads -2 --out "$T/y.npy"
+expect 2 "needs a value" -- $KMV matvec --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --sigma
+expect 2 "given twice" -- $KMV matvec --sigma 1 --sigma 2
+expect 2 "scale must be > 0" -- $KMV attention --q "$T/q.npy" --k "$T/k.npy" --v "$T/v.npy" --scale 0 --out "$T/o.npy"
+absent "$T/y.npy"
+absent "$T/o.npy"
+
+# Bad input files exit 1, name the file, write nothing.
+MV=(matvec --exact --sigma 1 --out "$T/y.npy")
+expect 1 "$T/nope.npy" -- $KMV "${MV[@]}" --queries "$T/nope.npy" --keys "$T/k.npy" --x "$T/x.npy"
+expect 1 "junk.npy.*(magic|not a .npy)" -- $KMV "${MV[@]}" --queries "$T/junk.npy" --keys "$T/k.npy" --x "$T/x.npy"
+expect 1 "dimension mismatch.*dim 6.*dim 5" -- $KMV "${MV[@]}" --queries "$T/q.npy" --keys "$T/k5.npy" --x "$T/x.npy"
+expect 1 "x79.npy has 79 rows but there are 80 keys" -- $KMV "${MV[@]}" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x79.npy"
+expect 1 "qnan.npy: queries contain NaN at row 7, column 2" -- $KMV "${MV[@]}" --queries "$T/qnan.npy" --keys "$T/k.npy" --x "$T/x.npy"
+expect 1 "xinf.npy: x contain infinity at row 13, column 0" -- $KMV "${MV[@]}" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/xinf.npy"
+expect 1 "must be a 2-D array" -- $KMV "${MV[@]}" --queries "$T/x.npy" --keys "$T/k.npy" --x "$T/x.npy"
+expect 1 "approximate engine is not available.*--exact" -- $KMV matvec --sigma 1 --out "$T/y.npy" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
+absent "$T/y.npy"
+
+# A failed run leaves an existing output as it was.
+printf 'old' >"$T/keep.npy"
+expect 1 "dimension mismatch" -- $KMV matvec --exact --sigma 1 --out "$T/keep.npy" --queries "$T/q.npy" --keys "$T/k5.npy" --x "$T/x.npy"
+if [ "$(cat "$T/keep.npy")" = old ]; then ok; else bad "keep.npy was changed by a failed run"; fi
+expect 1 "nodir/y.npy.*No such file" -- $KMV matvec --exact --sigma 1 --out "$T/nodir/y.npy" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
+
+# Successful runs: shapes, stats, and softmax of constant values.
+expect 0 "" -- $KMV matvec --exact --sigma 1.5 --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --out "$T/y.npy" --stats "$T/s.json"
+expect 0 "^1 50 1 " -- $GEN stat "$T/y.npy"
+for key in '"mode": "exact"' '"n_keys": 80' '"n_queries": 50' '"dim": 6' '"seconds": ' '"kernel": '; do
+    if grep -q -- "$key" "$T/s.json"; then ok; else bad "stats lack $key"; fi
+done
+expect 0 "" -- $KMV matvec --exact --sigma 1.5 --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/v.npy" --out "$T/y3.npy" --threads 1
+expect 0 "^2 50 3 " -- $GEN stat "$T/y3.npy"
+expect 0 "" -- $KMV attention --exact --causal --q "$T/q.npy" --k "$T/k.npy" --v "$T/ones.npy" --out "$T/o.npy" --stats "$T/so.json"
+# Every output row is a convex combination of rows of ones: all exactly ~1.
+expect 0 "^2 50 3 [0-9.e-]+$" -- $GEN stat "$T/o.npy"
+out=$($GEN stat "$T/o.npy" | awk '{print ($4 < 1e-6) ? "flat" : "spread " $4}')
+if [ "$out" = flat ]; then ok; else bad "attention of ones is not ones: $out"; fi
+if grep -q '"causal": true' "$T/so.json"; then ok; else bad "attention stats lack causal"; fi
+expect 0 "" -- $KMV attention --exact --q "$T/q.npy" --k "$T/k.npy" --v "$T/x.npy" --scale 0.5 --out "$T/o1.npy"
+expect 0 "^1 50 1 " -- $GEN stat "$T/o1.npy"
+
+# The demo runs on the shipped sample and reports its checks.
+expect 0 "error vs float64.*bound 1e-5" -- $KMV demo
+
+echo "$pass passed, $failn failed"
+[ "$failn" -eq 0 ]
