@@ -70,6 +70,16 @@ int io_write_text(const char *cmd, const char *path, const char *text, size_t le
         fprintf(stderr, "kmv %s: cannot write %s: %s\n", cmd, path, strerror(saved ? saved : EIO));
         unlink(tmp);
     }
+    if (ok) {
+        /* Make the rename durable too (best effort, as for .npy outputs). */
+        char *slash = strrchr(tmp, '/');
+        if (slash != NULL) *slash = '\0';
+        int dfd = open(slash != NULL ? (*tmp ? tmp : "/") : ".", O_RDONLY | O_DIRECTORY);
+        if (dfd >= 0) {
+            (void)fsync(dfd);
+            close(dfd);
+        }
+    }
     free(tmp);
     return ok ? 0 : EXIT_FAIL;
 }

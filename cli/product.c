@@ -50,6 +50,7 @@ static int write_stats(const char *cmd, const char *path, const kmv_params *p, i
         "  \"seed\": %llu,\n"
         "  \"threads\": %d,\n"
         "  \"kernel_evals\": %llu,\n"
+        "  \"dot_precision\": \"%s\",\n"
         "  \"seconds\": %.9f,\n"
         "  \"phases\": {\n"
         "    \"load\": %.9f,\n"
@@ -61,7 +62,7 @@ static int write_stats(const char *cmd, const char *path, const kmv_params *p, i
         cmd, kmv_version_string(), mode_name(st->mode), attn ? "attention" : "gaussian",
         st->n_keys, st->n_queries, st->dim, st->n_cols, p->causal ? "true" : "false",
         attn ? 0.0 : p->sigma, attn ? p->attn_scale : 0.0, p->eps, p->delta,
-        (unsigned long long)p->seed, st->n_threads, (unsigned long long)st->kernel_evals,
+        (unsigned long long)p->seed, st->n_threads, (unsigned long long)st->kernel_evals, st->wide_dots ? "float64" : "float32",
         t_load + st->seconds + t_write, t_load, st->seconds_prepare, st->seconds_kernel, t_write);
     if (len < 0 || (size_t)len >= sizeof buf) {
         fprintf(stderr, "kmv %s: stats too long\n", cmd);

@@ -73,13 +73,14 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
 
     kmv__problem p = {q, k, x, y, m, n, d, c, pa->causal, threads_for(pa)};
     uint64_t evals = 0;
+    int wide = 0;
     double t1 = kmv__now();
     int rc = KMV_OK;
     if (m > 0 && c > 0) {
         if (n == 0) {
             memset(y, 0, m * c * sizeof(float));
         } else if (op == OP_GAUSS) {
-            rc = kmv__exact_gauss(&ctx->alloc, &p, pa->sigma);
+            rc = kmv__exact_gauss(&ctx->alloc, &p, pa->sigma, &wide);
         } else {
             double scale = pa->attn_scale > 0.0 ? pa->attn_scale : 1.0 / sqrt((double)d);
             rc = kmv__exact_attn(&ctx->alloc, &p, scale);
@@ -103,6 +104,7 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
         stats->n_cols = c;
         stats->n_threads = p.n_threads;
         stats->kernel_evals = evals;
+        stats->wide_dots = wide;
         stats->seconds = t2 - t0;
         stats->seconds_prepare = t1 - t0;
         stats->seconds_kernel = t2 - t1;

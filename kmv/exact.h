@@ -24,9 +24,10 @@ typedef struct kmv__problem {
  * their mean first (distances do not change) so that the expansion
  * ||q||^2 + ||k||^2 - 2<q,k> keeps its precision on data far from the
  * origin, and its dot products are taken in double when float's rounding
- * would still cost more than 1e-6 of a kernel value (narrow bandwidths).
- * Returns KMV_OK or KMV_ENOMEM (y untouched). Requires n >= 1. */
-int kmv__exact_gauss(const kmv_allocator *a, const kmv__problem *p, double sigma);
+ * would still cost more than 4e-6 of a kernel value (narrow bandwidths);
+ * *wide tells which. Returns KMV_OK or KMV_ENOMEM (y untouched).
+ * Requires n >= 1. */
+int kmv__exact_gauss(const kmv_allocator *a, const kmv__problem *p, double sigma, int *wide);
 
 /* y = D^{-1} A x with A_ij = exp(scale <q_i, k_j>), by an online softmax:
  * each row keeps its running maximum logit and rescales its sums when it

@@ -149,6 +149,10 @@ typedef struct kmv_stats {
     size_t n_cols;
     int n_threads;          /* threads the call ran on */
     uint64_t kernel_evals;  /* kernel entries evaluated */
+    int wide_dots;          /* 1 when the Gaussian's dot products ran in
+                               float64 because float32 cancellation would
+                               have cost more than 4e-6 of a kernel value
+                               (narrow bandwidth, large norms); 0 else */
     double seconds;         /* whole call */
     double seconds_prepare; /* validation, norms, scratch */
     double seconds_kernel;  /* kernel evaluation and accumulation */
@@ -249,9 +253,11 @@ typedef struct kmv_array {
  * @param alloc  allocator for out->data (NULL: malloc/free)
  * @param out    filled on success; release with kmv_array_free()
  * @param err    when not NULL, receives on failure a message that names the
- *               file and the reason (truncated to err_len bytes, with NUL)
+ *               file and the reason (truncated to err_len bytes, with NUL);
+ *               set to "" on success
  *
- * Errors: KMV_EINVAL (NULL path or out), KMV_EIO (cannot open or read),
+ * Errors: KMV_EINVAL (NULL path or out, an allocator with only one of
+ * alloc/free set), KMV_EIO (cannot open or read),
  * KMV_EFORMAT (not .npy, unsupported dtype, order, rank or version, a
  * malformed header, data shorter or longer than the header says),
  * KMV_EOVERFLOW (the shape's product overflows), KMV_ENOMEM.
@@ -265,8 +271,9 @@ KMV_API void kmv_array_free(kmv_array *a);
 /* Write a float32 .npy file (version 1.0), 1-D of length rows when
  * ndim = 1 (cols must then be 1), else rows x cols.
  * The data go to a temporary file in the same directory that is flushed,
- * synced and then renamed over path, so path holds either its old content
- * or the complete new array, never part of one.
+ * synced and then renamed over path (the directory is then synced too), so
+ * path holds either its old content or the complete new array, never part
+ * of one. err as for kmv_npy_read().
  * Errors: KMV_EINVAL (bad ndim, NULL path, NULL data with nonzero size),
  * KMV_EOVERFLOW, KMV_EIO (with err naming the file and reason).
  * Thread-safe for distinct paths. */

@@ -59,6 +59,9 @@ enum { KEY_DESCR = 1, KEY_FORTRAN = 2, KEY_SHAPE = 4 };
 
 /* ------------------------------------------------------------ messages */
 
+/* Messages are formatted in place, never allocated, so they still work after
+ * an allocation has failed. */
+
 static int say(char *why, size_t why_len, int code, const char *fmt, ...) KMV__PRINTF(4, 5);
 static int fail(char *err, size_t err_len, const char *path, int code, const char *fmt, ...)
     KMV__PRINTF(5, 6);
@@ -100,6 +103,7 @@ static int is_ident(int ch) {
     return is_digit(ch) || ch == '_' || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z');
 }
 
+/* Python's whitespace set: the header is a Python literal, not JSON. */
 static void skip_ws(cursor *c) {
     for (;;) {
         int ch = peek(c);
@@ -188,6 +192,7 @@ static int parse_descr(cursor *c, npy_header *h, char *why, size_t why_len) {
 
 static int parse_bool(cursor *c, int *v, char *why, size_t why_len) {
     size_t start = c->pos;
+    /* Take the whole word, so that "Falsey" is not read as False. */
     while (is_ident(peek(c))) c->pos++;
     if (same(c->buf + start, c->pos - start, "True")) {
         *v = 1;
@@ -244,10 +249,12 @@ static int parse_shape(cursor *c, npy_header *h, size_t *ndim, int *overflow, ch
             if (peek(c) == ')') break;
             continue;
         }
-        /* In Python (5) is the integer 5, not a tuple. */
         if (peek(c) == ')' && *ndim > 1) break;
-        return unexpected(c, *ndim == 1 ? "',' (a 1-D shape is written (n,))" : "',' or ')'", why,
-                          why_len);
+        /* In Python (5) is the integer 5, not a tuple, and numpy refuses it. */
+        if (peek(c) == ')')
+            return say(why, why_len, KMV_EFORMAT,
+                       "malformed header: 'shape' (n) is not a tuple; a 1-D shape is (n,)");
+        return unexpected(c, "',' or ')' in 'shape'", why, why_len);
     }
     c->pos++;
     return KMV_OK;
@@ -309,6 +316,7 @@ static int parse_header(const char *buf, size_t len, npy_header *h, char *why, s
         return unexpected(&c, "',' or '}' after a value", why, why_len);
     }
     c.pos++;
+    /* numpy pads with spaces and a final '\n'; anything else is not ours. */
     skip_ws(&c);
     if (!at_end(&c)) return unexpected(&c, "only padding after the header dict", why, why_len);
 
@@ -318,6 +326,8 @@ static int parse_header(const char *buf, size_t len, npy_header *h, char *why, s
         return say(why, why_len, KMV_EFORMAT, "malformed header: missing key 'fortran_order'");
     if (!(seen & KEY_SHAPE))
         return say(why, why_len, KMV_EFORMAT, "malformed header: missing key 'shape'");
+    /* Rank before overflow: a huge dimension in a 3-D shape is still a file
+     * we cannot read, whatever its size. */
     if (ndim == 0)
         return say(why, why_len, KMV_EFORMAT,
                    "0-D (scalar) arrays are not supported; only 1-D and 2-D are");
@@ -330,6 +340,7 @@ static int parse_header(const char *buf, size_t len, npy_header *h, char *why, s
         return say(why, why_len, KMV_EFORMAT,
                    "fortran_order (column-major) 2-D arrays are not supported; save in C order");
     h->ndim = (int)ndim;
+    /* n reads as n x 1 so callers can treat every array as a matrix. */
     if (ndim == 1) h->shape[1] = 1;
     return KMV_OK;
 }
@@ -438,6 +449,8 @@ static int read_fd(int fd, const char *path, const kmv_allocator *a, kmv_array *
 
     if (read_full(fd, pre, 8, &got) != 0)
         return fail(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
+    /* Comparing only what was read tells a cut-short .npy from another
+     * kind of file. */
     if (memcmp(pre, NPY_MAGIC, got < NPY_MAGIC_LEN ? got : NPY_MAGIC_LEN) != 0)
         return fail(err, err_len, path, KMV_EFORMAT, "not a .npy file (bad magic)");
     if (got < 8)
@@ -461,12 +474,15 @@ static int read_fd(int fd, const char *path, const kmv_allocator *a, kmv_array *
         return fail(err, err_len, path, KMV_EFORMAT,
                     "header length %zu exceeds the limit of %zu bytes", hlen, NPY_MAX_HEADER);
     hend = 8 + lenbytes + hlen;
+    /* Sizes are checked before anything is allocated, so a corrupt length
+     * or shape is reported as such rather than as KMV_ENOMEM. */
     if (regular && fsize < hend)
         return fail(err, err_len, path, KMV_EFORMAT,
                     "truncated: header length %zu runs past the end of the file (%ju bytes)", hlen,
                     fsize);
     if (hlen == 0) return fail(err, err_len, path, KMV_EFORMAT, "malformed header: it is empty");
 
+    /* Up to NPY_MAX_HEADER: too big for the stack. */
     hbuf = kmv__malloc(a, hlen);
     if (hbuf == NULL)
         return fail(err, err_len, path, KMV_ENOMEM, "out of memory (%zu bytes for the header)",
@@ -489,7 +505,8 @@ static int read_fd(int fd, const char *path, const kmv_allocator *a, kmv_array *
         return fail(err, err_len, path, KMV_EOVERFLOW,
                     "size of shape (%zu, %zu) with %zu-byte items overflows size_t", h.shape[0],
                     h.shape[1], h.itemsize);
-    if (regular && fsize - hend < nbytes) return truncated_data(err, err_len, path, nbytes, fsize - hend);
+    if (regular && fsize - hend < nbytes)
+        return truncated_data(err, err_len, path, nbytes, fsize - hend);
     if (regular && fsize - hend > nbytes)
         return fail(err, err_len, path, KMV_EFORMAT,
                     "header says %zu bytes of data but file has %ju (trailing bytes)", nbytes,
@@ -540,6 +557,8 @@ int kmv_npy_read(const char *path, const kmv_allocator *alloc, kmv_array *out, c
     if (kmv__allocator_resolve(alloc, &a) != KMV_OK)
         return fail(err, err_len, path, KMV_EINVAL,
                     "allocator must set both alloc and free, or neither");
+    /* O_CLOEXEC: a host that forks and execs concurrently must not leak the
+     * descriptor into the child. */
     do {
         fd = open(path, O_RDONLY | O_CLOEXEC);
     } while (fd < 0 && errno == EINTR);
@@ -636,6 +655,25 @@ static mode_t process_umask(void) {
     return m;
 }
 
+/* Make the rename itself durable: until the directory is synced, a crash
+ * could bring back the old entry. Best effort: the file is complete either
+ * way, and some file systems refuse fsync on directories. name holds the
+ * path in its first len bytes and may be overwritten. */
+static void sync_parent(char *name, size_t len) {
+    size_t cut = len;
+    while (cut > 0 && name[cut - 1] != '/') cut--;
+    if (cut == 0) {
+        name[0] = '.';
+        cut = 1;
+    }
+    name[cut] = '\0';
+    int dfd = open(name, O_RDONLY | O_DIRECTORY);
+    if (dfd >= 0) {
+        (void)fsync(dfd);
+        close(dfd);
+    }
+}
+
 int kmv_npy_write(const char *path, const float *data, int ndim, size_t rows, size_t cols,
                   char *err, size_t err_len) {
     static const char suffix[] = ".tmp.XXXXXX";
@@ -657,6 +695,9 @@ int kmv_npy_write(const char *path, const float *data, int ndim, size_t rows, si
     if (data == NULL && nbytes > 0) return fail(err, err_len, path, KMV_EINVAL, "data is NULL");
     plen = npy_preamble(pre, sizeof pre, ndim, rows, cols);
 
+    /* The writer has no allocator, so the name lives on the stack; a longer
+     * path would exceed Linux's PATH_MAX anyway. The temporary sits beside
+     * path because rename(2) is atomic only within one file system. */
     len = strlen(path);
     if (len > sizeof tmp - sizeof suffix)
         return fail(err, err_len, path, KMV_EIO, "cannot create temporary file: %s",
@@ -667,6 +708,7 @@ int kmv_npy_write(const char *path, const float *data, int ndim, size_t rows, si
     if (fd < 0)
         return fail(err, err_len, path, KMV_EIO, "cannot create temporary file: %s",
                     strerror(errno));
+    /* mkostemp would close the fork window too, but it is not POSIX. */
     (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
 
     /* mkstemp makes the file 0600; give it the mode open(2) would have. */
@@ -674,6 +716,8 @@ int kmv_npy_write(const char *path, const float *data, int ndim, size_t rows, si
         step = "cannot set permissions";
     else if (write_full(fd, pre, plen) != 0 || write_full(fd, data, nbytes) != 0)
         step = "write failed";
+    /* Data must be on disk before the rename, or a crash could leave path
+     * naming a file with a header and no data. */
     else if (fsync(fd) != 0)
         step = "fsync failed";
     if (step != NULL) saved = errno;
@@ -690,5 +734,6 @@ int kmv_npy_write(const char *path, const float *data, int ndim, size_t rows, si
         unlink(tmp);
         return fail(err, err_len, path, KMV_EIO, "%s: %s", step, strerror(saved));
     }
+    sync_parent(tmp, len);
     return KMV_OK;
 }

@@ -199,6 +199,20 @@ static void test_glove(void **state) {
         check_one(0, q, k, x, (shape){m, n, d, 1}, sigmas[si], 0.0, 0, 0);
         check_one(0, q, k, x, (shape){m, n, d, 8}, sigmas[si], 0.0, 0, 0);
     }
+    /* sigma = 1 on norms near 6 is where float dot products would cost
+     * 1e-5: the engine must have switched to float64 ones; at sigma = 3 the
+     * float path is accurate enough and must be kept. */
+    kmv_ctx *ctx = make_ctx(1, 1.0, 0.0, 0, 0);
+    kmv_stats st;
+    float *y = malloc(m * sizeof(float));
+    assert_int_equal(kmv_matvec(ctx, q, m, k, n, d, x, 1, y, &st), KMV_OK);
+    assert_int_equal(st.wide_dots, 1);
+    kmv_ctx_free(ctx);
+    ctx = make_ctx(1, 3.0, 0.0, 0, 0);
+    assert_int_equal(kmv_matvec(ctx, q, m, k, n, d, x, 1, y, &st), KMV_OK);
+    assert_int_equal(st.wide_dots, 0);
+    kmv_ctx_free(ctx);
+    free(y);
     check_one(1, q, k, x, (shape){m, n, d, 1}, 1.0, 0.0, 0, 0);
     check_one(1, k, k, x, (shape){n, n, d, 8}, 1.0, 0.0, 1, 0);
     check_one(0, k, k, x, (shape){n, n, d, 1}, 1.0, 0.0, 1, 0);
