@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cli/args.h"
 #include "cli/commands.h"
@@ -69,6 +70,27 @@ static int write_stats(const char *cmd, const char *path, const kmv_params *p, i
         return EXIT_FAIL;
     }
     return io_write_text(cmd, path, buf, (size_t)len);
+}
+
+/* Progress on stderr for runs longer than two seconds: a line redrawn in
+ * place on a terminal, a line every five seconds in a log. */
+typedef struct progress {
+    const char *cmd;
+    double start, last;
+    int tty, shown;
+} progress;
+
+static void show_progress(void *opaque, double fraction) {
+    progress *pr = opaque;
+    double t = now();
+    if (t - pr->start < 2.0) return;
+    if (fraction < 1.0 && t - pr->last < (pr->tty ? 0.2 : 5.0)) return;
+    if (fraction >= 1.0 && !pr->shown) return;
+    pr->last = t;
+    pr->shown = 1;
+    fprintf(stderr, pr->tty ? "\rkmv %s: %3.0f%% (%.1f s)" : "kmv %s: %3.0f%% (%.1f s)\n",
+            pr->cmd, 100.0 * fraction, t - pr->start);
+    if (pr->tty && fraction >= 1.0) fputc('\n', stderr);
 }
 
 /* Option tables. Names follow the interface; attention says q/k/v. */
@@ -150,6 +172,9 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
         goto done;
     }
     double t_load = now() - t0;
+    progress pr = {cmd, now(), 0.0, isatty(STDERR_FILENO), 0};
+    p.progress = show_progress;
+    p.progress_opaque = &pr;
 
     int err = kmv_ctx_create(&p, &ctx);
     if (err == KMV_OK) {

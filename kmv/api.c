@@ -71,7 +71,8 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
     if (op == OP_ATTN && n == 0) return KMV_EEMPTY;
     if (!pa->exact) return KMV_EUNSUPPORTED;
 
-    kmv__problem p = {q, k, x, y, m, n, d, c, pa->causal, threads_for(pa)};
+    kmv__problem p = {q, k, x, y, m, n, d, c, pa->causal, threads_for(pa), pa->progress,
+                      pa->progress_opaque};
     uint64_t evals = 0;
     int wide = 0;
     double t1 = kmv__now();
@@ -94,6 +95,7 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
         }
     }
     if (rc != KMV_OK) return rc;
+    if (pa->progress != NULL) pa->progress(pa->progress_opaque, 1.0);
     double t2 = kmv__now();
     if (stats != NULL) {
         memset(stats, 0, sizeof *stats);

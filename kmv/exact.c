@@ -105,6 +105,19 @@ static scratch *thread_scratch(const plan *pl) {
 #endif
 }
 
+/* Count one finished query block. The team's first thread, which is the
+ * caller's own thread in OpenMP, reports progress, so the caller's hook
+ * never runs on a thread it did not create. */
+static void block_done(const kmv__problem *p, const plan *pl, size_t *done) {
+    size_t now_done;
+#pragma omp atomic capture
+    now_done = ++*done;
+#ifdef _OPENMP
+    if (omp_get_thread_num() != 0) return;
+#endif
+    if (p->progress != NULL) p->progress(p->progress_opaque, (double)now_done / (double)pl->nblocks);
+}
+
 /* Keys row gi of a block may see: all of [j0, j0 + bj), or under the causal
  * mask only those up to gi. */
 static size_t visible(const kmv__problem *p, size_t gi, size_t j0, size_t bj) {
@@ -278,11 +291,13 @@ int kmv__exact_gauss(const kmv_allocator *a, const kmv__problem *p, double sigma
     }
 
     long nb = (long)pl.nblocks;
+    size_t done = 0;
 #pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
     for (long b = 0; b < nb; b++) {
         size_t i0 = (size_t)b * pl.bq;
         size_t bi = m - i0 < pl.bq ? m - i0 : pl.bq;
         gauss_block(p, &g, qnf, knf, i0, bi, thread_scratch(&pl));
+        block_done(p, &pl, &done);
     }
     kmv__free(a, rows);
     kmv__free(a, nd);
@@ -341,11 +356,13 @@ int kmv__exact_attn(const kmv_allocator *a, const kmv__problem *p, double scale)
     if (rc != KMV_OK) return rc;
     float fscale = (float)scale;
     long nb = (long)pl.nblocks;
+    size_t done = 0;
 #pragma omp parallel for num_threads(pl.nt) schedule(dynamic, 1)
     for (long b = 0; b < nb; b++) {
         size_t i0 = (size_t)b * pl.bq;
         size_t bi = p->m - i0 < pl.bq ? p->m - i0 : pl.bq;
         attn_block(p, fscale, i0, bi, thread_scratch(&pl));
+        block_done(p, &pl, &done);
     }
     kmv__free(a, pl.mem);
     return KMV_OK;

@@ -18,6 +18,8 @@ typedef struct kmv__problem {
     size_t m, n, d, c;
     int causal;    /* row i sees keys j <= i */
     int n_threads; /* > 0 */
+    void (*progress)(void *opaque, double fraction); /* may be NULL */
+    void *progress_opaque;
 } kmv__problem;
 
 /* y = K x for the Gaussian kernel with bandwidth sigma. Keys are centred on

@@ -129,6 +129,12 @@ typedef struct kmv_params {
     int n_threads;     /* threads per call; 0 means OpenMP's default
                           (OMP_NUM_THREADS, else the core count). >= 0.     */
     kmv_allocator allocator; /* {NULL, NULL, NULL} selects malloc/free.     */
+    /* Progress of long calls: when not NULL, called with the fraction of
+     * the work done, in [0, 1], nondecreasing, ending with 1 on success.
+     * Always on the thread that made the call, never concurrently with
+     * itself for one call; it must not call back into kmv. Default NULL. */
+    void (*progress)(void *opaque, double fraction);
+    void *progress_opaque;
 } kmv_params;
 
 /* Fill *p with the defaults documented above. Thread-safe. */

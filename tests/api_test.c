@@ -1,6 +1,7 @@
 /* The public API's contract: params and their ranges, error codes and
  * messages, version, contexts, argument checks, and allocation failure at
  * every allocation of every call. */
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -165,6 +166,56 @@ static void test_host_openmp_untouched(void **state) {
 #endif
 }
 
+/* Progress reports rise, end at 1, and run on the calling thread only. */
+typedef struct progress_log {
+    pthread_t caller;
+    int calls, foreign, falling;
+    double last;
+} progress_log;
+
+static void record_progress(void *opaque, double f) {
+    progress_log *pl = opaque;
+    if (!pthread_equal(pthread_self(), pl->caller)) pl->foreign++;
+    if (f < pl->last || f < 0.0 || f > 1.0) pl->falling++;
+    pl->last = f;
+    pl->calls++;
+}
+
+static void test_progress(void **state) {
+    (void)state;
+    for (int run = 0; run < 4; run++) {
+        int attn = run & 1, threads = 1 + (run >> 1);
+        progress_log log = {pthread_self(), 0, 0, 0, 0.0};
+        kmv_params p;
+        kmv_params_init(&p);
+        p.exact = 1;
+        p.n_threads = threads;
+        p.progress = record_progress;
+        p.progress_opaque = &log;
+        kmv_ctx *ctx;
+        assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
+        size_t m = 2000, n = 300, d = 4;
+        float *q = tu_random(m * d, 1, 1.0f), *x = tu_random(n, 2, 1.0f);
+        float *y = malloc(m * sizeof(float));
+        assert_int_equal(attn ? kmv_attention(ctx, q, m, q, n, d, x, 1, y, NULL)
+                              : kmv_matvec(ctx, q, m, q, n, d, x, 1, y, NULL),
+                         KMV_OK);
+        /* One thread does all 16 query blocks of 128 rows, reporting each,
+         * then the final 1. With two, the caller's thread may finish few. */
+        if (threads == 1)
+            assert_int_equal(log.calls, 17);
+        else
+            assert_true(log.calls >= 1);
+        assert_int_equal(log.foreign, 0);
+        assert_int_equal(log.falling, 0);
+        assert_true(log.last == 1.0);
+        free(q);
+        free(x);
+        free(y);
+        kmv_ctx_free(ctx);
+    }
+}
+
 /* Every allocation of every call may fail: the call must return KMV_ENOMEM
  * and give back everything it took. Walks k = 1, 2, ... until the call
  * succeeds, so a new allocation in the code is covered automatically. */
@@ -248,6 +299,7 @@ int main(void) {
         cmocka_unit_test(test_bad_arguments),
         cmocka_unit_test(test_find_nonfinite),
         cmocka_unit_test(test_host_openmp_untouched),
+        cmocka_unit_test(test_progress),
         cmocka_unit_test(test_alloc_failures),
     };
     return cmocka_run_group_tests_name("api", tests, NULL, NULL);
