@@ -150,6 +150,9 @@ int cmd_demo(int argc, char **argv, const char *argv0) {
            n, p.sigma);
     printf("   exact engine : %8.1f ms  (%.2f ns per kernel entry, %d threads)\n",
            1e3 * st.seconds, ns_engine, st.n_threads);
+    if (st.wide_dots)
+        printf("                  dot products in float64: at this narrow bandwidth float32\n"
+               "                  cancellation would cost more than 4e-6 of a kernel value\n");
     printf("   plain loop   : %8.1f ms  (%.2f ns per entry, timed on %d rows)\n",
            1e3 * t_naive * (double)n / CHECK_ROWS, ns_naive, CHECK_ROWS);
     printf("   speed-up     : %8.1fx\n", ns_naive / ns_engine);
