@@ -164,7 +164,7 @@ int cmd_demo(int argc, char **argv, const char *argv0) {
     p.causal = 1;
     kmv_ctx_free(ctx);
     ctx = NULL;
-    if (kmv_ctx_create(&p, &ctx) != KMV_OK ||
+    if ((err = kmv_ctx_create(&p, &ctx)) != KMV_OK ||
         (err = kmv_attention(ctx, g.data, n, g.data, n, d, g.data, c, y, &st)) != KMV_OK) {
         fprintf(stderr, "kmv demo: attention failed: %s\n", kmv_strerror(err));
         goto done;

@@ -35,9 +35,11 @@ int io_load(const char *cmd, const char *path, const char *what, int allow_1d, k
     return 0;
 }
 
-int io_write_text(const char *cmd, const char *path, const char *text, size_t len) {
+int io_stage_text(const char *cmd, const char *path, const char *text, size_t len,
+                  char **staged) {
     size_t plen = strlen(path);
     char *tmp = malloc(plen + 16);
+    *staged = NULL;
     if (tmp == NULL) {
         fprintf(stderr, "kmv %s: %s: out of memory\n", cmd, path);
         return EXIT_FAIL;
@@ -62,26 +64,41 @@ int io_write_text(const char *cmd, const char *path, const char *text, size_t le
     ok = ok && fsync(fd) == 0;
     int saved = errno;
     ok = (close(fd) == 0) && ok;
-    if (ok && rename(tmp, path) != 0) {
-        saved = errno;
-        ok = 0;
-    }
     if (!ok) {
         fprintf(stderr, "kmv %s: cannot write %s: %s\n", cmd, path, strerror(saved ? saved : EIO));
         unlink(tmp);
+        free(tmp);
+        return EXIT_FAIL;
     }
-    if (ok) {
-        /* Make the rename durable too (best effort, as for .npy outputs). */
-        char *slash = strrchr(tmp, '/');
-        if (slash != NULL) *slash = '\0';
-        int dfd = open(slash != NULL ? (*tmp ? tmp : "/") : ".", O_RDONLY | O_DIRECTORY);
-        if (dfd >= 0) {
-            (void)fsync(dfd);
-            close(dfd);
-        }
+    *staged = tmp;
+    return 0;
+}
+
+int io_commit(const char *cmd, char **staged, const char *path) {
+    char *tmp = *staged;
+    *staged = NULL;
+    if (rename(tmp, path) != 0) {
+        fprintf(stderr, "kmv %s: cannot write %s: %s\n", cmd, path, strerror(errno));
+        unlink(tmp);
+        free(tmp);
+        return EXIT_FAIL;
+    }
+    /* Make the rename durable too (best effort, as for .npy outputs). */
+    char *slash = strrchr(tmp, '/');
+    if (slash != NULL) *slash = '\0';
+    int dfd = open(slash != NULL ? (*tmp ? tmp : "/") : ".", O_RDONLY | O_DIRECTORY);
+    if (dfd >= 0) {
+        (void)fsync(dfd);
+        close(dfd);
     }
     free(tmp);
-    return ok ? 0 : EXIT_FAIL;
+    return 0;
+}
+
+void io_discard(char **staged) {
+    if (*staged != NULL) unlink(*staged);
+    free(*staged);
+    *staged = NULL;
 }
 
 static int readable(const char *path) { return access(path, R_OK) == 0; }

@@ -10,9 +10,19 @@
  * infinity is refused with its row and column. Returns 0 or EXIT_FAIL. */
 int io_load(const char *cmd, const char *path, const char *what, int allow_1d, kmv_array *out);
 
-/* Write text to path through a synced temporary file and a rename.
- * Returns 0 or EXIT_FAIL (message printed, no file left behind). */
-int io_write_text(const char *cmd, const char *path, const char *text, size_t len);
+/* Write text to a synced temporary file beside path, to be renamed into
+ * place by io_commit() or removed by io_discard(): a run can stage one file,
+ * write another, and publish both or neither. *staged receives the
+ * temporary's name. Returns 0 or EXIT_FAIL (message printed, nothing left). */
+int io_stage_text(const char *cmd, const char *path, const char *text, size_t len,
+                  char **staged);
+
+/* Rename a staged file over path and sync the directory; frees *staged.
+ * Returns 0 or EXIT_FAIL (message printed, the temporary removed). */
+int io_commit(const char *cmd, char **staged, const char *path);
+
+/* Remove a staged file that will not be published; frees *staged. */
+void io_discard(char **staged);
 
 /* Find a file shipped in the repository's data/ folder: $KMV_DATA_DIR, then
  * ./data, then the Bazel runfiles beside the binary. Returns 0 and fills

@@ -29,8 +29,10 @@ static const char *mode_name(int mode) {
     }
 }
 
-static int write_stats(const char *cmd, const char *path, const kmv_params *p, int attn,
-                       const kmv_stats *st, double t_load, double t_write) {
+/* Stage the stats JSON (see io_stage_text); the output's own write is not
+ * timed, since the stats are staged before it. */
+static int stage_stats(const char *cmd, const char *path, const kmv_params *p, int attn,
+                       const kmv_stats *st, double t_load, char **staged) {
     char buf[2048];
     int len = snprintf(
         buf, sizeof buf,
@@ -56,20 +58,19 @@ static int write_stats(const char *cmd, const char *path, const kmv_params *p, i
         "  \"phases\": {\n"
         "    \"load\": %.9f,\n"
         "    \"prepare\": %.9f,\n"
-        "    \"kernel\": %.9f,\n"
-        "    \"write\": %.9f\n"
+        "    \"kernel\": %.9f\n"
         "  }\n"
         "}\n",
         cmd, kmv_version_string(), mode_name(st->mode), attn ? "attention" : "gaussian",
         st->n_keys, st->n_queries, st->dim, st->n_cols, p->causal ? "true" : "false",
         attn ? 0.0 : p->sigma, attn ? p->attn_scale : 0.0, p->eps, p->delta,
         (unsigned long long)p->seed, st->n_threads, (unsigned long long)st->kernel_evals, st->wide_dots ? "float64" : "float32",
-        t_load + st->seconds + t_write, t_load, st->seconds_prepare, st->seconds_kernel, t_write);
+        t_load + st->seconds, t_load, st->seconds_prepare, st->seconds_kernel);
     if (len < 0 || (size_t)len >= sizeof buf) {
         fprintf(stderr, "kmv %s: stats too long\n", cmd);
         return EXIT_FAIL;
     }
-    return io_write_text(cmd, path, buf, (size_t)len);
+    return io_stage_text(cmd, path, buf, (size_t)len, staged);
 }
 
 /* Progress on stderr for runs longer than two seconds: a line redrawn in
@@ -114,8 +115,8 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
     opt *v;
     if (!attn) {
         p.sigma = args_get(o, no, "sigma")->d;
-        if (!(p.sigma > 0)) {
-            fprintf(stderr, "kmv %s: --sigma must be > 0\n", cmd);
+        if (!(p.sigma >= 1e-150 && p.sigma <= 1e150)) {
+            fprintf(stderr, "kmv %s: --sigma must be in [1e-150, 1e150]\n", cmd);
             return EXIT_USAGE;
         }
         if ((v = args_get(o, no, "delta"))->seen) p.delta = v->d;
@@ -157,6 +158,7 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
     kmv_array Q = {0}, K = {0}, X = {0};
     kmv_ctx *ctx = NULL;
     float *y = NULL;
+    char *staged = NULL;
     rc = EXIT_FAIL;
     if (io_load(cmd, qpath, "queries", 0, &Q) || io_load(cmd, kpath, "keys", 0, &K) ||
         io_load(cmd, xpath, attn ? "values" : "x", 1, &X))
@@ -195,23 +197,32 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
                 cmd, kmv_version_string());
         goto done;
     }
+    if (err == KMV_EOVERFLOW && attn) {
+        fprintf(stderr,
+                "kmv %s: logits could exceed float32's range (max |q| max |k| scale above "
+                "3.3e35); rescale the inputs or --scale\n",
+                cmd);
+        goto done;
+    }
     if (err != KMV_OK) {
         fprintf(stderr, "kmv %s: %s (%s)\n", cmd, kmv_strerror(err), kmv_errname(err));
         goto done;
     }
 
-    double t1 = now();
+    /* Stats are staged first and published only once the output is in
+     * place, so a failure of either leaves neither new file behind. */
+    if (stats_path != NULL && stage_stats(cmd, stats_path, &p, attn, &st, t_load, &staged))
+        goto done;
     char msg[512];
     err = kmv_npy_write(out, y, X.ndim, Q.rows, X.cols, msg, sizeof msg);
     if (err != KMV_OK) {
         fprintf(stderr, "kmv %s: %s\n", cmd, msg);
         goto done;
     }
-    double t_write = now() - t1;
-    if (stats_path != NULL && write_stats(cmd, stats_path, &p, attn, &st, t_load, t_write))
-        goto done;
+    if (staged != NULL && io_commit(cmd, &staged, stats_path)) goto done;
     rc = EXIT_OK;
 done:
+    io_discard(&staged);
     free(y);
     kmv_ctx_free(ctx);
     kmv_array_free(&Q);

@@ -1,6 +1,7 @@
 /* The public operations: validate once, then hand a kmv__problem to an
  * engine. Everything an engine may assume about its input is established
  * here, so the engines carry no argument checks of their own. */
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <string.h>
@@ -39,6 +40,28 @@ static int fits(size_t a, size_t b) {
     return kmv__mul_size(a, b, &prod) && prod <= SIZE_MAX / 64;
 }
 
+/* Row norms' maximum, in double. */
+static double max_norm(const float *v, size_t rows, size_t d) {
+    double best = 0.0;
+    for (size_t i = 0; i < rows; i++) {
+        double s = 0.0;
+        for (size_t t = 0; t < d; t++) s += (double)v[i * d + t] * v[i * d + t];
+        best = s > best ? s : best;
+    }
+    return sqrt(best);
+}
+
+/* Attention computes dot products and logits in float. By Cauchy-Schwarz
+ * no |<q, k>| exceeds max ||q|| max ||k||; when that bound, or the bound on
+ * the logits, comes within 2^-10 of float's range, refuse rather than
+ * return infinities or NaN. Real attention inputs are nowhere near. */
+static int logits_fit(const float *q, size_t m, const float *k, size_t n, size_t d,
+                      double scale) {
+    double bound = max_norm(q, m, d) * max_norm(k, n, d);
+    double limit = 0x1p-10 * FLT_MAX;
+    return bound <= limit && bound * scale <= limit && scale <= limit;
+}
+
 static int threads_for(const kmv_params *p) {
     if (p->n_threads > 0) return p->n_threads;
 #ifdef _OPENMP
@@ -69,22 +92,23 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
         kmv_find_nonfinite(x, n * c, NULL) != KMV_OK)
         return KMV_ENONFINITE;
     if (op == OP_ATTN && n == 0) return KMV_EEMPTY;
+    double scale = pa->attn_scale > 0.0 ? pa->attn_scale : 1.0 / sqrt((double)d);
+    if (op == OP_ATTN && !logits_fit(q, m, k, n, d, scale)) return KMV_EOVERFLOW;
     if (!pa->exact) return KMV_EUNSUPPORTED;
 
     kmv__problem p = {q, k, x, y, m, n, d, c, pa->causal, threads_for(pa), pa->progress,
                       pa->progress_opaque};
     uint64_t evals = 0;
-    int wide = 0;
+    int wide = 0, threads = 1;
     double t1 = kmv__now();
     int rc = KMV_OK;
     if (m > 0 && c > 0) {
         if (n == 0) {
             memset(y, 0, m * c * sizeof(float));
         } else if (op == OP_GAUSS) {
-            rc = kmv__exact_gauss(&ctx->alloc, &p, pa->sigma, &wide);
+            rc = kmv__exact_gauss(&ctx->alloc, &p, pa->sigma, &wide, &threads);
         } else {
-            double scale = pa->attn_scale > 0.0 ? pa->attn_scale : 1.0 / sqrt((double)d);
-            rc = kmv__exact_attn(&ctx->alloc, &p, scale);
+            rc = kmv__exact_attn(&ctx->alloc, &p, scale, &threads);
         }
         /* Causal: row i sees min(i + 1, n) keys. */
         if (!pa->causal) {
@@ -104,7 +128,7 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
         stats->n_queries = m;
         stats->dim = d;
         stats->n_cols = c;
-        stats->n_threads = p.n_threads;
+        stats->n_threads = threads;
         stats->kernel_evals = evals;
         stats->wide_dots = wide;
         stats->seconds = t2 - t0;

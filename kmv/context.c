@@ -20,7 +20,8 @@ void kmv_params_init(kmv_params *p) {
 int kmv_params_check(const kmv_params *p) {
     if (p == NULL) return KMV_EINVAL;
     /* Written as negated ranges so that NaN fails every test. */
-    if (!(isfinite(p->sigma) && p->sigma > 0.0)) return KMV_EINVAL;
+    /* 1 / (2 sigma^2) must be a finite, nonzero double. */
+    if (!(p->sigma >= 1e-150 && p->sigma <= 1e150)) return KMV_EINVAL;
     if (!(isfinite(p->attn_scale) && p->attn_scale >= 0.0)) return KMV_EINVAL;
     if (!(p->eps > 0.0 && p->eps < 1.0)) return KMV_EINVAL;
     if (!(p->delta > 0.0 && p->delta < 1.0)) return KMV_EINVAL;

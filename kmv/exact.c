@@ -154,11 +154,13 @@ typedef struct gauss_ops {
     const float *qf, *kf;  /* centred rows (float path) */
     const double *qd, *kd; /* centred rows (wide path) */
     const double *qn, *kn; /* squared norms of the centred rows */
-    float coef;            /* 1 / (2 sigma^2) */
+    float coef;            /* 1 / (2 sigma^2) (float path) */
+    double coef_wide;      /* the same in double (wide path) */
 } gauss_ops;
 
-/* Squared distances of block rows to keys [j0, j0 + bj) into w->s, from
- * dot products in double: only the final difference is rounded to float. */
+/* Scaled squared distances d^2 / (2 sigma^2) of block rows to keys
+ * [j0, j0 + bj) into w->s, from dot products in double: only the final
+ * exponent is rounded to float (to infinity when huge, whose exp is 0). */
 static void wide_distances(const kmv__problem *p, const gauss_ops *g, size_t i0, size_t bi,
                            size_t j0, size_t bj, scratch *w) {
     size_t d = p->d;
@@ -168,7 +170,8 @@ static void wide_distances(const kmv__problem *p, const gauss_ops *g, size_t i0,
         double qn = g->qn[i0 + r];
 #pragma omp simd
         for (size_t j = 0; j < bj; j++)
-            w->s[r * bj + j] = (float)(qn + g->kn[j0 + j] - 2.0 * w->sd[r * bj + j]);
+            w->s[r * bj + j] =
+                (float)((qn + g->kn[j0 + j] - 2.0 * w->sd[r * bj + j]) * g->coef_wide);
     }
 }
 
@@ -190,14 +193,14 @@ static void gauss_block(const kmv__problem *p, const gauss_ops *g, const float *
                 /* The product with x rides along in the exp pass. */
                 if (len == 0) continue;
                 if (g->wide)
-                    w->acc[r] += kmv__gauss_row_dist(row, len, g->coef, p->x + j0);
+                    w->acc[r] += kmv__gauss_row_dist(row, len, 1.0f, p->x + j0);
                 else
                     w->acc[r] += kmv__gauss_row(row, len, qnf[i0 + r], knf + j0, g->coef,
                                                 p->x + j0);
                 continue;
             }
             if (g->wide)
-                kmv__gauss_row_dist(row, len, g->coef, NULL);
+                kmv__gauss_row_dist(row, len, 1.0f, NULL);
             else
                 kmv__gauss_row_exp(row, len, qnf[i0 + r], knf + j0, g->coef);
             memset(row + len, 0, (bj - len) * sizeof(float));
@@ -226,10 +229,12 @@ static double max_of(const double *v, size_t n) {
     return m;
 }
 
-int kmv__exact_gauss(const kmv_allocator *a, const kmv__problem *p, double sigma, int *wide) {
+int kmv__exact_gauss(const kmv_allocator *a, const kmv__problem *p, double sigma, int *wide,
+                     int *threads) {
     size_t m = p->m, n = p->n, d = p->d;
     gauss_ops g = {0};
-    g.coef = (float)(1.0 / (2.0 * sigma * sigma));
+    g.coef_wide = 1.0 / (2.0 * sigma * sigma);
+    g.coef = (float)g.coef_wide;
 
     /* Key mean and centred norms in double, before choosing a precision. */
     double *nd = kmv__malloc_array(a, m + n + d, sizeof(double));
@@ -251,9 +256,12 @@ int kmv__exact_gauss(const kmv_allocator *a, const kmv__problem *p, double sigma
      * products are taken in double instead: slower GEMM, same exp. The
      * estimate runs about 2x above the errors measured on GloVe, so float
      * results stay well inside the documented 1e-5. */
-    double predicted = (double)g.coef * (max_of(qn, m) + max_of(kn, n)) * sqrt((double)d) *
-                       0x1p-24;
+    double max_norm = max_of(qn, m) + max_of(kn, n);
+    double predicted = g.coef_wide * max_norm * sqrt((double)d) * 0x1p-24;
     g.wide = predicted > 4e-6;
+    /* The float path also needs its coefficient and squared norms to be
+     * ordinary floats; extreme bandwidths or coordinates go wide. */
+    g.wide |= !(g.coef > 0.0f && isfinite(g.coef)) || !(max_norm < 1e30);
     *wide = g.wide;
 
     plan pl;
@@ -302,6 +310,7 @@ int kmv__exact_gauss(const kmv_allocator *a, const kmv__problem *p, double sigma
     kmv__free(a, rows);
     kmv__free(a, nd);
     kmv__free(a, pl.mem);
+    *threads = pl.nt;
     return KMV_OK;
 }
 
@@ -350,7 +359,7 @@ static void attn_block(const kmv__problem *p, float scale, size_t i0, size_t bi,
             p->y[(i0 + r) * c + t] = (float)(w->acc[r * c + t] / w->l[r]);
 }
 
-int kmv__exact_attn(const kmv_allocator *a, const kmv__problem *p, double scale) {
+int kmv__exact_attn(const kmv_allocator *a, const kmv__problem *p, double scale, int *threads) {
     plan pl;
     int rc = plan_create(a, p, 0, &pl);
     if (rc != KMV_OK) return rc;
@@ -365,5 +374,6 @@ int kmv__exact_attn(const kmv_allocator *a, const kmv__problem *p, double scale)
         block_done(p, &pl, &done);
     }
     kmv__free(a, pl.mem);
+    *threads = pl.nt;
     return KMV_OK;
 }

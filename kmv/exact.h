@@ -29,12 +29,15 @@ typedef struct kmv__problem {
  * would still cost more than 4e-6 of a kernel value (narrow bandwidths);
  * *wide tells which. Returns KMV_OK or KMV_ENOMEM (y untouched).
  * Requires n >= 1. */
-int kmv__exact_gauss(const kmv_allocator *a, const kmv__problem *p, double sigma, int *wide);
+int kmv__exact_gauss(const kmv_allocator *a, const kmv__problem *p, double sigma, int *wide,
+                     int *threads);
 
 /* y = D^{-1} A x with A_ij = exp(scale <q_i, k_j>), by an online softmax:
  * each row keeps its running maximum logit and rescales its sums when it
- * grows, so nothing overflows. Returns KMV_OK or KMV_ENOMEM. Requires n >= 1
- * (with causal, every row then sees key 0). */
-int kmv__exact_attn(const kmv_allocator *a, const kmv__problem *p, double scale);
+ * grows, so nothing overflows. Requires n >= 1 (with causal, every row then
+ * sees key 0) and every |scale <q_i, k_j>| well inside float's range (the
+ * caller checks). Returns KMV_OK or KMV_ENOMEM; *threads receives the number
+ * of threads used (both engines). */
+int kmv__exact_attn(const kmv_allocator *a, const kmv__problem *p, double scale, int *threads);
 
 #endif /* KMV_EXACT_H */

@@ -59,7 +59,8 @@ extern "C" {
 /* "MAJOR.MINOR.PATCH" of the linked library. Static storage; thread-safe. */
 KMV_API const char *kmv_version_string(void);
 
-/* Version number of the linked library, KMV_VERSION_NUMBER's format. */
+/* Version number of the linked library, KMV_VERSION_NUMBER's format.
+ * Thread-safe. */
 KMV_API unsigned kmv_version_number(void);
 
 /* ----------------------------------------------------------------- errors */
@@ -71,7 +72,7 @@ KMV_API unsigned kmv_version_number(void);
     X(ENOMEM, -2, "out of memory")                                              \
     X(EDIM, -3, "dimension mismatch")                                           \
     X(ENONFINITE, -4, "input contains NaN or infinity")                         \
-    X(EOVERFLOW, -5, "size overflow")                                           \
+    X(EOVERFLOW, -5, "size or value beyond the representable range")                                           \
     X(EEMPTY, -6, "empty input where at least one row is required")             \
     X(EIO, -7, "input/output error")                                            \
     X(EFORMAT, -8, "malformed or unsupported file")                             \
@@ -94,7 +95,9 @@ KMV_API const char *kmv_errname(int code);
 
 /* Every allocation the library makes goes through this hook. alloc returns
  * NULL on failure (the library then returns KMV_ENOMEM and frees whatever
- * it had taken); free accepts NULL. Both must be thread-safe if the library
+ * it had taken); free accepts NULL. alloc must return memory aligned for any
+ * type, as malloc does (64-byte alignment helps the engine but is not
+ * needed). Both must be thread-safe if the library
  * is used from several threads, and neither may call back into kmv.
  * Leaving both pointers NULL selects malloc/free. */
 typedef struct kmv_allocator {
@@ -112,7 +115,7 @@ typedef enum kmv_mode {
 } kmv_mode;
 
 typedef struct kmv_params {
-    double sigma;      /* Gaussian bandwidth, finite and > 0. Default 1.   */
+    double sigma;      /* Gaussian bandwidth, in [1e-150, 1e150]. Default 1. */
     double attn_scale; /* attention logit scale s in exp(s <q,k>); 0 means
                           1/sqrt(dim). Finite and >= 0. Default 0.          */
     int causal;        /* nonzero: query i sees only keys j <= i (query and
@@ -214,8 +217,11 @@ KMV_API int kmv_matvec(const kmv_ctx *ctx,
 
 /* Normalized attention O = D^{-1} A V, A_ij = exp(s <q_i, k_j>), s from
  * params.attn_scale (0: 1/sqrt(dim)), D = diag(A 1); causal params mask
- * A_ij for j > i. Logits are shifted by their running row maximum, so no
- * logit, however large, overflows: the result is finite for finite input.
+ * A_ij for j > i. Logits are shifted by their running row maximum, so the
+ * exp never overflows: the result is finite whenever the logits themselves
+ * are finite floats. Inputs where they might not be (max ||q|| max ||k||,
+ * or that times the scale, above FLT_MAX / 1024) are refused with
+ * KMV_EOVERFLOW rather than answered with infinities.
  *
  * @param q    n_queries x dim
  * @param k    n_keys x dim
@@ -271,7 +277,8 @@ typedef struct kmv_array {
 KMV_API int kmv_npy_read(const char *path, const kmv_allocator *alloc,
                          kmv_array *out, char *err, size_t err_len);
 
-/* Release an array's data and zero it; NULL or an empty array is a no-op. */
+/* Release an array's data and zero it; NULL or an empty array is a no-op.
+ * Not concurrently with other uses of the same array. */
 KMV_API void kmv_array_free(kmv_array *a);
 
 /* Write a float32 .npy file (version 1.0), 1-D of length rows when

@@ -78,6 +78,11 @@ static void test_params_defaults_and_ranges(void **state) {
         assert_null(ctx);
     }
     kmv_params_init(&p);
+    p.sigma = 1e-151; /* 1 / (2 sigma^2) would not be a finite double */
+    assert_int_equal(kmv_params_check(&p), KMV_EINVAL);
+    p.sigma = 1e151;
+    assert_int_equal(kmv_params_check(&p), KMV_EINVAL);
+    kmv_params_init(&p);
     p.n_threads = -1;
     assert_int_equal(kmv_params_check(&p), KMV_EINVAL);
     kmv_params_init(&p);
@@ -127,6 +132,22 @@ static void test_bad_arguments(void **state) {
     assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
     assert_int_equal(kmv_matvec(ctx, q, 3, k, 3, 2, x, 1, y, NULL), KMV_EUNSUPPORTED);
     assert_true(y[0] == 9);
+    kmv_ctx_free(ctx);
+}
+
+/* stats.n_threads is what ran, not what was allowed. */
+static void test_threads_reported(void **state) {
+    (void)state;
+    kmv_params p;
+    kmv_params_init(&p);
+    p.exact = 1;
+    p.n_threads = 16;
+    kmv_ctx *ctx;
+    assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
+    float q[2] = {1, 2}, x[2] = {1, 1}, y[1];
+    kmv_stats st;
+    assert_int_equal(kmv_matvec(ctx, q, 1, q, 2, 1, x, 1, y, &st), KMV_OK);
+    assert_int_equal(st.n_threads, 1);
     kmv_ctx_free(ctx);
 }
 
@@ -251,9 +272,12 @@ static int call_product(const kmv_allocator *a, int attn, size_t c, int causal) 
     kmv_ctx *ctx = NULL;
     int rc = kmv_ctx_create(&p, &ctx);
     if (rc != KMV_OK) return rc;
+    for (size_t i = 0; i < M * 4; i++) y[i] = 42.0f;
     rc = attn ? kmv_attention(ctx, q, M, k, N, D, x, c, y, NULL)
               : kmv_matvec(ctx, q, M, k, N, D, x, c, y, NULL);
     kmv_ctx_free(ctx);
+    /* A failed call leaves its output untouched. */
+    for (size_t i = 0; rc != KMV_OK && i < M * 4; i++) assert_true(y[i] == 42.0f);
     return rc;
 }
 
@@ -298,6 +322,7 @@ int main(void) {
         cmocka_unit_test(test_ctx),
         cmocka_unit_test(test_bad_arguments),
         cmocka_unit_test(test_find_nonfinite),
+        cmocka_unit_test(test_threads_reported),
         cmocka_unit_test(test_host_openmp_untouched),
         cmocka_unit_test(test_progress),
         cmocka_unit_test(test_alloc_failures),

@@ -76,6 +76,7 @@ static double check_one(int attn, const float *q, const float *k, const float *x
 static const shape SHAPES[] = {
     {1, 1, 1, 1},     {1, 300, 8, 1},  {300, 1, 8, 1},   {7, 5, 1, 3},     {200, 700, 16, 1},
     {130, 513, 33, 4}, {257, 257, 64, 8}, {64, 1000, 3, 2}, {1000, 64, 5, 1}, {33, 31, 128, 1},
+    {1200, 600, 5, 3}, /* causal with m > n, columns, several key blocks */
 };
 
 static void run_random(int attn, int causal) {
@@ -159,12 +160,17 @@ static void test_threads_bitwise(void **state) {
     float *q = tu_random(s.m * s.d, 1, 1.0f);
     float *k = tu_random(s.n * s.d, 2, 1.0f);
     float *x = tu_random(s.n * 3, 3, 1.0f);
-    for (size_t c = 1; c <= 3; c += 2) {
-        for (int attn = 0; attn <= 1; attn++) {
+    /* Every path: both kernels, vector and columns, causal or not, and the
+     * Gaussian's float32 (sigma 1.5) and float64 (sigma 0.3) dot products. */
+    for (int run = 0; run < 16; run++) {
+        size_t c = (run & 1) ? 3 : 1;
+        int attn = (run >> 1) & 1, causal = (run >> 2) & 1;
+        double sigma = (run >> 3) ? 0.3 : 1.5;
+        {
             float *y1 = malloc(s.m * c * sizeof(float));
             float *y2 = malloc(s.m * c * sizeof(float));
-            kmv_ctx *c1 = make_ctx(1, 1.5, 0.0, 0, 1);
-            kmv_ctx *c2 = make_ctx(1, 1.5, 0.0, 0, 2);
+            kmv_ctx *c1 = make_ctx(1, sigma, 0.0, causal, 1);
+            kmv_ctx *c2 = make_ctx(1, sigma, 0.0, causal, 2);
             int r1 = attn ? kmv_attention(c1, q, s.m, k, s.n, s.d, x, c, y1, NULL)
                           : kmv_matvec(c1, q, s.m, k, s.n, s.d, x, c, y1, NULL);
             int r2 = attn ? kmv_attention(c2, q, s.m, k, s.n, s.d, x, c, y2, NULL)
@@ -181,6 +187,45 @@ static void test_threads_bitwise(void **state) {
     free(q);
     free(k);
     free(x);
+}
+
+/* Inputs at the edges of float's range: a clear refusal or the right
+ * finite answer, never NaN or infinity. */
+static void test_extreme_values(void **state) {
+    (void)state;
+    kmv_ctx *ctx = make_ctx(1, 1.0, 0.0, 0, 0);
+    float y[2] = {7, 7};
+    /* Dot products of 1e40 would overflow float: refused. */
+    float q1[1] = {1e20f}, k2[2] = {1e20f, 1.0f}, v2[2] = {1, 2};
+    assert_int_equal(kmv_attention(ctx, q1, 1, k2, 2, 1, v2, 1, y, NULL), KMV_EOVERFLOW);
+    kmv_ctx_free(ctx);
+    /* A scale beyond float's range: refused too. */
+    float q2[2] = {2, 1};
+    ctx = make_ctx(1, 1.0, 1e39, 0, 0);
+    assert_int_equal(kmv_attention(ctx, q2, 2, q2, 2, 1, v2, 1, y, NULL), KMV_EOVERFLOW);
+    kmv_ctx_free(ctx);
+    /* Large but representable logits are answered, finite and right. */
+    ctx = make_ctx(1, 1.0, 1e30, 0, 0);
+    assert_int_equal(kmv_attention(ctx, q2, 2, q2, 2, 1, v2, 1, y, NULL), KMV_OK);
+    assert_true(y[0] == 1.0f && y[1] == 1.0f); /* both rows pick key 0 */
+    kmv_ctx_free(ctx);
+
+    /* Gaussian: a bandwidth so narrow that 1/(2 sigma^2) is no float. */
+    float qa[1] = {0.5f}, ka[2] = {0.5f, 0.7f}, ones[2] = {1, 1};
+    ctx = make_ctx(1, 1e-20, 0.0, 0, 0);
+    assert_int_equal(kmv_matvec(ctx, qa, 1, ka, 2, 1, ones, 1, y, NULL), KMV_OK);
+    assert_true(y[0] == 1.0f);
+    kmv_ctx_free(ctx);
+    /* Coordinates whose squares are no float, with huge and unit sigma. */
+    float qb[1] = {1e20f}, kb[2] = {1e20f, -1e20f};
+    ctx = make_ctx(1, 1e30, 0.0, 0, 0);
+    assert_int_equal(kmv_matvec(ctx, qb, 1, kb, 2, 1, ones, 1, y, NULL), KMV_OK);
+    assert_true(fabsf(y[0] - 2.0f) < 1e-6f);
+    kmv_ctx_free(ctx);
+    ctx = make_ctx(1, 1.0, 0.0, 0, 0);
+    assert_int_equal(kmv_matvec(ctx, qb, 1, kb, 2, 1, ones, 1, y, NULL), KMV_OK);
+    assert_true(y[0] == 1.0f);
+    kmv_ctx_free(ctx);
 }
 
 static void test_glove(void **state) {
@@ -290,6 +335,7 @@ int main(void) {
         cmocka_unit_test(test_attn_random),       cmocka_unit_test(test_attn_random_causal),
         cmocka_unit_test(test_gauss_offset_data), cmocka_unit_test(test_attn_huge_logits),
         cmocka_unit_test(test_threads_bitwise),   cmocka_unit_test(test_glove),
+        cmocka_unit_test(test_extreme_values),
         cmocka_unit_test(test_empty_inputs),      cmocka_unit_test(test_columns_match_vectors),
     };
     return cmocka_run_group_tests_name("exact", tests, NULL, NULL);

@@ -2,7 +2,9 @@
  * back, through the public API only.
  *
  *   npygen write OUT ROWS COLS SEED [ndim=1|2] [bad=nan|inf ROW COL] [fill=VALUE]
- *   npygen stat FILE        prints "ndim rows cols" and the max |value - first|
+ *   npygen stat FILE        prints "ndim rows cols spread first": the max
+ *                           |value - first| and the first value; fails on
+ *                           NaN or infinity
  */
 #include <math.h>
 #include <stdint.h>
@@ -48,9 +50,16 @@ static int stat_cmd(const char *path) {
         return 1;
     }
     double spread = 0.0;
+    size_t where;
+    if (kmv_find_nonfinite(a.data, a.rows * a.cols, &where) != KMV_OK) {
+        fprintf(stderr, "npygen: %s: non-finite value at %zu\n", path, where);
+        kmv_array_free(&a);
+        return 1;
+    }
     for (size_t i = 0; i < a.rows * a.cols; i++)
         spread = fmax(spread, fabs((double)a.data[i] - a.data[0]));
-    printf("%d %zu %zu %.9g\n", a.ndim, a.rows, a.cols, spread);
+    printf("%d %zu %zu %.9g %.9g\n", a.ndim, a.rows, a.cols, spread,
+           a.rows * a.cols != 0 ? (double)a.data[0] : 0.0);
     kmv_array_free(&a);
     return 0;
 }
