@@ -33,7 +33,8 @@ static const char *mode_name(int mode) {
  * timed, since the stats are staged before it. */
 static int stage_stats(const char *cmd, const char *path, const kmv_params *p, int attn,
                        const kmv_stats *st, double t_load, char **staged) {
-    char buf[2048];
+    char buf[4096], measured[64] = "null";
+    if (st->error_measured >= 0.0) snprintf(measured, sizeof measured, "%.9g", st->error_measured);
     int len = snprintf(
         buf, sizeof buf,
         "{\n"
@@ -58,14 +59,45 @@ static int stage_stats(const char *cmd, const char *path, const kmv_params *p, i
         "  \"phases\": {\n"
         "    \"load\": %.9f,\n"
         "    \"prepare\": %.9f,\n"
-        "    \"kernel\": %.9f\n"
+        "    \"kernel\": %.9f,\n"
+        "    \"lsh\": %.9f,\n"
+        "    \"heavy\": %.9f,\n"
+        "    \"sample\": %.9f\n"
+        "  },\n"
+        "  \"approx\": {\n"
+        "    \"fallback_reason\": \"%s\",\n"
+        "    \"keys_exact\": %zu,\n"
+        "    \"keys_dropped\": %zu,\n"
+        "    \"keys_sampled\": %zu,\n"
+        "    \"heavy_threshold\": %.9g,\n"
+        "    \"lsh_tables\": %d,\n"
+        "    \"lsh_hash_len\": %d,\n"
+        "    \"lsh_width\": %.9g,\n"
+        "    \"lsh_candidates\": %llu,\n"
+        "    \"lsh_steps\": %llu,\n"
+        "    \"heavy_pairs\": %llu,\n"
+        "    \"sketch_evals\": %llu,\n"
+        "    \"samples\": %llu,\n"
+        "    \"rows_exact\": %zu,\n"
+        "    \"rows_resampled\": %zu,\n"
+        "    \"cost_ratio\": %.6g,\n"
+        "    \"error_bound\": %.9g,\n"
+        "    \"error_estimate\": %.9g,\n"
+        "    \"error_measured\": %s\n"
         "  }\n"
         "}\n",
         cmd, kmv_version_string(), mode_name(st->mode), attn ? "attention" : "gaussian",
         st->n_keys, st->n_queries, st->dim, st->n_cols, p->causal ? "true" : "false",
         attn ? 0.0 : p->sigma, attn ? p->attn_scale : 0.0, p->eps, p->delta,
         (unsigned long long)p->seed, st->n_threads, (unsigned long long)st->kernel_evals, st->wide_dots ? "float64" : "float32",
-        t_load + st->seconds, t_load, st->seconds_prepare, st->seconds_kernel);
+        t_load + st->seconds, t_load, st->seconds_prepare, st->seconds_kernel, st->seconds_lsh,
+        st->seconds_heavy, st->seconds_sample, kmv_fallback_name(st->fallback_reason),
+        st->keys_exact, st->keys_dropped, st->keys_sampled, st->heavy_threshold, st->lsh_tables,
+        st->lsh_hash_len, st->lsh_width, (unsigned long long)st->lsh_candidates,
+        (unsigned long long)st->lsh_steps, (unsigned long long)st->heavy_pairs,
+        (unsigned long long)st->sketch_evals, (unsigned long long)st->samples, st->rows_exact,
+        st->rows_resampled, st->cost_ratio, st->mode == KMV_MODE_EXACT ? 0.0 : st->error_bound,
+        st->error_estimate, measured);
     if (len < 0 || (size_t)len >= sizeof buf) {
         fprintf(stderr, "kmv %s: stats too long\n", cmd);
         return EXIT_FAIL;
@@ -120,6 +152,7 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
             return EXIT_USAGE;
         }
         if ((v = args_get(o, no, "delta"))->seen) p.delta = v->d;
+        p.measure_error = args_get(o, no, "measure-error")->seen;
     } else {
         if ((v = args_get(o, no, "scale"))->seen) {
             if (!(v->d > 0)) {
@@ -191,10 +224,8 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
                                 &st);
     }
     if (err == KMV_EUNSUPPORTED && !p.exact) {
-        fprintf(stderr,
-                "kmv %s: the approximate engine is not available in kmv %s; pass --exact for "
-                "the exact product\n",
-                cmd, kmv_version_string());
+        fprintf(stderr, "kmv %s: the approximate engine of kmv %s does not do %s; pass --exact\n",
+                cmd, kmv_version_string(), attn ? "attention" : "--causal");
         goto done;
     }
     if (err == KMV_EOVERFLOW && attn) {
@@ -238,7 +269,8 @@ int cmd_matvec(int argc, char **argv) {
         {"x", OPT_STRING, 1, "X.npy", "x, length n, or n x c for c columns at once", 0, 0, 0, 0, 0},
         {"sigma", OPT_DOUBLE, 1, "S", "bandwidth: K = exp(-|q-k|^2 / (2 S^2)), S > 0", 0, 0, 0, 0, 0},
         {"delta", OPT_DOUBLE, 0, "P", "failure probability, in (0, 1) (default 0.01)", 0, 0, 0, 0, 0},
-        {"causal", OPT_FLAG, 0, "", "query i sees keys j <= i only", 0, 0, 0, 0, 0},
+        {"causal", OPT_FLAG, 0, "", "query i sees keys j <= i only (exact engine)", 0, 0, 0, 0, 0},
+        {"measure-error", OPT_FLAG, 0, "", "also run exact; report |Kx-y|/|x| in the stats", 0, 0, 0, 0, 0},
         COMMON_OPTS,
     };
     return run("matvec", 0, o, sizeof o / sizeof o[0], argc, argv);

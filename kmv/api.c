@@ -73,6 +73,23 @@ static int threads_for(const kmv_params *p) {
 
 typedef enum { OP_GAUSS, OP_ATTN } op_kind;
 
+/* kmv_matvec's approximate path: an index built for this one call. */
+static int approx_once(const kmv_ctx *ctx, const float *q, size_t m, const float *k, size_t n,
+                       size_t d, const float *x, size_t c, float *y, kmv_stats *stats,
+                       double t0) {
+    kmv_index *ix = NULL;
+    int rc = kmv_index_create(ctx, d, &ix);
+    if (rc == KMV_OK) rc = kmv_index_append(ix, k, n);
+    double t1 = kmv__now();
+    if (rc == KMV_OK) rc = kmv_index_matvec(ix, q, m, x, c, y, stats);
+    kmv_index_free(ix);
+    if (rc == KMV_OK && stats != NULL) {
+        stats->seconds_prepare += t1 - t0;
+        stats->seconds = kmv__now() - t0;
+    }
+    return rc;
+}
+
 static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const float *k,
                size_t n, size_t d, const float *x, size_t c, float *y, kmv_stats *stats) {
     double t0 = kmv__now();
@@ -94,7 +111,11 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
     if (op == OP_ATTN && n == 0) return KMV_EEMPTY;
     double scale = pa->attn_scale > 0.0 ? pa->attn_scale : 1.0 / sqrt((double)d);
     if (op == OP_ATTN && !logits_fit(q, m, k, n, d, scale)) return KMV_EOVERFLOW;
-    if (!pa->exact) return KMV_EUNSUPPORTED;
+    if (!pa->exact) {
+        /* The approximate attention is a later version's. */
+        if (op == OP_ATTN || pa->causal) return KMV_EUNSUPPORTED;
+        return approx_once(ctx, q, m, k, n, d, x, c, y, stats, t0);
+    }
 
     kmv__problem p = {q, k, x, y, m, n, d, c, pa->causal, threads_for(pa), pa->progress,
                       pa->progress_opaque};

@@ -14,6 +14,11 @@ void kmv_params_init(kmv_params *p) {
     p->eps = 0.1;
     p->delta = 0.01;
     p->seed = 1;
+    p->alpha = 0.5;
+    p->gamma = 0.25;
+    p->sketch_size = 128;
+    p->min_samples = 64;
+    p->measure_error = 0;
     p->n_threads = 0;
 }
 
@@ -25,6 +30,10 @@ int kmv_params_check(const kmv_params *p) {
     if (!(isfinite(p->attn_scale) && p->attn_scale >= 0.0)) return KMV_EINVAL;
     if (!(p->eps > 0.0 && p->eps < 1.0)) return KMV_EINVAL;
     if (!(p->delta > 0.0 && p->delta < 1.0)) return KMV_EINVAL;
+    if (!(p->alpha > 0.0 && p->alpha <= 1.0)) return KMV_EINVAL;
+    if (!(p->gamma > 0.0 && p->gamma <= 1.0)) return KMV_EINVAL;
+    if (p->sketch_size < 16 || p->sketch_size > 65536) return KMV_EINVAL;
+    if (p->min_samples < 8 || p->min_samples > 65536) return KMV_EINVAL;
     if (p->n_threads < 0) return KMV_EINVAL;
     if ((p->allocator.alloc == NULL) != (p->allocator.free == NULL)) return KMV_EINVAL;
     return KMV_OK;

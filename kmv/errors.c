@@ -35,3 +35,16 @@ const char *kmv_errname(int code) {
         return "KMV_UNKNOWN";
     }
 }
+
+const char *kmv_fallback_name(int reason) {
+    switch (reason) {
+    case KMV_FALLBACK_NONE: return "none";
+    case KMV_FALLBACK_LSH: return "lsh";
+    case KMV_FALLBACK_HEAVY: return "heavy";
+    case KMV_FALLBACK_SAMPLES: return "samples";
+    case KMV_FALLBACK_COLUMNS: return "columns";
+    case KMV_FALLBACK_BUDGET: return "budget";
+    case KMV_FALLBACK_SMALL: return "small";
+    default: return "unknown";
+    }
+}

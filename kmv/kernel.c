@@ -121,3 +121,32 @@ float kmv__attn_row(float *s, size_t len, float scale, float shift, const float 
     *dot = acc;
     return sum;
 }
+
+/* Squared distances taken as sums of squared differences: no cancellation
+ * at any bandwidth, which the GEMM expansion cannot promise (exact.c pays
+ * for float64 dots instead). The approximate engine evaluates few entries
+ * per row, so the direct form costs it little. */
+KMV_CLONES
+float kmv__sqdist(const float *a, const float *b, size_t d) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (size_t t = 0; t < d; t++) {
+        float u = a[t] - b[t];
+        acc += u * u;
+    }
+    return acc;
+}
+
+KMV_CLONES
+void kmv__sqdist_rows(const float *q, const float *rows, size_t count, size_t d, float *out) {
+    for (size_t j = 0; j < count; j++) {
+        const float *r = rows + j * d;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (size_t t = 0; t < d; t++) {
+            float u = q[t] - r[t];
+            acc += u * u;
+        }
+        out[j] = acc;
+    }
+}

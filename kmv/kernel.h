@@ -37,4 +37,11 @@ float kmv__row_max(const float *s, size_t len);
 float kmv__attn_row(float *s, size_t len, float scale, float shift, const float *x,
                     float *dot);
 
+/* ||a - b||^2 as a sum of squared differences (exact to float rounding of
+ * each term, whatever the norms). */
+float kmv__sqdist(const float *a, const float *b, size_t d);
+
+/* out[j] = ||q - rows_j||^2 for count contiguous rows of dimension d. */
+void kmv__sqdist_rows(const float *q, const float *rows, size_t count, size_t d, float *out);
+
 #endif /* KMV_KERNEL_H */

@@ -129,6 +129,28 @@ typedef struct kmv_params {
     double delta;      /* failure probability of that bound, in (0, 1).
                           Default 0.01.                                     */
     uint64_t seed;     /* every random choice derives from it. Default 1.   */
+    /* The approximate engine (ApproxKMV, Indyk, Kapralov, Sheth and Wagner
+     * 2025, Algorithm 3). With x scaled to ||x||^2 = n:
+     * keys with x_j^2 >= n^gamma are summed exactly, keys with kernel value
+     * >= n^-alpha are found by LSH and summed exactly, the rest are
+     * sampled. The paper's values (alpha = 1/3, gamma = 0.109) balance its
+     * asymptotic exponents; the defaults below were chosen by measurement
+     * (README, "Approximate engine"): a lower heavy threshold makes the
+     * sampled remainder small enough for few samples per row, and a higher
+     * gamma keeps the exactly summed columns few for Gaussian-like x. The
+     * heavy threshold is further capped so that one light key at the
+     * threshold can cost a row at most 1/16 of its share of the error at
+     * min_samples samples; it is reported in the stats. */
+    double alpha;      /* heavy threshold exponent, in (0, 1]. Default 0.5. */
+    double gamma;      /* exact-column exponent, in (0, 1]. Default 0.25.   */
+    int sketch_size;   /* draws of the kernel-density sketch that sets the
+                          per-row sample budgets, in [16, 65536].
+                          Default 128.                                      */
+    int min_samples;   /* samples every approximated row takes at least, in
+                          [8, 65536]. Default 64.                           */
+    int measure_error; /* nonzero: also run the exact engine and report
+                          ||Kx - y|| / ||x|| in the stats (costs an exact
+                          product). Default 0.                              */
     int n_threads;     /* threads per call; 0 means OpenMP's default
                           (OMP_NUM_THREADS, else the core count). >= 0.     */
     kmv_allocator allocator; /* {NULL, NULL, NULL} selects malloc/free.     */
@@ -164,8 +186,56 @@ typedef struct kmv_stats {
                                (narrow bandwidth, large norms); 0 else */
     double seconds;         /* whole call */
     double seconds_prepare; /* validation, norms, scratch */
-    double seconds_kernel;  /* kernel evaluation and accumulation */
+    double seconds_kernel;  /* kernel evaluation and accumulation (exact
+                               engine, including a fallback's) */
+    /* The approximate engine; zero after an exact run. */
+    int fallback_reason;      /* a kmv_fallback, KMV_FALLBACK_NONE unless
+                                 mode is KMV_MODE_FALLBACK */
+    size_t keys_exact;        /* H1: keys with x_j^2 >= n^gamma, summed
+                                 exactly for every row */
+    size_t keys_dropped;      /* H2: keys with x_j^2 <= n^-4, dropped */
+    size_t keys_sampled;      /* T: the rest */
+    double heavy_threshold;   /* kernel value from which keys are heavy */
+    int lsh_tables;           /* L */
+    int lsh_hash_len;         /* projections per table, k */
+    double lsh_width;         /* bucket width w */
+    uint64_t lsh_candidates;  /* distinct (query, key) pairs verified */
+    uint64_t lsh_steps;       /* bucket entries scanned, repeats included */
+    uint64_t heavy_pairs;     /* pairs with K_ij >= heavy_threshold found */
+    uint64_t sketch_evals;    /* kernel values the sketch evaluated */
+    uint64_t samples;         /* light-key samples drawn, all rows */
+    size_t rows_exact;        /* rows whose budget exceeded an exact row's
+                                 cost and were computed exactly */
+    size_t rows_resampled;    /* rows sampled again because their first
+                                 window's variance exceeded the plan */
+    double cost_ratio;        /* predicted approximate / exact cost */
+    double error_bound;       /* eps, the target ||Kx - y|| / ||x|| */
+    double error_estimate;    /* the estimate of ||Kx - y|| / ||x|| from the
+                                 samples' own variance plus the dropped
+                                 keys' bound */
+    double error_measured;    /* measured against the exact engine when
+                                 params.measure_error, else -1 */
+    double seconds_lsh;       /* planning and hashing the keys */
+    double seconds_heavy;     /* hashing queries, verifying candidates,
+                                 the sketch */
+    double seconds_sample;    /* windows and exact columns */
 } kmv_stats;
+
+/* Why the approximate engine ran the exact one instead. */
+typedef enum kmv_fallback {
+    KMV_FALLBACK_NONE = 0,
+    KMV_FALLBACK_LSH = 1,     /* no LSH shape finds the heavy keys for less
+                                 than a quarter of the exact cost */
+    KMV_FALLBACK_HEAVY = 2,   /* the search met more candidates than that */
+    KMV_FALLBACK_SAMPLES = 3, /* the sample budget would cost more than the
+                                 rest of the exact product */
+    KMV_FALLBACK_COLUMNS = 4, /* too many keys with huge x_j to sum exactly */
+    KMV_FALLBACK_BUDGET = 5,  /* dropped keys' bound alone exceeds eps */
+    KMV_FALLBACK_SMALL = 6    /* too few keys or queries to gain anything */
+} kmv_fallback;
+
+/* "none", "lsh", ... for a kmv_fallback; "unknown" otherwise. */
+KMV_API const char *kmv_fallback_name(int reason);
 
 /* ---------------------------------------------------------------- context */
 
@@ -200,13 +270,16 @@ KMV_API const kmv_params *kmv_ctx_params(const kmv_ctx *ctx);
  *
  * n_queries = 0 or n_cols = 0 is an empty result (KMV_OK, nothing written);
  * n_keys = 0 gives y = 0 (an empty sum). dim must be >= 1.
- * The exact engine's y is within 1e-5 relative of a float64 evaluation of
- * sum_j |K_ij x_j| per entry. The approximate engine is not in this version:
- * with params.exact = 0 the call returns KMV_EUNSUPPORTED.
+ * The exact engine (params.exact) gives y within 1e-5 relative of a
+ * float64 evaluation of sum_j |K_ij x_j| per entry. Otherwise the
+ * approximate engine runs (see kmv_index_matvec(), which this call wraps
+ * with an index built for the call) and the result satisfies
+ * ||Kx - y||_2 <= eps ||x||_2 (Frobenius norms for n_cols > 1), as stated
+ * there; it is not available with params.causal (KMV_EUNSUPPORTED).
  * Errors: KMV_EINVAL (NULL pointer with a nonzero size, dim = 0),
  * KMV_EOVERFLOW (a size product overflows size_t), KMV_ENONFINITE (NaN or
  * infinity in queries, keys or x), KMV_ENOMEM, KMV_EUNSUPPORTED.
- * Cost: O(n_queries n_keys (dim + n_cols)) time on params.n_threads threads,
+ * Cost (exact): O(n_queries n_keys (dim + n_cols)) time on params.n_threads threads,
  * O((n_queries + n_keys) dim) extra memory, never an n_queries x n_keys
  * matrix. Thread-safe: concurrent calls on one context are allowed. */
 KMV_API int kmv_matvec(const kmv_ctx *ctx,
@@ -214,6 +287,60 @@ KMV_API int kmv_matvec(const kmv_ctx *ctx,
                        const float *keys, size_t n_keys, size_t dim,
                        const float *x, size_t n_cols,
                        float *y, kmv_stats *stats);
+
+/* ------------------------------------------------------------------ index */
+
+/* Keys held for repeated approximate products: the keys in a random order,
+ * LSH tables over them and the x-independent parts of the engine. Keys are
+ * appended in blocks, each append costing time proportional to the block,
+ * not to the keys already inside; a product with a fresh x reuses the
+ * tables. One index is used by one thread at a time (products update its
+ * tables); distinct indexes are independent. */
+typedef struct kmv_index kmv_index;
+
+/* An empty index for dim-dimensional keys under ctx's params (copied; ctx
+ * may be freed afterwards). Errors: KMV_EINVAL (NULL ctx or out, dim = 0),
+ * KMV_ENOMEM. On error *out is NULL. */
+KMV_API int kmv_index_create(const kmv_ctx *ctx, size_t dim, kmv_index **out);
+
+/* Release an index; NULL is a no-op. */
+KMV_API void kmv_index_free(kmv_index *ix);
+
+/* Append n_keys keys (n_keys x dim). They get ids kmv_index_size() ..
+ * kmv_index_size() + n_keys - 1, the row order of x in later products.
+ * Errors: KMV_EINVAL (NULL keys with n_keys > 0), KMV_ENONFINITE,
+ * KMV_EOVERFLOW (more than 2^32 - 2 keys in total), KMV_ENOMEM; on error
+ * the index is unchanged. */
+KMV_API int kmv_index_append(kmv_index *ix, const float *keys, size_t n_keys);
+
+/* Keys held. */
+KMV_API size_t kmv_index_size(const kmv_index *ix);
+
+/* Approximate y = K x over the index's keys (x is kmv_index_size() x
+ * n_cols in id order; y is n_queries x n_cols):
+ *
+ *     ||Kx - y||_2 <= eps ||x||_2   with probability >= 1 - delta,
+ *
+ * by ApproxKMV: keys with huge x_j summed exactly, keys with x_j^2 below
+ * n^-4 of the mean dropped (their bound is charged to eps), each query's
+ * heavy keys found with LSH and summed exactly, the remaining light keys
+ * estimated from a uniform window sample of the random key order, with
+ * per-row sample counts that minimize the total for a variance budget:
+ * E||Kx - y||^2 plus sqrt(2 Var ||Kx - y||^2 / delta) stays within
+ * (eps ||x||)^2, which is Chebyshev's bound on the squared error treating
+ * each row's error as Gaussian (each is a mean of >= min_samples terms).
+ * What the bound rests on: LSH recalls each heavy pair with probability
+ * >= 1 - delta (misses add variance, never bias), and the sketch's density
+ * estimates; a row whose samples show more variance than planned is sampled
+ * again with a larger budget. The tests measure the failure rate over
+ * hundreds of seeds. When the plan would cost more than the exact product,
+ * the exact engine runs instead (stats mode KMV_MODE_FALLBACK with the
+ * reason); the whole call then costs at most about 1.25 exact products.
+ *
+ * Errors: as kmv_matvec(); KMV_EUNSUPPORTED with params.causal.
+ * Deterministic: the same keys, queries, x and params give the same y. */
+KMV_API int kmv_index_matvec(kmv_index *ix, const float *queries, size_t n_queries,
+                             const float *x, size_t n_cols, float *y, kmv_stats *stats);
 
 /* Normalized attention O = D^{-1} A V, A_ij = exp(s <q_i, k_j>), s from
  * params.attn_scale (0: 1/sqrt(dim)), D = diag(A 1); causal params mask

@@ -1,0 +1,70 @@
+/* The index's life cycle and argument checks; the product is approx.c. */
+#include <limits.h>
+#include <string.h>
+
+#include "kmv/alloc.h"
+#include "kmv/context.h"
+#include "kmv/index.h"
+
+int kmv_index_create(const kmv_ctx *ctx, size_t dim, kmv_index **out) {
+    if (out == NULL) return KMV_EINVAL;
+    *out = NULL;
+    if (ctx == NULL || dim == 0) return KMV_EINVAL;
+    if (dim > INT_MAX / 64) return KMV_EOVERFLOW;
+    kmv_index *ix = kmv__malloc(&ctx->alloc, sizeof *ix);
+    if (ix == NULL) return KMV_ENOMEM;
+    memset(ix, 0, sizeof *ix);
+    ix->params = ctx->params;
+    ix->alloc = ctx->alloc;
+    ix->d = dim;
+    kmv__keystore_init(&ix->ks, dim, ctx->params.seed);
+    *out = ix;
+    return KMV_OK;
+}
+
+void kmv_index_free(kmv_index *ix) {
+    if (ix == NULL) return;
+    kmv_allocator a = ix->alloc;
+    kmv__keystore_free(&ix->ks, &a);
+    if (ix->lsh_built) kmv__lsh_free(&ix->lsh, &a);
+    kmv__free(&a, ix);
+}
+
+size_t kmv_index_size(const kmv_index *ix) { return ix ? ix->ks.n : 0; }
+
+int kmv_index_append(kmv_index *ix, const float *keys, size_t n_keys) {
+    if (ix == NULL || (keys == NULL && n_keys > 0)) return KMV_EINVAL;
+    if (n_keys == 0) return KMV_OK;
+    if (n_keys > KMV__KEYS_MAX - ix->ks.n) return KMV_EOVERFLOW;
+    if (kmv_find_nonfinite(keys, n_keys * ix->d, NULL) != KMV_OK) return KMV_ENONFINITE;
+    /* Tables first: their failure leaves them unchanged, and then so is
+     * the store. A store failure after the tables took the block would
+     * leave ids in the tables that the store lacks, so the tables are then
+     * dropped (they are rebuilt on the next product). */
+    if (ix->lsh_built) {
+        int rc = kmv__lsh_append(&ix->lsh, &ix->alloc, keys, n_keys);
+        if (rc != KMV_OK) return rc;
+    }
+    int rc = kmv__keystore_append(&ix->ks, &ix->alloc, keys, n_keys);
+    if (rc != KMV_OK && ix->lsh_built) {
+        kmv__lsh_free(&ix->lsh, &ix->alloc);
+        ix->lsh_built = 0;
+    }
+    return rc;
+}
+
+int kmv_index_matvec(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
+                     float *y, kmv_stats *stats) {
+    if (ix == NULL) return KMV_EINVAL;
+    size_t n = ix->ks.n, d = ix->d, prod;
+    if (!kmv__mul_size(m, d, &prod) || !kmv__mul_size(n, c, &prod) ||
+        !kmv__mul_size(m, c, &prod) || c > INT_MAX || m > SIZE_MAX / 64)
+        return KMV_EOVERFLOW;
+    if ((m > 0 && q == NULL) || (n > 0 && c > 0 && x == NULL) || (m > 0 && c > 0 && y == NULL))
+        return KMV_EINVAL;
+    if (kmv_find_nonfinite(q, m * d, NULL) != KMV_OK ||
+        kmv_find_nonfinite(x, n * c, NULL) != KMV_OK)
+        return KMV_ENONFINITE;
+    if (ix->params.causal) return KMV_EUNSUPPORTED;
+    return kmv__approx_matvec(ix, q, m, x, c, y, stats);
+}

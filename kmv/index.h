@@ -1,0 +1,31 @@
+/* Internal: the index's layout, shared by index.c (its life cycle) and
+ * approx.c (the product). */
+#ifndef KMV_INDEX_H
+#define KMV_INDEX_H
+
+#include "kmv/costmodel.h"
+#include "kmv/keystore.h"
+#include "kmv/kmv.h"
+#include "kmv/lsh.h"
+
+struct kmv_index {
+    kmv_params params;
+    kmv_allocator alloc;
+    size_t d;
+    kmv__keystore ks;
+    kmv__lsh lsh;       /* valid when lsh_built */
+    int lsh_built;
+    size_t lsh_n;       /* keys when the tables were planned */
+    double kappa;       /* heavy threshold they were planned for */
+    kmv__lsh_plan plan;
+    int force_approx;   /* tests only: skip every cost-model fallback, so
+                           the approximate path's guarantee can be measured
+                           on inputs where exact would be cheaper */
+};
+
+/* The approximate product; see kmv_index_matvec(). Operands are validated
+ * by the caller (index.c). */
+int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
+                       float *y, kmv_stats *st);
+
+#endif /* KMV_INDEX_H */

@@ -1,0 +1,48 @@
+/* Internal: the keys, kept in a uniformly random order that grows in place.
+ *
+ * The light-key sampler reads contiguous windows of this order (a dense
+ * distance loop instead of a gather), which is a uniform sample without
+ * replacement only because the order is a uniformly random permutation.
+ * Appending key number n swaps it into a random position in [0, n]
+ * (Durstenfeld's "inside-out" shuffle), which keeps the permutation uniform
+ * at O(dim) cost per key however many keys are stored, and gives the same
+ * order whether the keys arrive in one block or many. */
+#ifndef KMV_KEYSTORE_H
+#define KMV_KEYSTORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kmv/kmv.h"
+
+typedef struct kmv__keystore {
+    size_t d;         /* dimension */
+    size_t n;         /* keys stored; ids 0..n-1 in arrival order */
+    size_t cap;       /* rows allocated */
+    float *rows;      /* cap x d: row p holds key id_at[p] */
+    uint32_t *id_at;  /* position -> key id */
+    uint32_t *pos_of; /* key id -> position */
+    uint64_t rng;     /* shuffle stream */
+} kmv__keystore;
+
+/* The most keys one store holds: ids are 32-bit. */
+#define KMV__KEYS_MAX ((size_t)UINT32_MAX - 1)
+
+/* An empty store for dim-d keys. Allocates nothing until the first append. */
+void kmv__keystore_init(kmv__keystore *ks, size_t d, uint64_t seed);
+
+/* Append count keys (count x d, row-major; finite, checked by the caller).
+ * Amortized O(count d): storage doubles when full. Returns KMV_OK,
+ * KMV_EOVERFLOW (more than KMV__KEYS_MAX keys) or KMV_ENOMEM, in which case
+ * the store is unchanged. */
+int kmv__keystore_append(kmv__keystore *ks, const kmv_allocator *a, const float *k,
+                         size_t count);
+
+void kmv__keystore_free(kmv__keystore *ks, const kmv_allocator *a);
+
+/* Key id's row. */
+static inline const float *kmv__keystore_row(const kmv__keystore *ks, size_t id) {
+    return ks->rows + (size_t)ks->pos_of[id] * ks->d;
+}
+
+#endif /* KMV_KEYSTORE_H */

@@ -1,0 +1,186 @@
+/* Euclidean LSH tables; see lsh.h. */
+#include "kmv/lsh.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <string.h>
+#include <xxhash.h>
+
+#include "kmv/alloc.h"
+#include "kmv/rng.h"
+
+double kmv__lsh_collision(double u) {
+    if (u <= 0.0) return 1.0;
+    /* p(u) = 1 - 2 Phi(-1/u) - 2u/sqrt(2 pi) (1 - exp(-1/(2u^2))). */
+    double t = 1.0 / u;
+    double phi = 0.5 * erfc(t / sqrt(2.0));
+    double p = 1.0 - 2.0 * phi - 2.0 * u / sqrt(2.0 * 3.141592653589793) * (1.0 - exp(-0.5 * t * t));
+    return p < 0.0 ? 0.0 : p;
+}
+
+int kmv__lsh_init(kmv__lsh *h, const kmv_allocator *a, size_t d, kmv__lsh_shape shape,
+                  uint64_t seed) {
+    memset(h, 0, sizeof *h);
+    h->d = d;
+    h->shape = shape;
+    size_t kl = (size_t)shape.k * (size_t)shape.L;
+    h->proj = kmv__malloc_array(a, d, kl * sizeof(float));
+    h->offs = kmv__malloc_array(a, kl, sizeof(float));
+    h->tab = kmv__malloc_array(a, (size_t)shape.L, sizeof(kmv__lsh_table));
+    if (h->tab != NULL) memset(h->tab, 0, (size_t)shape.L * sizeof(kmv__lsh_table));
+    if (h->proj == NULL || h->offs == NULL || h->tab == NULL) {
+        kmv__lsh_free(h, a);
+        return KMV_ENOMEM;
+    }
+    uint64_t rng = kmv__rng_stream(seed, KMV__RNG_LSH);
+    for (size_t i = 0; i < d * kl; i++) h->proj[i] = (float)(kmv__rng_normal(&rng) / shape.w);
+    for (size_t u = 0; u < kl; u++) h->offs[u] = (float)kmv__rng_unit(&rng);
+    return KMV_OK;
+}
+
+void kmv__lsh_free(kmv__lsh *h, const kmv_allocator *a) {
+    if (h->tab != NULL) {
+        for (int t = 0; t < h->shape.L; t++) {
+            kmv__free(a, h->tab[t].slot);
+            kmv__free(a, h->tab[t].arena);
+        }
+    }
+    kmv__free(a, h->tab);
+    kmv__free(a, h->proj);
+    kmv__free(a, h->offs);
+    memset(h, 0, sizeof *h);
+}
+
+void kmv__lsh_codes(const kmv__lsh *h, const float *v, size_t count, float *scratch,
+                    uint64_t *codes) {
+    int k = h->shape.k, L = h->shape.L;
+    int kl = k * L;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)count, kl, (int)h->d, 1.0f, v,
+                (int)h->d, h->proj, kl, 0.0f, scratch, kl);
+    int32_t cell[64];
+    for (size_t i = 0; i < count; i++) {
+        const float *p = scratch + i * (size_t)kl;
+        for (int t = 0; t < L; t++) {
+            for (int u = 0; u < k; u++) {
+                int idx = t * k + u;
+                cell[u] = (int32_t)floorf(p[idx] + h->offs[idx]);
+            }
+            uint64_t c = XXH3_64bits_withSeed(cell, (size_t)k * sizeof(int32_t), (uint64_t)t + 1);
+            codes[i * (size_t)L + (size_t)t] = c ? c : 1; /* 0 marks empty slots */
+        }
+    }
+}
+
+static size_t slot_of(const kmv__lsh_slot *slot, size_t slots, uint64_t code) {
+    size_t mask = slots - 1;
+    size_t s = (size_t)(code ^ (code >> 29)) & mask;
+    while (slot[s].code != 0 && slot[s].code != code) s = (s + 1) & mask;
+    return s;
+}
+
+const uint32_t *kmv__lsh_bucket(const kmv__lsh *h, int t, uint64_t code, size_t *len) {
+    const kmv__lsh_table *tb = &h->tab[t];
+    *len = 0;
+    if (tb->slots == 0) return NULL;
+    const kmv__lsh_slot *sl = &tb->slot[slot_of(tb->slot, tb->slots, code)];
+    if (sl->code != code) return NULL;
+    *len = sl->len;
+    return tb->arena + sl->off;
+}
+
+static int slots_grow(kmv__lsh_table *tb, const kmv_allocator *a, size_t need) {
+    size_t slots = tb->slots ? tb->slots : 256;
+    while (need * 2 > slots) slots *= 2;
+    if (slots == tb->slots) return KMV_OK;
+    kmv__lsh_slot *slot = kmv__malloc_array(a, slots, sizeof *slot);
+    if (slot == NULL) return KMV_ENOMEM;
+    memset(slot, 0, slots * sizeof *slot);
+    for (size_t s = 0; s < tb->slots; s++) {
+        if (tb->slot[s].code == 0) continue;
+        slot[slot_of(slot, slots, tb->slot[s].code)] = tb->slot[s];
+    }
+    kmv__free(a, tb->slot);
+    tb->slot = slot;
+    tb->slots = slots;
+    return KMV_OK;
+}
+
+/* Room for `more` more ids in the arena; doubles, so amortized O(1). */
+static int arena_reserve(kmv__lsh_table *tb, const kmv_allocator *a, size_t more) {
+    size_t need = tb->arena_used + more;
+    if (need <= tb->arena_cap) return KMV_OK;
+    size_t cap = tb->arena_cap ? tb->arena_cap : 1024;
+    while (cap < need) cap *= 2;
+    uint32_t *ar = kmv__malloc_array(a, cap, sizeof(uint32_t));
+    if (ar == NULL) return KMV_ENOMEM;
+    if (tb->arena_used) memcpy(ar, tb->arena, tb->arena_used * sizeof(uint32_t));
+    kmv__free(a, tb->arena);
+    tb->arena = ar;
+    tb->arena_cap = cap;
+    return KMV_OK;
+}
+
+/* Undo a failed append: ids are appended in increasing order, so each
+ * bucket's ids from first on are at its end. Emptied buckets stay as empty
+ * slots, which lookups treat as misses. */
+static void trim(kmv__lsh *h, size_t first) {
+    for (int t = 0; t < h->shape.L; t++) {
+        kmv__lsh_table *tb = &h->tab[t];
+        for (size_t s = 0; s < tb->slots; s++) {
+            kmv__lsh_slot *sl = &tb->slot[s];
+            while (sl->code != 0 && sl->len > 0 && tb->arena[sl->off + sl->len - 1] >= first)
+                sl->len--;
+        }
+    }
+}
+
+static int insert(kmv__lsh_table *tb, const kmv_allocator *a, uint64_t c, uint32_t id) {
+    kmv__lsh_slot *sl = &tb->slot[slot_of(tb->slot, tb->slots, c)];
+    if (sl->code == 0) {
+        if (arena_reserve(tb, a, 1) != KMV_OK) return KMV_ENOMEM;
+        *sl = (kmv__lsh_slot){c, tb->arena_used, 0, 1};
+        tb->arena_used += 1;
+        tb->used++;
+    } else if (sl->len == sl->cap) {
+        /* The bucket moves to the arena's end at twice the size. */
+        if (arena_reserve(tb, a, 2 * (size_t)sl->cap) != KMV_OK) return KMV_ENOMEM;
+        uint64_t off = tb->arena_used;
+        memcpy(tb->arena + off, tb->arena + sl->off, sl->len * sizeof(uint32_t));
+        sl->off = off;
+        sl->cap *= 2;
+        tb->arena_used += sl->cap;
+    }
+    tb->arena[sl->off + sl->len++] = id;
+    return KMV_OK;
+}
+
+/* Blocks bound the scratch: 256 keys' projections at a time. */
+#define LSH_BLOCK 256
+
+int kmv__lsh_append(kmv__lsh *h, const kmv_allocator *a, const float *k, size_t count) {
+    if (count == 0) return KMV_OK;
+    int L = h->shape.L;
+    size_t kl = (size_t)h->shape.k * (size_t)L;
+    /* Slots are sized up front (at most one new bucket per key); an arena
+     * failure midway is undone by trim(). */
+    for (int t = 0; t < L; t++) {
+        int rc = slots_grow(&h->tab[t], a, h->tab[t].used + count);
+        if (rc != KMV_OK) return rc;
+    }
+    float *scratch = kmv__malloc_array(a, LSH_BLOCK, kl * sizeof(float));
+    uint64_t *codes = kmv__malloc_array(a, LSH_BLOCK, (size_t)L * sizeof(uint64_t));
+    int rc = scratch && codes ? KMV_OK : KMV_ENOMEM;
+    for (size_t i0 = 0; rc == KMV_OK && i0 < count; i0 += LSH_BLOCK) {
+        size_t bi = count - i0 < LSH_BLOCK ? count - i0 : LSH_BLOCK;
+        kmv__lsh_codes(h, k + i0 * h->d, bi, scratch, codes);
+        for (int t = 0; t < L && rc == KMV_OK; t++)
+            for (size_t i = 0; i < bi && rc == KMV_OK; i++)
+                rc = insert(&h->tab[t], a, codes[i * (size_t)L + (size_t)t],
+                            (uint32_t)(h->n + i0 + i));
+    }
+    if (rc == KMV_OK) h->n += count;
+    else trim(h, h->n);
+    kmv__free(a, scratch);
+    kmv__free(a, codes);
+    return rc;
+}

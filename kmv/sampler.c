@@ -1,0 +1,60 @@
+/* Window sampling of light keys; see sampler.h. */
+#include "kmv/sampler.h"
+
+#include <string.h>
+
+#include "kmv/kernel.h"
+
+#define CHUNK 256
+
+int kmv__contains(const uint32_t *ids, size_t len, uint32_t id) {
+    size_t lo = 0, hi = len;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (ids[mid] < id) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < len && ids[lo] == id;
+}
+
+double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const float *q,
+                   float inv2s2, float kappa, const uint32_t *heavy, size_t n_heavy, size_t off,
+                   size_t s, float *scratch, double *acc, double *est) {
+    size_t n = ks->n, d = ks->d;
+    double *sum = acc, *sq = acc + c;
+    memset(acc, 0, 2 * c * sizeof(double));
+    size_t done = 0;
+    while (done < s) {
+        size_t p0 = (off + done) % n;
+        size_t len = s - done;
+        if (len > CHUNK) len = CHUNK;
+        if (len > n - p0) len = n - p0; /* wrap at the end of the order */
+        kmv__sqdist_rows(q, ks->rows + p0 * d, len, d, scratch);
+        kmv__gauss_row_dist(scratch, len, inv2s2, NULL);
+        for (size_t u = 0; u < len; u++) {
+            float kv = scratch[u];
+            size_t p = p0 + u;
+            if (kv >= kappa && n_heavy > 0 && kmv__contains(heavy, n_heavy, ks->id_at[p]))
+                continue;
+            const float *xr = xp + p * c;
+            for (size_t col = 0; col < c; col++) {
+                double f = (double)kv * xr[col];
+                sum[col] += f;
+                sq[col] += f * f;
+            }
+        }
+        done += len;
+    }
+    double scale = (double)n / (double)s;
+    double var = 0.0;
+    for (size_t col = 0; col < c; col++) {
+        est[col] = scale * sum[col];
+        if (s > 1 && s < n) {
+            double s2 = (sq[col] - sum[col] * sum[col] / (double)s) / (double)(s - 1);
+            if (s2 < 0.0) s2 = 0.0;
+            /* Var of N * mean without replacement: N^2 (1 - s/N) S^2 / s. */
+            var += (double)n * (double)n * (1.0 - (double)s / (double)n) * s2 / (double)s;
+        }
+    }
+    return var;
+}

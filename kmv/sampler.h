@@ -1,0 +1,45 @@
+/* Internal: sampling the light keys (Algorithm 2, lines 8 to 10).
+ *
+ * Row i's light sum, sum over j in T \ S_i of K_ij x_j, is estimated from s
+ * consecutive positions of the key store's random order starting at a
+ * random offset (wrapping). Over the offset, every position is covered by
+ * exactly s of the n windows, so (n / s) times the window's sum is unbiased
+ * for any fixed order; over the random order the window is a uniform
+ * sample without replacement, whose variance is at most n W_i / s with
+ * W_i = sum over light keys of x_j^2 K_ij^2 (what the sketch estimates).
+ * Heavy keys S_i that fall inside a window are skipped, since their exact
+ * sum is added separately; keys the LSH missed are not in S_i and count as
+ * light, so a miss costs variance, never bias. A contiguous window is a
+ * dense distance loop rather than a gather of random rows (DEANN's
+ * "permuted" estimator). Median of means is replaced by a plain mean with
+ * the variance budget set for the whole vector (approx.c): per-row medians
+ * would buy a union bound over rows that the l2 guarantee does not need. */
+#ifndef KMV_SAMPLER_H
+#define KMV_SAMPLER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kmv/keystore.h"
+
+/* The window positions [off, off + s) mod n, s in [1, n]. With s = n and
+ * heavy = NULL the result is the exact sum over all stored keys (variance
+ * 0). Keys with K_ij >= kappa whose id is in heavy[0..n_heavy) (ascending)
+ * are skipped.
+ *
+ * @param xp       n x c weights in store order (0 outside T)
+ * @param inv2s2   1 / (2 sigma^2)
+ * @param scratch  256 floats
+ * @param acc      2 c doubles of scratch
+ * @param est      c outputs: the estimate of the light sum, per column
+ * @return         the estimate's variance summed over columns (the
+ *                 without-replacement formula on the window's own values);
+ *                 0 when s = n or s = 1 */
+double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const float *q,
+                   float inv2s2, float kappa, const uint32_t *heavy, size_t n_heavy, size_t off,
+                   size_t s, float *scratch, double *acc, double *est);
+
+/* Whether id is in the ascending list ids[0..len). */
+int kmv__contains(const uint32_t *ids, size_t len, uint32_t id);
+
+#endif /* KMV_SAMPLER_H */
