@@ -13,6 +13,7 @@
 #include "kmv/alloc.h"
 #include "kmv/context.h"
 #include "kmv/exact.h"
+#include "kmv/index.h"
 #include "kmv/timer.h"
 
 int kmv_find_nonfinite(const float *data, size_t count, size_t *where) {
@@ -62,6 +63,7 @@ static int logits_fit(const float *q, size_t m, const float *k, size_t n, size_t
     return bound <= limit && bound * scale <= limit && scale <= limit;
 }
 
+
 static int threads_for(const kmv_params *p) {
     if (p->n_threads > 0) return p->n_threads;
 #ifdef _OPENMP
@@ -78,7 +80,37 @@ static int approx_once(const kmv_ctx *ctx, const float *q, size_t m, const float
                        size_t d, const float *x, size_t c, float *y, kmv_stats *stats,
                        double t0) {
     kmv_index *ix = NULL;
-    int rc = kmv_index_create(ctx, d, &ix);
+    int rc;
+    if ((double)m * (double)n < KMV__APPROX_MIN_ENTRIES) {
+        /* Too small to gain: skip building an index just to fall back. */
+        kmv__problem p = {q, k, x, y, m, n, d, c, 0, threads_for(&ctx->params), NULL, NULL};
+        int wide = 0, threads = 1;
+        double t1 = kmv__now();
+        rc = m && c && n ? kmv__exact_gauss(&ctx->alloc, &p, ctx->params.sigma, &wide, &threads)
+                         : KMV_OK;
+        if (rc == KMV_OK && m && c && !n) memset(y, 0, m * c * sizeof(float));
+        if (rc == KMV_OK && stats != NULL) {
+            memset(stats, 0, sizeof *stats);
+            stats->mode = KMV_MODE_FALLBACK;
+            stats->fallback_reason = KMV_FALLBACK_SMALL;
+            stats->n_keys = n;
+            stats->n_queries = m;
+            stats->dim = d;
+            stats->n_cols = c;
+            stats->n_threads = threads;
+            stats->kernel_evals = (uint64_t)m * n;
+            stats->wide_dots = wide;
+            stats->error_bound = ctx->params.eps;
+            stats->error_measured = ctx->params.measure_error ? 0.0 : -1.0;
+            stats->seconds_prepare = t1 - t0;
+            stats->seconds_kernel = kmv__now() - t1;
+            stats->seconds = kmv__now() - t0;
+        }
+        if (rc == KMV_OK && ctx->params.progress != NULL)
+            ctx->params.progress(ctx->params.progress_opaque, 1.0);
+        return rc;
+    }
+    rc = kmv_index_create(ctx, d, &ix);
     if (rc == KMV_OK) rc = kmv_index_append(ix, k, n);
     double t1 = kmv__now();
     if (rc == KMV_OK) rc = kmv_index_matvec(ix, q, m, x, c, y, stats);

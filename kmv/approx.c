@@ -366,8 +366,12 @@ static int ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa, dou
     if (ix->lsh_built && kappa >= 0.5 * ix->kappa && n <= 2 * ix->lsh_n) return KMV_OK;
     double r_near = ix->params.sigma * sqrt(2.0 * log(1.0 / kappa));
     kmv__lsh_plan plan;
-    int rc = kmv__lsh_choose(&ix->alloc, &ix->ks, q, m, r_near, miss, (double)n / (double)m,
-                             ix->params.seed, &plan);
+    int nt = ix->params.n_threads > 0 ? ix->params.n_threads : 1;
+#ifdef _OPENMP
+    if (ix->params.n_threads == 0) nt = omp_get_max_threads();
+#endif
+    int rc = kmv__lsh_choose(&ix->alloc, &ix->ks, q, m, r_near, miss,
+                             (double)n / (double)m * (double)nt, ix->params.seed, &plan);
     if (rc != KMV_OK) return rc;
     if (plan.cost_per_query * (double)m > cap) return 1;
     if (ix->lsh_built) {
@@ -461,7 +465,7 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
     memset(&r, 0, sizeof r);
 
     /* Too small to gain: fewer keys than a few windows. */
-    if (!ix->force_approx && (n < 4 * s_min || m * n < ((size_t)1 << 16))) {
+    if (!ix->force_approx && (n < 4 * s_min || (double)m * (double)n < KMV__APPROX_MIN_ENTRIES)) {
         S.fallback_reason = KMV_FALLBACK_SMALL;
         goto fallback;
     }

@@ -2,7 +2,8 @@
  * shape that minimizes it.
  *
  * Costs are in nanoseconds of one core of the machine the constants were
- * measured on (bench/approx_bench prints the measured counterparts). Only
+ * measured on, fitted to bench/approx_bench's phase times at n = 16384 and
+ * 65536 (a candidate is a cache miss once the keys outgrow the caches). Only
  * ratios matter: every decision compares a predicted approximate cost with
  * the predicted exact cost in the same units. Decisions use counts, never
  * clocks, so the same seed always takes the same path and gives the same
@@ -18,11 +19,11 @@
 /* One entry of the exact engine (blocked GEMM, vectorized exp). */
 static inline double kmv__cost_exact(double d) { return 0.5 + 0.025 * d; }
 /* One LSH candidate verified: a random row fetched, a distance, an exp. */
-static inline double kmv__cost_cand(double d) { return 12.0 + 0.12 * d; }
+static inline double kmv__cost_cand(double d) { return 20.0 + 0.15 * d; }
 /* One step along a bucket chain (duplicates included). */
 #define KMV__COST_STEP 2.0
 /* One bucket looked up (hash of k integers, a probe that misses cache). */
-#define KMV__COST_LOOKUP 25.0
+#define KMV__COST_LOOKUP 40.0
 /* One multiply-add of the projections GEMM. */
 #define KMV__COST_PROJ 0.03
 /* One key of a contiguous window or sketch row: a distance and an exp. */
@@ -43,9 +44,10 @@ typedef struct kmv__lsh_plan {
 /* Choose (k, L, w) so that every key within r_near of a query (kernel value
  * >= kappa) shares a bucket with it in at least one of L tables with
  * probability >= 1 - miss, at the least predicted cost. The prediction
- * uses distances from up to 48 queries to the first 512 keys of the random
+ * uses distances from up to 32 queries to the first 256 keys of the random
  * order (a uniform sample). cost_keys_per_query is n / m when the keys
- * still need hashing, else 0. Returns KMV_OK and fills *out, 1 when no
+ * still need hashing, times the threads of a product (the tables are built
+ * on one thread while the products they are compared with use all), else 0. Returns KMV_OK and fills *out, 1 when no
  * shape with at most KMV__LSH_MAX_TABLES tables reaches the recall, or
  * KMV_ENOMEM. Deterministic in seed. */
 #define KMV__LSH_MAX_TABLES 160

@@ -23,6 +23,10 @@ struct kmv_index {
                            on inputs where exact would be cheaper */
 };
 
+/* Below this many kernel entries (about 10 ms of exact work) planning and
+ * building tables cost more than approximation can save: exact runs. */
+#define KMV__APPROX_MIN_ENTRIES 8388608.0
+
 /* The approximate product; see kmv_index_matvec(). Operands are validated
  * by the caller (index.c). */
 int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,

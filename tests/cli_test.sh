@@ -80,8 +80,16 @@ expect 1 "x79.npy has 79 rows but there are 80 keys" -- $KMV "${MV[@]}" --querie
 expect 1 "qnan.npy: queries contain NaN at row 7, column 2" -- $KMV "${MV[@]}" --queries "$T/qnan.npy" --keys "$T/k.npy" --x "$T/x.npy"
 expect 1 "xinf.npy: x contain infinity at row 13, column 0" -- $KMV "${MV[@]}" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/xinf.npy"
 expect 1 "must be a 2-D array" -- $KMV "${MV[@]}" --queries "$T/x.npy" --keys "$T/k.npy" --x "$T/x.npy"
-expect 1 "approximate engine is not available.*--exact" -- $KMV matvec --sigma 1 --out "$T/y.npy" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
+expect 1 "does not do attention.*--exact" -- $KMV attention --q "$T/q.npy" --k "$T/k.npy" --v "$T/v.npy" --out "$T/y.npy"
 absent "$T/y.npy"
+expect 1 "does not do --causal.*--exact" -- $KMV matvec --causal --sigma 1 --out "$T/y.npy" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
+absent "$T/y.npy"
+
+# Without --exact the approximate engine runs; on this small input it runs
+# exact instead and the stats say why; --measure-error reports the error.
+expect 0 "" -- $KMV matvec --sigma 1 --out "$T/ya.npy" --stats "$T/sa.json" --measure-error --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
+if grep -q '"mode": "fallback"' "$T/sa.json" && grep -q '"fallback_reason": "small"' "$T/sa.json" &&
+    grep -Eq '"error_measured": [0-9.e-]+,?$' "$T/sa.json"; then ok; else bad "approx stats: $(cat "$T/sa.json")"; fi
 
 # A failed run leaves an existing output as it was.
 printf 'old' >"$T/keep.npy"
