@@ -6,10 +6,6 @@
 #include <math.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "kmv/alloc.h"
 #include "kmv/context.h"
 #include "kmv/exact.h"
@@ -64,15 +60,6 @@ static int logits_fit(const float *q, size_t m, const float *k, size_t n, size_t
 }
 
 
-static int threads_for(const kmv_params *p) {
-    if (p->n_threads > 0) return p->n_threads;
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
 typedef enum { OP_GAUSS, OP_ATTN } op_kind;
 
 /* kmv_matvec's approximate path: an index built for this one call. */
@@ -80,37 +67,7 @@ static int approx_once(const kmv_ctx *ctx, const float *q, size_t m, const float
                        size_t d, const float *x, size_t c, float *y, kmv_stats *stats,
                        double t0) {
     kmv_index *ix = NULL;
-    int rc;
-    if ((double)m * (double)n < KMV__APPROX_MIN_ENTRIES) {
-        /* Too small to gain: skip building an index just to fall back. */
-        kmv__problem p = {q, k, x, y, m, n, d, c, 0, threads_for(&ctx->params), NULL, NULL};
-        int wide = 0, threads = 1;
-        double t1 = kmv__now();
-        rc = m && c && n ? kmv__exact_gauss(&ctx->alloc, &p, ctx->params.sigma, &wide, &threads)
-                         : KMV_OK;
-        if (rc == KMV_OK && m && c && !n) memset(y, 0, m * c * sizeof(float));
-        if (rc == KMV_OK && stats != NULL) {
-            memset(stats, 0, sizeof *stats);
-            stats->mode = KMV_MODE_FALLBACK;
-            stats->fallback_reason = KMV_FALLBACK_SMALL;
-            stats->n_keys = n;
-            stats->n_queries = m;
-            stats->dim = d;
-            stats->n_cols = c;
-            stats->n_threads = threads;
-            stats->kernel_evals = (uint64_t)m * n;
-            stats->wide_dots = wide;
-            stats->error_bound = ctx->params.eps;
-            stats->error_measured = ctx->params.measure_error ? 0.0 : -1.0;
-            stats->seconds_prepare = t1 - t0;
-            stats->seconds_kernel = kmv__now() - t1;
-            stats->seconds = kmv__now() - t0;
-        }
-        if (rc == KMV_OK && ctx->params.progress != NULL)
-            ctx->params.progress(ctx->params.progress_opaque, 1.0);
-        return rc;
-    }
-    rc = kmv_index_create(ctx, d, &ix);
+    int rc = kmv_index_create(ctx, d, &ix);
     if (rc == KMV_OK) rc = kmv_index_append(ix, k, n);
     double t1 = kmv__now();
     if (rc == KMV_OK) rc = kmv_index_matvec(ix, q, m, x, c, y, stats);
@@ -146,10 +103,13 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
     if (!pa->exact) {
         /* The approximate attention is a later version's. */
         if (op == OP_ATTN || pa->causal) return KMV_EUNSUPPORTED;
-        return approx_once(ctx, q, m, k, n, d, x, c, y, stats, t0);
+        /* Too small to gain: no index built just to fall back; the exact
+         * path below runs and the stats say why. */
+        if ((double)m * (double)n >= KMV__APPROX_MIN_ENTRIES)
+            return approx_once(ctx, q, m, k, n, d, x, c, y, stats, t0);
     }
 
-    kmv__problem p = {q, k, x, y, m, n, d, c, pa->causal, threads_for(pa), pa->progress,
+    kmv__problem p = {q, k, x, y, m, n, d, c, pa->causal, kmv__threads(pa), pa->progress,
                       pa->progress_opaque};
     uint64_t evals = 0;
     int wide = 0, threads = 1;
@@ -187,6 +147,12 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
         stats->seconds = t2 - t0;
         stats->seconds_prepare = t1 - t0;
         stats->seconds_kernel = t2 - t1;
+        if (!pa->exact) {
+            stats->mode = KMV_MODE_FALLBACK;
+            stats->fallback_reason = KMV_FALLBACK_SMALL;
+            stats->error_bound = pa->eps;
+            stats->error_measured = pa->measure_error ? 0.0 : -1.0;
+        }
     }
     return KMV_OK;
 }

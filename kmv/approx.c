@@ -26,6 +26,7 @@
 #endif
 
 #include "kmv/alloc.h"
+#include "kmv/context.h"
 #include "kmv/exact.h"
 #include "kmv/index.h"
 #include "kmv/kernel.h"
@@ -366,10 +367,7 @@ static int ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa, dou
     if (ix->lsh_built && kappa >= 0.5 * ix->kappa && n <= 2 * ix->lsh_n) return KMV_OK;
     double r_near = ix->params.sigma * sqrt(2.0 * log(1.0 / kappa));
     kmv__lsh_plan plan;
-    int nt = ix->params.n_threads > 0 ? ix->params.n_threads : 1;
-#ifdef _OPENMP
-    if (ix->params.n_threads == 0) nt = omp_get_max_threads();
-#endif
+    int nt = kmv__threads(&ix->params);
     int rc = kmv__lsh_choose(&ix->alloc, &ix->ks, q, m, r_near, miss,
                              (double)n / (double)m * (double)nt, ix->params.seed, &plan);
     if (rc != KMV_OK) return rc;
@@ -399,15 +397,6 @@ static int ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa, dou
     ix->kappa = kappa;
     ix->plan = plan;
     return KMV_OK;
-}
-
-static int threads_for(const kmv_params *p) {
-    if (p->n_threads > 0) return p->n_threads;
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
 }
 
 /* The exact engine over the store's order, with x permuted to match. */
@@ -444,7 +433,7 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
     S.n_cols = c;
     S.error_bound = pa->eps;
     S.error_measured = -1.0;
-    int nt = threads_for(pa);
+    int nt = kmv__threads(pa);
     S.n_threads = nt;
     if (m == 0 || c == 0) goto done;
     if (n == 0) {

@@ -2,6 +2,10 @@
 #include <math.h>
 #include <string.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "kmv/alloc.h"
 #include "kmv/context.h"
 
@@ -69,3 +73,12 @@ void kmv_ctx_free(kmv_ctx *ctx) {
 }
 
 const kmv_params *kmv_ctx_params(const kmv_ctx *ctx) { return ctx ? &ctx->params : NULL; }
+
+int kmv__threads(const kmv_params *p) {
+    if (p->n_threads > 0) return p->n_threads;
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}

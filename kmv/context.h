@@ -9,4 +9,7 @@ struct kmv_ctx {
     kmv_allocator alloc; /* params.allocator with defaults resolved */
 };
 
+/* Threads a call runs on: params.n_threads, or OpenMP's default for 0. */
+int kmv__threads(const kmv_params *p);
+
 #endif /* KMV_CONTEXT_H */
