@@ -38,6 +38,7 @@
 
 #define QB 16           /* queries per block of the row passes */
 #define WEIGHT_RATIO 16 /* h: the largest x_j^2 / mean(x^2) left in T */
+#define BUILD_BLOCK 8192 /* keys copied out of the random order per append */
 
 typedef struct growbuf {
     void *p;
@@ -62,7 +63,10 @@ typedef struct tscratch {
     uint32_t cur;
     growbuf cand, dist, heavy;
     uint64_t *codes;
+    const uint32_t **bkt; /* QB x L buckets of the block's queries */
+    uint32_t *blen;
     float *proj;
+    float *qblk; /* QB x d: the block's queries */
     float *chunk;
     double *acc, *est;
     float *skd;
@@ -83,6 +87,7 @@ typedef struct run {
     uint32_t **hid;    /* heavy ids, ascending */
     uint32_t *hlen;
     uint32_t **blocks; /* per block allocation behind hid */
+    uint32_t *order;   /* rows in the order pass 1 takes them */
     size_t *s;         /* samples; n means an exact row */
     double *var;       /* window variance */
     /* pass 1 accounting */
@@ -98,7 +103,10 @@ static void scratch_free(const kmv_allocator *a, tscratch *t) {
     kmv__free(a, t->dist.p);
     kmv__free(a, t->heavy.p);
     kmv__free(a, t->codes);
+    kmv__free(a, t->bkt);
+    kmv__free(a, t->blen);
     kmv__free(a, t->proj);
+    kmv__free(a, t->qblk);
     kmv__free(a, t->chunk);
     kmv__free(a, t->acc);
     kmv__free(a, t->est);
@@ -112,12 +120,15 @@ static int scratch_init(const run *r, tscratch *t) {
     memset(t, 0, sizeof *t);
     t->stamp = kmv__malloc_array(a, r->n, sizeof(uint32_t));
     t->codes = kmv__malloc_array(a, QB * (size_t)sh->L, sizeof(uint64_t));
+    t->bkt = kmv__malloc_array(a, QB * (size_t)sh->L, sizeof(uint32_t *));
+    t->blen = kmv__malloc_array(a, QB * (size_t)sh->L, sizeof(uint32_t));
     t->proj = kmv__malloc_array(a, QB * (size_t)sh->L * (size_t)sh->k, sizeof(float));
+    t->qblk = kmv__malloc_array(a, QB, r->d * sizeof(float));
     t->chunk = kmv__malloc_array(a, 256, sizeof(float));
     t->acc = kmv__malloc_array(a, 2 * r->c, sizeof(double));
     t->est = kmv__malloc_array(a, r->c, sizeof(double));
     t->skd = kmv__malloc_array(a, r->sk->r ? r->sk->r : 1, sizeof(float));
-    if (!t->stamp || !t->codes || !t->proj || !t->chunk || !t->acc || !t->est || !t->skd) {
+    if (!t->stamp || !t->codes || !t->bkt || !t->blen || !t->proj || !t->qblk || !t->chunk || !t->acc || !t->est || !t->skd) {
         scratch_free(a, t);
         return 0;
     }
@@ -138,20 +149,31 @@ static int cmp_u32(const void *pa, const void *pb) {
     return (a > b) - (a < b);
 }
 
-/* Pass 1 for rows i0 .. i0 + bi - 1: candidates from the LSH buckets, their
+/* Pass 1 for rows rows[0 .. bi - 1]: candidates from the LSH buckets, their
  * exact kernel values, the heavy sums and lists, and the sketch estimate.
  * Returns the block's predicted cost, or -1 on allocation failure. */
-static double heavy_block(run *r, tscratch *t, size_t i0, size_t bi, size_t blk) {
+static double heavy_block(run *r, tscratch *t, const uint32_t *rows, size_t bi, size_t blk) {
     const kmv_index *ix = r->ix;
     const kmv__lsh *h = &ix->lsh;
     const kmv__keystore *ks = &ix->ks;
     size_t d = r->d, c = r->c;
     int L = h->shape.L;
-    kmv__lsh_codes(h, r->q + i0 * d, bi, t->proj, t->codes);
+    for (size_t ii = 0; ii < bi; ii++) memcpy(t->qblk + ii * d, r->q + (size_t)rows[ii] * d, d * sizeof(float));
+    kmv__lsh_codes(h, t->qblk, bi, L, t->proj, t->codes);
+    /* All the block's lookups in three sweeps, so that their cache misses
+     * overlap instead of queueing: slots, then buckets, then ids. */
+    size_t nl = bi * (size_t)L;
+    for (size_t u = 0; u < nl; u++) kmv__lsh_prefetch(h, (int)(u % (size_t)L), t->codes[u]);
+    for (size_t u = 0; u < nl; u++) {
+        size_t len;
+        t->bkt[u] = kmv__lsh_bucket(h, (int)(u % (size_t)L), t->codes[u], &len);
+        t->blen[u] = (uint32_t)len;
+        if (len) __builtin_prefetch(t->bkt[u]);
+    }
     size_t nheavy = 0;
     uint64_t steps = 0, cands = 0;
     for (size_t ii = 0; ii < bi; ii++) {
-        size_t i = i0 + ii;
+        size_t i = rows[ii];
         const float *qi = r->q + i * d;
         if (++t->cur == 0) { /* wrapped: forget every stamp */
             memset(t->stamp, 0, r->n * sizeof(uint32_t));
@@ -159,8 +181,8 @@ static double heavy_block(run *r, tscratch *t, size_t i0, size_t bi, size_t blk)
         }
         size_t nc = 0;
         for (int tb = 0; tb < L; tb++) {
-            size_t len;
-            const uint32_t *ids = kmv__lsh_bucket(h, tb, t->codes[ii * (size_t)L + (size_t)tb], &len);
+            size_t len = t->blen[ii * (size_t)L + (size_t)tb];
+            const uint32_t *ids = t->bkt[ii * (size_t)L + (size_t)tb];
             steps += len;
             if (!reserve(r->a, &t->cand, nc + len, sizeof(uint32_t))) return -1.0;
             uint32_t *cand = t->cand.p;
@@ -220,8 +242,8 @@ static double heavy_block(run *r, tscratch *t, size_t i0, size_t bi, size_t blk)
     r->blocks[blk] = keep;
     size_t off = 0;
     for (size_t ii = 0; ii < bi; ii++) {
-        r->hid[i0 + ii] = keep ? keep + off : NULL;
-        off += r->hlen[i0 + ii];
+        r->hid[rows[ii]] = keep ? keep + off : NULL;
+        off += r->hlen[rows[ii]];
     }
 #pragma omp atomic
     r->steps += steps;
@@ -234,8 +256,46 @@ static double heavy_block(run *r, tscratch *t, size_t i0, size_t bi, size_t blk)
            kmv__cost_window((double)d) * (double)r->sk->r * (double)bi;
 }
 
+typedef struct keyed {
+    uint64_t code;
+    uint32_t row;
+} keyed;
+
+static int cmp_keyed(const void *pa, const void *pb) {
+    const keyed *a = pa, *b = pb;
+    if (a->code != b->code) return a->code < b->code ? -1 : 1;
+    return (a->row > b->row) - (a->row < b->row);
+}
+
+/* Rows sorted by their first table's bucket: queries sharing buckets then
+ * share blocks, and their buckets and candidate rows are still in cache
+ * when the next one asks. Results do not depend on the order. */
+static int order_rows(run *r) {
+    const kmv__lsh *h = &r->ix->lsh;
+    size_t m = r->m, chunk = 1024;
+    keyed *kd = kmv__malloc_array(r->a, m, sizeof(keyed));
+    float *proj = kmv__malloc_array(r->a, chunk, (size_t)h->shape.k * sizeof(float));
+    uint64_t *codes = kmv__malloc_array(r->a, chunk, sizeof(uint64_t));
+    r->order = kmv__malloc_array(r->a, m, sizeof(uint32_t));
+    int ok = kd && proj && codes && r->order;
+    for (size_t i0 = 0; ok && i0 < m; i0 += chunk) {
+        size_t bi = m - i0 < chunk ? m - i0 : chunk;
+        kmv__lsh_codes(h, r->q + i0 * r->d, bi, 1, proj, codes);
+        for (size_t u = 0; u < bi; u++) kd[i0 + u] = (keyed){codes[u], (uint32_t)(i0 + u)};
+    }
+    if (ok) {
+        qsort(kd, m, sizeof(keyed), cmp_keyed);
+        for (size_t i = 0; i < m; i++) r->order[i] = kd[i].row;
+    }
+    kmv__free(r->a, kd);
+    kmv__free(r->a, proj);
+    kmv__free(r->a, codes);
+    return ok ? KMV_OK : KMV_ENOMEM;
+}
+
 static int pass_heavy(run *r) {
     size_t nblk = (r->m + QB - 1) / QB;
+    if (order_rows(r) != KMV_OK) return KMV_ENOMEM;
 #pragma omp parallel num_threads(r->nt)
     {
         single_threaded_blas();
@@ -252,7 +312,7 @@ static int pass_heavy(run *r) {
             stop = r->abort;
             if (stop || !ok) continue;
             size_t i0 = b * QB, bi = r->m - i0 < QB ? r->m - i0 : QB;
-            double cost = heavy_block(r, &t, i0, bi, b);
+            double cost = heavy_block(r, &t, r->order + i0, bi, b);
             if (cost < 0.0) {
 #pragma omp atomic write
                 r->nomem = 1;
@@ -368,8 +428,8 @@ static int ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa, dou
     double r_near = ix->params.sigma * sqrt(2.0 * log(1.0 / kappa));
     kmv__lsh_plan plan;
     int nt = kmv__threads(&ix->params);
-    int rc = kmv__lsh_choose(&ix->alloc, &ix->ks, q, m, r_near, miss,
-                             (double)n / (double)m * (double)nt, ix->params.seed, &plan);
+    int rc = kmv__lsh_choose(&ix->alloc, &ix->ks, q, m, r_near, miss, (double)n / (double)m,
+                             ix->params.seed, &plan);
     if (rc != KMV_OK) return rc;
     if (plan.cost_per_query * (double)m > cap) return 1;
     if (ix->lsh_built) {
@@ -379,13 +439,13 @@ static int ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa, dou
     rc = kmv__lsh_init(&ix->lsh, &ix->alloc, ix->d, plan.shape, ix->params.seed);
     if (rc != KMV_OK) return rc;
     /* Keys go in by id, in blocks gathered from the random order. */
-    float *blk = kmv__malloc_array(&ix->alloc, 256, ix->d * sizeof(float));
+    float *blk = kmv__malloc_array(&ix->alloc, n < BUILD_BLOCK ? n : BUILD_BLOCK, ix->d * sizeof(float));
     if (blk == NULL) rc = KMV_ENOMEM;
-    for (size_t j0 = 0; rc == KMV_OK && j0 < n; j0 += 256) {
-        size_t bj = n - j0 < 256 ? n - j0 : 256;
+    for (size_t j0 = 0; rc == KMV_OK && j0 < n; j0 += BUILD_BLOCK) {
+        size_t bj = n - j0 < BUILD_BLOCK ? n - j0 : BUILD_BLOCK;
         for (size_t u = 0; u < bj; u++)
             memcpy(blk + u * ix->d, kmv__keystore_row(&ix->ks, j0 + u), ix->d * sizeof(float));
-        rc = kmv__lsh_append(&ix->lsh, &ix->alloc, blk, bj);
+        rc = kmv__lsh_append(&ix->lsh, &ix->alloc, blk, bj, nt);
     }
     kmv__free(&ix->alloc, blk);
     if (rc != KMV_OK) {
@@ -458,6 +518,12 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
         S.fallback_reason = KMV_FALLBACK_SMALL;
         goto fallback;
     }
+    /* On inputs where the exact engine would take its double-precision
+     * path, the product to beat costs about twice as much. */
+    int wide = 0;
+    rc = kmv__exact_gauss_wide(a, q, m, ix->ks.rows, n, d, pa->sigma, &wide);
+    if (rc != KMV_OK) goto fail;
+    if (wide) exact_cost *= KMV__COST_WIDE;
     double h = pow((double)n, pa->gamma);
     if (h > WEIGHT_RATIO) h = WEIGHT_RATIO;
     if (h < 1.0) h = 1.0;
@@ -658,6 +724,7 @@ cleanup:
     kmv__free(a, r.hid);
     kmv__free(a, r.hlen);
     kmv__free(a, r.blocks);
+    kmv__free(a, r.order);
     kmv__free(a, r.s);
     kmv__free(a, r.var);
     if (rc != KMV_OK) return rc;

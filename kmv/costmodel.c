@@ -78,7 +78,8 @@ int kmv__lsh_choose(const kmv_allocator *al, const kmv__keystore *ks, const floa
             steps *= L * scale / (double)pq;
             cands *= scale / (double)pq;
             kmv__lsh_shape sh = {k, (int)L, wmul[w] * r_near};
-            double cost = kmv__cost_hash(&sh, (double)d) * (1.0 + keys_per_query) +
+            double cost = kmv__cost_hash(&sh, (double)d) +
+                          kmv__cost_insert(&sh, (double)d) * keys_per_query +
                           KMV__COST_STEP * steps + kmv__cost_cand((double)d) * cands;
             if (cost < best) {
                 best = cost;

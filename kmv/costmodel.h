@@ -2,12 +2,13 @@
  * shape that minimizes it.
  *
  * Costs are in nanoseconds of one core of the machine the constants were
- * measured on, fitted to bench/approx_bench's phase times at n = 16384 and
- * 65536 (a candidate is a cache miss once the keys outgrow the caches). Only
- * ratios matter: every decision compares a predicted approximate cost with
- * the predicted exact cost in the same units. Decisions use counts, never
- * clocks, so the same seed always takes the same path and gives the same
- * output. */
+ * measured on, fitted to bench/approx_bench's phase times at n = 65536,
+ * d = 64 and 100, where the tables (tens to hundreds of MB) are far out of
+ * cache: a table lookup or insert is then a few cache misses, not a few
+ * instructions. Only ratios matter: every decision compares a predicted
+ * approximate cost with the predicted exact cost in the same units.
+ * Decisions use counts, never clocks, so the same seed always takes the
+ * same path and gives the same output. */
 #ifndef KMV_COSTMODEL_H
 #define KMV_COSTMODEL_H
 
@@ -18,20 +19,31 @@
 
 /* One entry of the exact engine (blocked GEMM, vectorized exp). */
 static inline double kmv__cost_exact(double d) { return 0.5 + 0.025 * d; }
+/* The exact engine's double-precision path against its float path
+ * (bench/exact_bench: 1.8 to 2.3 at d = 64 to 128). */
+#define KMV__COST_WIDE 1.9
 /* One LSH candidate verified: a random row fetched, a distance, an exp. */
 static inline double kmv__cost_cand(double d) { return 20.0 + 0.15 * d; }
 /* One step along a bucket chain (duplicates included). */
 #define KMV__COST_STEP 2.0
-/* One bucket looked up (hash of k integers, a probe that misses cache). */
-#define KMV__COST_LOOKUP 40.0
+/* One bucket looked up by a query (hash of k integers, a slot and a
+ * bucket that miss cache). */
+#define KMV__COST_LOOKUP 140.0
+/* One key inserted into one table (the same, plus growing the bucket). */
+#define KMV__COST_INSERT 190.0
 /* One multiply-add of the projections GEMM. */
 #define KMV__COST_PROJ 0.03
 /* One key of a contiguous window or sketch row: a distance and an exp. */
 static inline double kmv__cost_window(double d) { return 1.5 + 0.07 * d; }
 
-/* Hashing one point into all tables. */
+/* Looking one query up in all tables. */
 static inline double kmv__cost_hash(const kmv__lsh_shape *s, double d) {
     return KMV__COST_PROJ * s->k * s->L * d + KMV__COST_LOOKUP * s->L;
+}
+
+/* Inserting one key into all tables. */
+static inline double kmv__cost_insert(const kmv__lsh_shape *s, double d) {
+    return KMV__COST_PROJ * s->k * s->L * d + KMV__COST_INSERT * s->L;
 }
 
 typedef struct kmv__lsh_plan {
@@ -45,9 +57,8 @@ typedef struct kmv__lsh_plan {
  * >= kappa) shares a bucket with it in at least one of L tables with
  * probability >= 1 - miss, at the least predicted cost. The prediction
  * uses distances from up to 32 queries to the first 256 keys of the random
- * order (a uniform sample). cost_keys_per_query is n / m when the keys
- * still need hashing, times the threads of a product (the tables are built
- * on one thread while the products they are compared with use all), else 0. Returns KMV_OK and fills *out, 1 when no
+ * order (a uniform sample). keys_per_query is n / m when the keys still
+ * need hashing, else 0. Returns KMV_OK and fills *out, 1 when no
  * shape with at most KMV__LSH_MAX_TABLES tables reaches the recall, or
  * KMV_ENOMEM. Deterministic in seed. */
 #define KMV__LSH_MAX_TABLES 160

@@ -229,6 +229,50 @@ static double max_of(const double *v, size_t n) {
     return m;
 }
 
+/* A float dot product of length d errs by about sqrt(d) 2^-24 ||q|| ||k||,
+ * and the squared distance inherits that error twice over; scaled by
+ * 1 / (2 sigma^2) it becomes the relative error of the kernel value. When
+ * that exceeds 4e-6 (narrow bandwidths on data with large norms), the dot
+ * products are taken in double instead: slower GEMM, same exp. The
+ * estimate runs about 2x above the errors measured on GloVe, so float
+ * results stay well inside the documented 1e-5. The float path also needs
+ * its coefficient and squared norms to be ordinary floats; extreme
+ * bandwidths or coordinates go wide. max_norm: the largest centred squared
+ * query norm plus the largest centred squared key norm. */
+static int needs_wide(double coef_wide, double max_norm, size_t d) {
+    float coef = (float)coef_wide;
+    double predicted = coef_wide * max_norm * sqrt((double)d) * 0x1p-24;
+    return predicted > 4e-6 || !(coef > 0.0f && isfinite(coef)) || !(max_norm < 1e30);
+}
+
+static void key_mean(const float *k, size_t n, size_t d, double *mean) {
+    for (size_t t = 0; t < d; t++) mean[t] = 0.0;
+    for (size_t j = 0; j < n; j++)
+        for (size_t t = 0; t < d; t++) mean[t] += k[j * d + t];
+    for (size_t t = 0; t < d; t++) mean[t] /= (double)n;
+}
+
+static double max_centred(const float *v, size_t n, size_t d, const double *mean) {
+    double best = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double s;
+        centred_norms(v + i * d, 1, d, mean, &s);
+        best = s > best ? s : best;
+    }
+    return best;
+}
+
+int kmv__exact_gauss_wide(const kmv_allocator *a, const float *q, size_t m, const float *k,
+                          size_t n, size_t d, double sigma, int *wide) {
+    double *mean = kmv__malloc_array(a, d, sizeof(double));
+    if (mean == NULL) return KMV_ENOMEM;
+    key_mean(k, n, d, mean);
+    double max_norm = max_centred(q, m, d, mean) + max_centred(k, n, d, mean);
+    *wide = needs_wide(1.0 / (2.0 * sigma * sigma), max_norm, d);
+    kmv__free(a, mean);
+    return KMV_OK;
+}
+
 int kmv__exact_gauss(const kmv_allocator *a, const kmv__problem *p, double sigma, int *wide,
                      int *threads) {
     size_t m = p->m, n = p->n, d = p->d;
@@ -240,28 +284,13 @@ int kmv__exact_gauss(const kmv_allocator *a, const kmv__problem *p, double sigma
     double *nd = kmv__malloc_array(a, m + n + d, sizeof(double));
     if (nd == NULL) return KMV_ENOMEM;
     double *qn = nd, *kn = nd + m, *mean = nd + m + n;
-    for (size_t t = 0; t < d; t++) mean[t] = 0.0;
-    for (size_t j = 0; j < n; j++)
-        for (size_t t = 0; t < d; t++) mean[t] += p->k[j * d + t];
-    for (size_t t = 0; t < d; t++) mean[t] /= (double)n;
+    key_mean(p->k, n, d, mean);
     centred_norms(p->q, m, d, mean, qn);
     centred_norms(p->k, n, d, mean, kn);
     g.qn = qn;
     g.kn = kn;
 
-    /* A float dot product of length d errs by about sqrt(d) 2^-24 ||q|| ||k||,
-     * and the squared distance inherits that error twice over; scaled by
-     * 1 / (2 sigma^2) it becomes the relative error of the kernel value. When
-     * that exceeds 4e-6 (narrow bandwidths on data with large norms), the dot
-     * products are taken in double instead: slower GEMM, same exp. The
-     * estimate runs about 2x above the errors measured on GloVe, so float
-     * results stay well inside the documented 1e-5. */
-    double max_norm = max_of(qn, m) + max_of(kn, n);
-    double predicted = g.coef_wide * max_norm * sqrt((double)d) * 0x1p-24;
-    g.wide = predicted > 4e-6;
-    /* The float path also needs its coefficient and squared norms to be
-     * ordinary floats; extreme bandwidths or coordinates go wide. */
-    g.wide |= !(g.coef > 0.0f && isfinite(g.coef)) || !(max_norm < 1e30);
+    g.wide = needs_wide(g.coef_wide, max_of(qn, m) + max_of(kn, n), d);
     *wide = g.wide;
 
     plan pl;

@@ -32,6 +32,12 @@ typedef struct kmv__problem {
 int kmv__exact_gauss(const kmv_allocator *a, const kmv__problem *p, double sigma, int *wide,
                      int *threads);
 
+/* Whether kmv__exact_gauss would take the double-precision path for these
+ * operands (it costs about twice the float path): O((m + n) d). Returns
+ * KMV_OK or KMV_ENOMEM. */
+int kmv__exact_gauss_wide(const kmv_allocator *a, const float *q, size_t m, const float *k,
+                          size_t n, size_t d, double sigma, int *wide);
+
 /* y = D^{-1} A x with A_ij = exp(scale <q_i, k_j>), by an online softmax:
  * each row keeps its running maximum logit and rescales its sums when it
  * grows, so nothing overflows. Requires n >= 1 (with causal, every row then

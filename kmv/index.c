@@ -42,7 +42,7 @@ int kmv_index_append(kmv_index *ix, const float *keys, size_t n_keys) {
      * leave ids in the tables that the store lacks, so the tables are then
      * dropped (they are rebuilt on the next product). */
     if (ix->lsh_built) {
-        int rc = kmv__lsh_append(&ix->lsh, &ix->alloc, keys, n_keys);
+        int rc = kmv__lsh_append(&ix->lsh, &ix->alloc, keys, n_keys, kmv__threads(&ix->params));
         if (rc != KMV_OK) return rc;
     }
     int rc = kmv__keystore_append(&ix->ks, &ix->alloc, keys, n_keys);

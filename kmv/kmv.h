@@ -97,8 +97,8 @@ KMV_API const char *kmv_errname(int code);
  * NULL on failure (the library then returns KMV_ENOMEM and frees whatever
  * it had taken); free accepts NULL. alloc must return memory aligned for any
  * type, as malloc does (64-byte alignment helps the engine but is not
- * needed). Both must be thread-safe if the library
- * is used from several threads, and neither may call back into kmv.
+ * needed). Both must be thread-safe: the library calls them from its own
+ * worker threads as well as the caller's. Neither may call back into kmv.
  * Leaving both pointers NULL selects malloc/free. */
 typedef struct kmv_allocator {
     void *(*alloc)(void *opaque, size_t size);

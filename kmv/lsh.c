@@ -6,6 +6,10 @@
 #include <string.h>
 #include <xxhash.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "kmv/alloc.h"
 #include "kmv/rng.h"
 
@@ -51,12 +55,13 @@ void kmv__lsh_free(kmv__lsh *h, const kmv_allocator *a) {
     memset(h, 0, sizeof *h);
 }
 
-void kmv__lsh_codes(const kmv__lsh *h, const float *v, size_t count, float *scratch,
+void kmv__lsh_codes(const kmv__lsh *h, const float *v, size_t count, int ntab, float *scratch,
                     uint64_t *codes) {
-    int k = h->shape.k, L = h->shape.L;
+    int k = h->shape.k, L = ntab;
     int kl = k * L;
+    /* The first ntab tables' projections are the first k ntab columns. */
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)count, kl, (int)h->d, 1.0f, v,
-                (int)h->d, h->proj, kl, 0.0f, scratch, kl);
+                (int)h->d, h->proj, k * h->shape.L, 0.0f, scratch, kl);
     int32_t cell[64];
     for (size_t i = 0; i < count; i++) {
         const float *p = scratch + i * (size_t)kl;
@@ -90,7 +95,7 @@ const uint32_t *kmv__lsh_bucket(const kmv__lsh *h, int t, uint64_t code, size_t 
 
 static int slots_grow(kmv__lsh_table *tb, const kmv_allocator *a, size_t need) {
     size_t slots = tb->slots ? tb->slots : 256;
-    while (need * 2 > slots) slots *= 2;
+    while (4 * need > 3 * slots) slots *= 2;
     if (slots == tb->slots) return KMV_OK;
     kmv__lsh_slot *slot = kmv__malloc_array(a, slots, sizeof *slot);
     if (slot == NULL) return KMV_ENOMEM;
@@ -109,6 +114,7 @@ static int slots_grow(kmv__lsh_table *tb, const kmv_allocator *a, size_t need) {
 static int arena_reserve(kmv__lsh_table *tb, const kmv_allocator *a, size_t more) {
     size_t need = tb->arena_used + more;
     if (need <= tb->arena_cap) return KMV_OK;
+    if (need > UINT32_MAX) return KMV_ENOMEM; /* offsets are 32-bit */
     size_t cap = tb->arena_cap ? tb->arena_cap : 1024;
     while (cap < need) cap *= 2;
     uint32_t *ar = kmv__malloc_array(a, cap, sizeof(uint32_t));
@@ -134,53 +140,107 @@ static void trim(kmv__lsh *h, size_t first) {
     }
 }
 
+/* A bucket's capacity is implicit: the power of two at or above its
+ * length (0 for an empty one), so a bucket is full when its length is 0 or
+ * a power of two. After trim() shortens a bucket that under-reads its true
+ * room, which only moves it a little early. */
+static int bucket_full(uint32_t len) { return (len & (len - 1)) == 0; }
+
 static int insert(kmv__lsh_table *tb, const kmv_allocator *a, uint64_t c, uint32_t id) {
+    /* Slots grow with the buckets, not with the keys: clustered keys share
+     * buckets, and sizing for one bucket per key cost more than the ids. */
+    if (4 * (tb->used + 1) > 3 * tb->slots && slots_grow(tb, a, tb->used + 1) != KMV_OK)
+        return KMV_ENOMEM;
     kmv__lsh_slot *sl = &tb->slot[slot_of(tb->slot, tb->slots, c)];
     if (sl->code == 0) {
         if (arena_reserve(tb, a, 1) != KMV_OK) return KMV_ENOMEM;
-        *sl = (kmv__lsh_slot){c, tb->arena_used, 0, 1};
+        *sl = (kmv__lsh_slot){c, (uint32_t)tb->arena_used, 0};
         tb->arena_used += 1;
         tb->used++;
-    } else if (sl->len == sl->cap) {
+    } else if (bucket_full(sl->len)) {
         /* The bucket moves to the arena's end at twice the size. */
-        if (arena_reserve(tb, a, 2 * (size_t)sl->cap) != KMV_OK) return KMV_ENOMEM;
-        uint64_t off = tb->arena_used;
+        size_t cap = sl->len ? 2 * (size_t)sl->len : 1;
+        if (arena_reserve(tb, a, cap) != KMV_OK) return KMV_ENOMEM;
+        size_t off = tb->arena_used;
         memcpy(tb->arena + off, tb->arena + sl->off, sl->len * sizeof(uint32_t));
-        sl->off = off;
-        sl->cap *= 2;
-        tb->arena_used += sl->cap;
+        sl->off = (uint32_t)off;
+        tb->arena_used += cap;
     }
     tb->arena[sl->off + sl->len++] = id;
     return KMV_OK;
 }
 
-/* Blocks bound the scratch: 256 keys' projections at a time. */
-#define LSH_BLOCK 256
+/* Blocks bound the scratch: 1024 keys' projections at a time, hashed in
+ * slices of 64 by whichever thread is free. */
+#define LSH_BLOCK 1024
+#define SLICE 64
+/* How far ahead an insert prefetches its slot. */
+#define AHEAD 8
 
-int kmv__lsh_append(kmv__lsh *h, const kmv_allocator *a, const float *k, size_t count) {
+/* Table t takes block ids first .. first + bi - 1. */
+static int insert_block(kmv__lsh_table *tb, const kmv_allocator *a, const uint64_t *codes,
+                        int L, int t, size_t bi, uint32_t first) {
+    for (size_t i = 0; i < bi; i++) {
+        /* Two stages ahead: the slot of key i + 2 AHEAD, then through the
+         * (by now cached) slot of key i + AHEAD, the place its id goes. */
+        if (i + 2 * AHEAD < bi && tb->slots) {
+            uint64_t c = codes[(i + 2 * AHEAD) * (size_t)L + (size_t)t];
+            __builtin_prefetch(&tb->slot[(size_t)(c ^ (c >> 29)) & (tb->slots - 1)]);
+        }
+        if (i + AHEAD < bi && tb->slots) {
+            uint64_t c = codes[(i + AHEAD) * (size_t)L + (size_t)t];
+            const kmv__lsh_slot *sl = &tb->slot[slot_of(tb->slot, tb->slots, c)];
+            if (sl->code == c) __builtin_prefetch(tb->arena + sl->off + sl->len, 1);
+        }
+        int rc = insert(tb, a, codes[i * (size_t)L + (size_t)t], first + (uint32_t)i);
+        if (rc != KMV_OK) return rc;
+    }
+    return KMV_OK;
+}
+
+int kmv__lsh_append(kmv__lsh *h, const kmv_allocator *a, const float *k, size_t count, int nt) {
     if (count == 0) return KMV_OK;
     int L = h->shape.L;
     size_t kl = (size_t)h->shape.k * (size_t)L;
-    /* Slots are sized up front (at most one new bucket per key); an arena
-     * failure midway is undone by trim(). */
-    for (int t = 0; t < L; t++) {
-        int rc = slots_grow(&h->tab[t], a, h->tab[t].used + count);
-        if (rc != KMV_OK) return rc;
+    size_t blk = count < LSH_BLOCK ? count : LSH_BLOCK;
+    if (nt < 1) nt = 1;
+    float *scratch = kmv__malloc_array(a, blk, kl * sizeof(float));
+    uint64_t *codes = kmv__malloc_array(a, blk, (size_t)L * sizeof(uint64_t));
+    int failed = !scratch || !codes;
+    /* A failure midway is undone by trim(). */
+#pragma omp parallel num_threads(nt) if (nt > 1 && !failed)
+    {
+#ifdef _OPENMP
+        omp_set_num_threads(1); /* BLAS inside the slices: one thread each */
+#endif
+        for (size_t i0 = 0; i0 < count; i0 += LSH_BLOCK) {
+            int stop;
+            /* Read after the barrier that ends the last block: every thread
+             * sees the same value, so all leave the loop together. */
+#pragma omp atomic read
+            stop = failed;
+            if (stop) break;
+            size_t bi = count - i0 < LSH_BLOCK ? count - i0 : LSH_BLOCK;
+            size_t nsl = (bi + SLICE - 1) / SLICE;
+#pragma omp for schedule(static)
+            for (size_t u = 0; u < nsl; u++) {
+                size_t j0 = u * SLICE, len = bi - j0 < SLICE ? bi - j0 : SLICE;
+                kmv__lsh_codes(h, k + (i0 + j0) * h->d, len, L, scratch + j0 * kl,
+                               codes + j0 * (size_t)L);
+            }
+            uint32_t first = (uint32_t)(h->n + i0);
+#pragma omp for schedule(static)
+            for (int t = 0; t < L; t++) {
+                if (insert_block(&h->tab[t], a, codes, L, t, bi, first) != KMV_OK) {
+#pragma omp atomic write
+                    failed = 1;
+                }
+            }
+        }
     }
-    float *scratch = kmv__malloc_array(a, LSH_BLOCK, kl * sizeof(float));
-    uint64_t *codes = kmv__malloc_array(a, LSH_BLOCK, (size_t)L * sizeof(uint64_t));
-    int rc = scratch && codes ? KMV_OK : KMV_ENOMEM;
-    for (size_t i0 = 0; rc == KMV_OK && i0 < count; i0 += LSH_BLOCK) {
-        size_t bi = count - i0 < LSH_BLOCK ? count - i0 : LSH_BLOCK;
-        kmv__lsh_codes(h, k + i0 * h->d, bi, scratch, codes);
-        for (int t = 0; t < L && rc == KMV_OK; t++)
-            for (size_t i = 0; i < bi && rc == KMV_OK; i++)
-                rc = insert(&h->tab[t], a, codes[i * (size_t)L + (size_t)t],
-                            (uint32_t)(h->n + i0 + i));
-    }
-    if (rc == KMV_OK) h->n += count;
+    if (!failed) h->n += count;
     else trim(h, h->n);
     kmv__free(a, scratch);
     kmv__free(a, codes);
-    return rc;
+    return failed ? KMV_ENOMEM : KMV_OK;
 }

@@ -7,8 +7,9 @@
  * of points are one GEMM. A bucket's ids are contiguous (scanning one is a
  * sequential read, not a pointer chase: the scan is the engine's hot loop),
  * kept in a per-table arena where a full bucket moves to a block twice its
- * size. Appending a key is O(k L d) for its projections plus O(L) amortized
- * for the inserts, independent of the keys already stored (slots and arena
+ * size (so a table holds up to about 2^30 keys: arena offsets are 32-bit).
+ * Appending a key is O(k L d) for its projections plus O(L) amortized for
+ * the inserts, independent of the keys already stored (slots and arena
  * double when full). Buckets are found again by the same hash, so two
  * distinct buckets sharing a 64-bit name would merely merge: candidates are
  * always verified with the exact kernel. */
@@ -27,9 +28,9 @@ typedef struct kmv__lsh_shape {
 } kmv__lsh_shape;
 
 typedef struct kmv__lsh_slot {
-    uint64_t code;  /* bucket name, 0 = empty slot */
-    uint64_t off;   /* the bucket's ids start at arena[off] */
-    uint32_t len, cap;
+    uint64_t code; /* bucket name, 0 = empty slot */
+    uint32_t off;  /* the bucket's ids start at arena[off] */
+    uint32_t len;  /* room: the power of two at or above len */
 } kmv__lsh_slot;
 
 typedef struct kmv__lsh_table {
@@ -57,15 +58,25 @@ double kmv__lsh_collision(double u);
 int kmv__lsh_init(kmv__lsh *h, const kmv_allocator *a, size_t d, kmv__lsh_shape shape,
                   uint64_t seed);
 
-/* Insert count keys (count x d) as ids h->n .. h->n + count - 1.
- * Returns KMV_OK or KMV_ENOMEM, which leaves the tables' content unchanged. */
-int kmv__lsh_append(kmv__lsh *h, const kmv_allocator *a, const float *k, size_t count);
+/* Insert count keys (count x d) as ids h->n .. h->n + count - 1, on up to
+ * nt threads (tables are split among them; each table still takes its ids
+ * in order, so the result does not depend on nt). Returns KMV_OK or
+ * KMV_ENOMEM, which leaves the tables' content unchanged. */
+int kmv__lsh_append(kmv__lsh *h, const kmv_allocator *a, const float *k, size_t count, int nt);
 
-/* Bucket names of count points (count x d): codes[i * L + t]. scratch holds
- * count * k * L floats. Thread-safe (reads only); runs BLAS on the calling
- * thread's OpenMP setting. */
-void kmv__lsh_codes(const kmv__lsh *h, const float *v, size_t count, float *scratch,
+/* Bucket names of count points (count x d) in the first ntab tables
+ * (1 <= ntab <= L): codes[i * ntab + t]. scratch holds count * k * ntab
+ * floats. Thread-safe (reads only); runs BLAS on the calling thread's
+ * OpenMP setting. */
+void kmv__lsh_codes(const kmv__lsh *h, const float *v, size_t count, int ntab, float *scratch,
                     uint64_t *codes);
+
+/* Where table t's lookup of code starts: prefetching it before a batch
+ * of lookups overlaps their cache misses. */
+static inline void kmv__lsh_prefetch(const kmv__lsh *h, int t, uint64_t code) {
+    const kmv__lsh_table *tb = &h->tab[t];
+    if (tb->slots) __builtin_prefetch(&tb->slot[(size_t)(code ^ (code >> 29)) & (tb->slots - 1)]);
+}
 
 /* Table t's bucket named code: *len ids (ascending, the order they were
  * inserted in), or *len = 0. The pointer is valid until the next append. */

@@ -19,6 +19,8 @@
 
 #include <cmocka.h>
 
+#include "kmv/alloc.h"
+#include "kmv/exact.h"
 #include "kmv/index.h"
 #include "kmv/kmv.h"
 #include "kmv/lsh.h"
@@ -273,6 +275,83 @@ static void test_recall_glove(void **state) {
 
 /* Same seed, same output, whatever the thread count; another seed, another
  * output (the sampling is real). */
+/* Every key sits in its own bucket in every table, whether the keys went
+ * in as uneven blocks on one thread or as one block on three: the tables
+ * come out identical. A wide bucket width makes buckets of hundreds of
+ * ids, so buckets move and grow many times. */
+static void test_lsh_tables(void **state) {
+    (void)state;
+    dataset ds = clustered(3000, 1, 16, 21);
+    kmv_allocator a;
+    assert_int_equal(kmv__allocator_resolve(NULL, &a), KMV_OK);
+    kmv__lsh_shape shapes[] = {{3, 5, 40.0}, {8, 4, 2.0}};
+    for (size_t si = 0; si < 2; si++) {
+        kmv__lsh h1, h3;
+        assert_int_equal(kmv__lsh_init(&h1, &a, ds.d, shapes[si], 9), KMV_OK);
+        assert_int_equal(kmv__lsh_init(&h3, &a, ds.d, shapes[si], 9), KMV_OK);
+        size_t blocks[] = {1, 7, 300, 1500, 1192}, at = 0;
+        for (size_t b = 0; b < 5; b++) {
+            assert_int_equal(kmv__lsh_append(&h1, &a, ds.k + at * ds.d, blocks[b], 1), KMV_OK);
+            at += blocks[b];
+        }
+        assert_int_equal(at, ds.n);
+        assert_int_equal(kmv__lsh_append(&h3, &a, ds.k, ds.n, 3), KMV_OK);
+        int L = shapes[si].L;
+        float *scratch = malloc((size_t)shapes[si].k * (size_t)L * sizeof(float));
+        uint64_t *codes = malloc((size_t)L * sizeof(uint64_t));
+        size_t longest = 0;
+        for (size_t j = 0; j < ds.n; j++) {
+            kmv__lsh_codes(&h1, ds.k + j * ds.d, 1, L, scratch, codes);
+            for (int t = 0; t < L; t++) {
+                size_t len1, len3;
+                const uint32_t *b1 = kmv__lsh_bucket(&h1, t, codes[t], &len1);
+                const uint32_t *b3 = kmv__lsh_bucket(&h3, t, codes[t], &len3);
+                assert_int_equal(len1, len3);
+                assert_memory_equal(b1, b3, len1 * sizeof(uint32_t));
+                int found = 0;
+                for (size_t u = 0; u < len1; u++) {
+                    if (u) assert_true(b1[u - 1] < b1[u]); /* ascending */
+                    found |= b1[u] == j;
+                }
+                assert_true(found);
+                if (len1 > longest) longest = len1;
+            }
+        }
+        if (si == 0) assert_true(longest >= 256); /* the wide shape's buckets grew */
+        free(scratch);
+        free(codes);
+        kmv__lsh_free(&h1, &a);
+        kmv__lsh_free(&h3, &a);
+    }
+    dataset_free(&ds);
+}
+
+/* The cost model's view of the exact engine's precision matches the
+ * engine's own choice: double on GloVe at a narrow bandwidth, float at a
+ * wide one. */
+static void test_exact_precision_predicted(void **state) {
+    (void)state;
+    dataset ds = glove();
+    kmv_allocator a;
+    assert_int_equal(kmv__allocator_resolve(NULL, &a), KMV_OK);
+    float *x = malloc(ds.n * sizeof(float)), *y = malloc(ds.m * sizeof(float));
+    dg_x(x, ds.n, DG_X_GAUSS, 3);
+    double sigmas[] = {1.0, 100.0};
+    int expect[] = {1, 0};
+    for (int s = 0; s < 2; s++) {
+        int predicted = -1, taken = -1, threads = 0;
+        assert_int_equal(kmv__exact_gauss_wide(&a, ds.q, ds.m, ds.k, ds.n, ds.d, sigmas[s], &predicted),
+                         KMV_OK);
+        kmv__problem pr = {ds.q, ds.k, x, y, ds.m, ds.n, ds.d, 1, 0, 1, NULL, NULL};
+        assert_int_equal(kmv__exact_gauss(&a, &pr, sigmas[s], &taken, &threads), KMV_OK);
+        assert_int_equal(predicted, taken);
+        assert_int_equal(predicted, expect[s]);
+    }
+    free(x);
+    free(y);
+    dataset_free(&ds);
+}
+
 static void test_deterministic(void **state) {
     (void)state;
     dataset ds = clustered(2048, 512, 32, 12);
@@ -481,6 +560,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_small_and_zero),
+        cmocka_unit_test(test_lsh_tables),
+        cmocka_unit_test(test_exact_precision_predicted),
         cmocka_unit_test(test_deterministic),
         cmocka_unit_test(test_grows_in_place),
         cmocka_unit_test(test_dense_falls_back),
