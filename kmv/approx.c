@@ -87,7 +87,7 @@ typedef struct run {
     uint32_t **hid;    /* heavy ids, ascending */
     uint32_t *hlen;
     uint32_t **blocks; /* per block allocation behind hid */
-    uint32_t *order;   /* rows in the order pass 1 takes them */
+    size_t *order;     /* rows in the order pass 1 takes them */
     size_t *s;         /* samples; n means an exact row */
     double *var;       /* window variance */
     /* pass 1 accounting */
@@ -128,7 +128,8 @@ static int scratch_init(const run *r, tscratch *t) {
     t->acc = kmv__malloc_array(a, 2 * r->c, sizeof(double));
     t->est = kmv__malloc_array(a, r->c, sizeof(double));
     t->skd = kmv__malloc_array(a, r->sk->r ? r->sk->r : 1, sizeof(float));
-    if (!t->stamp || !t->codes || !t->bkt || !t->blen || !t->proj || !t->qblk || !t->chunk || !t->acc || !t->est || !t->skd) {
+    if (!t->stamp || !t->codes || !t->bkt || !t->blen || !t->proj || !t->qblk || !t->chunk ||
+        !t->acc || !t->est || !t->skd) {
         scratch_free(a, t);
         return 0;
     }
@@ -152,13 +153,14 @@ static int cmp_u32(const void *pa, const void *pb) {
 /* Pass 1 for rows rows[0 .. bi - 1]: candidates from the LSH buckets, their
  * exact kernel values, the heavy sums and lists, and the sketch estimate.
  * Returns the block's predicted cost, or -1 on allocation failure. */
-static double heavy_block(run *r, tscratch *t, const uint32_t *rows, size_t bi, size_t blk) {
+static double heavy_block(run *r, tscratch *t, const size_t *rows, size_t bi, size_t blk) {
     const kmv_index *ix = r->ix;
     const kmv__lsh *h = &ix->lsh;
     const kmv__keystore *ks = &ix->ks;
     size_t d = r->d, c = r->c;
     int L = h->shape.L;
-    for (size_t ii = 0; ii < bi; ii++) memcpy(t->qblk + ii * d, r->q + (size_t)rows[ii] * d, d * sizeof(float));
+    for (size_t ii = 0; ii < bi; ii++)
+        memcpy(t->qblk + ii * d, r->q + rows[ii] * d, d * sizeof(float));
     kmv__lsh_codes(h, t->qblk, bi, L, t->proj, t->codes);
     /* All the block's lookups in three sweeps, so that their cache misses
      * overlap instead of queueing: slots, then buckets, then ids. */
@@ -258,7 +260,7 @@ static double heavy_block(run *r, tscratch *t, const uint32_t *rows, size_t bi, 
 
 typedef struct keyed {
     uint64_t code;
-    uint32_t row;
+    size_t row;
 } keyed;
 
 static int cmp_keyed(const void *pa, const void *pb) {
@@ -276,12 +278,12 @@ static int order_rows(run *r) {
     keyed *kd = kmv__malloc_array(r->a, m, sizeof(keyed));
     float *proj = kmv__malloc_array(r->a, chunk, (size_t)h->shape.k * sizeof(float));
     uint64_t *codes = kmv__malloc_array(r->a, chunk, sizeof(uint64_t));
-    r->order = kmv__malloc_array(r->a, m, sizeof(uint32_t));
+    r->order = kmv__malloc_array(r->a, m, sizeof(size_t));
     int ok = kd && proj && codes && r->order;
     for (size_t i0 = 0; ok && i0 < m; i0 += chunk) {
         size_t bi = m - i0 < chunk ? m - i0 : chunk;
         kmv__lsh_codes(h, r->q + i0 * r->d, bi, 1, proj, codes);
-        for (size_t u = 0; u < bi; u++) kd[i0 + u] = (keyed){codes[u], (uint32_t)(i0 + u)};
+        for (size_t u = 0; u < bi; u++) kd[i0 + u] = (keyed){codes[u], i0 + u};
     }
     if (ok) {
         qsort(kd, m, sizeof(keyed), cmp_keyed);
