@@ -124,6 +124,7 @@ expect 0 "^1 50 1 " -- $GEN stat "$T/o1.npy"
 
 # The demo runs on the shipped sample and reports its checks.
 expect 0 "error vs float64.*bound 1e-5" -- $KMV demo
+expect 0 "ms, mode (approx|fallback)" -- $KMV demo
 
 echo "$pass passed, $failn failed"
 [ "$failn" -eq 0 ]
