@@ -132,6 +132,9 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
         }
     }
     if (rc != KMV_OK) return rc;
+    /* Finite inputs can still sum past float's range (x near FLT_MAX): an
+     * error, not an infinity passed off as a result. */
+    if (kmv_find_nonfinite(y, m * c, NULL) != KMV_OK) return KMV_EOVERFLOW;
     if (pa->progress != NULL) pa->progress(pa->progress_opaque, 1.0);
     double t2 = kmv__now();
     if (stats != NULL) {

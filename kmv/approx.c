@@ -216,9 +216,10 @@ static double heavy_block(run *r, tscratch *t, const size_t *rows, size_t bi, si
             const float *xr = r->xs->xp + (size_t)ks->pos_of[cid[u]] * c;
             for (size_t col = 0; col < c; col++) yh[col] += (double)kv[u] * xr[col];
         }
-        uint32_t *hl = (uint32_t *)t->heavy.p + first;
+        /* No heavy key yet leaves heavy.p NULL, and NULL + 0 is undefined. */
+        uint32_t *hl = nheavy > first ? (uint32_t *)t->heavy.p + first : NULL;
         r->hlen[i] = (uint32_t)(nheavy - first);
-        qsort(hl, nheavy - first, sizeof(uint32_t), cmp_u32);
+        if (hl != NULL) qsort(hl, nheavy - first, sizeof(uint32_t), cmp_u32);
         /* The sketch: exp(-||q-k||^2 / sigma^2) is K^2. Heavy keys the LSH
          * found are summed exactly, so they leave W_i; missed ones stay. */
         double wi = 0.0;
@@ -506,7 +507,9 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
     int rc = KMV_OK;
     double exact_cost = (double)m * (double)n * kmv__cost_exact((double)d) *
                         (1.0 + 0.03 * (double)(c - 1));
-    double delta_s = 0.5 * pa->delta, miss = 0.5 * pa->delta;
+    /* Half the failure probability for sampling, half for LSH misses. */
+    double delta_s = 0.5 * pa->delta;
+    double miss = delta_s;
     size_t s_min = (size_t)pa->min_samples;
     kmv__xsplit xs;
     kmv__sketch sk;

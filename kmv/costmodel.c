@@ -19,6 +19,7 @@
  * beyond the table, where p decays like 1/u. */
 static double collision(const double *tab, double u) {
     if (u >= TAB_MAX) return kmv__lsh_collision(u);
+    if (!(u >= 0.0)) return 0.0; /* NaN: a distance past float's range, far */
     double f = u * (TAB / TAB_MAX);
     int i = (int)f;
     return tab[i] + (f - i) * (tab[i + 1] - tab[i]);

@@ -66,5 +66,8 @@ int kmv_index_matvec(kmv_index *ix, const float *q, size_t m, const float *x, si
         kmv_find_nonfinite(x, n * c, NULL) != KMV_OK)
         return KMV_ENONFINITE;
     if (ix->params.causal) return KMV_EUNSUPPORTED;
-    return kmv__approx_matvec(ix, q, m, x, c, y, stats);
+    int rc = kmv__approx_matvec(ix, q, m, x, c, y, stats);
+    /* Finite inputs can still sum past float's range (see kmv.h). */
+    if (rc == KMV_OK && kmv_find_nonfinite(y, m * c, NULL) != KMV_OK) return KMV_EOVERFLOW;
+    return rc;
 }

@@ -27,7 +27,10 @@ static inline float exp_nonpos(float x) {
         int32_t i;
         float f;
     } scale;
-    float xc = x < KMV_EXP_MIN ? KMV_EXP_MIN : x;
+    /* NaN (an overflowed distance: inf - inf) takes the clamp too, so the
+     * integer conversion below stays defined, and comes out as NaN, which
+     * the callers' output check reports. */
+    float xc = x >= KMV_EXP_MIN ? x : KMV_EXP_MIN;
     xc = xc > 0.0f ? 0.0f : xc;
     /* Round x / ln 2 to the nearest integer with the 1.5 * 2^23 trick; it
      * vectorizes where lrintf does not. */
@@ -44,7 +47,7 @@ static inline float exp_nonpos(float x) {
     p = p * r * r + r + 1.0f;
     scale.i = ((int32_t)n + 127) << 23;
     float e = p * scale.f;
-    return x < KMV_EXP_MIN ? 0.0f : e;
+    return x >= KMV_EXP_MIN ? e : x < KMV_EXP_MIN ? 0.0f : x;
 }
 
 float kmv__expf(float x) { return exp_nonpos(x); }

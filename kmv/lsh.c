@@ -68,7 +68,13 @@ void kmv__lsh_codes(const kmv__lsh *h, const float *v, size_t count, int ntab, f
         for (int t = 0; t < L; t++) {
             for (int u = 0; u < k; u++) {
                 int idx = t * k + u;
-                cell[u] = (int32_t)floorf(p[idx] + h->offs[idx]);
+                /* Huge keys (finite, accepted) project past int32; they
+                 * share the end cells, which verification sorts out. NaN
+                 * (infinite projections cancelling) goes there too. */
+                float f = floorf(p[idx] + h->offs[idx]);
+                cell[u] = f >= -2147483648.0f && f < 2147483648.0f ? (int32_t)f
+                          : f > 0.0f                              ? INT32_MAX
+                                                                  : INT32_MIN;
             }
             uint64_t c = XXH3_64bits_withSeed(cell, (size_t)k * sizeof(int32_t), (uint64_t)t + 1);
             codes[i * (size_t)L + (size_t)t] = c ? c : 1; /* 0 marks empty slots */

@@ -334,7 +334,7 @@ static void test_exact_precision_predicted(void **state) {
     dataset ds = glove();
     kmv_allocator a;
     assert_int_equal(kmv__allocator_resolve(NULL, &a), KMV_OK);
-    float *x = malloc(ds.n * sizeof(float)), *y = malloc(ds.m * sizeof(float));
+    float *x = malloc(ds.n * sizeof(float)), *y = calloc(ds.m, sizeof(float));
     dg_x(x, ds.n, DG_X_GAUSS, 3);
     double sigmas[] = {1.0, 100.0};
     int expect[] = {1, 0};

@@ -118,7 +118,7 @@ static void check_err(int rc, int want, const char *err, const char *path, const
         fail_msg("line %d: got %s, want %s (%s)", line, kmv_errname(rc), kmv_errname(want), err);
     if (strncmp(err, path, n) != 0 || err[n] != ':')
         fail_msg("line %d: message does not start with the path: %s", line, err);
-    if (strstr(err + n, kw) == NULL)
+    if (kw != NULL && strstr(err + n, kw) == NULL)
         fail_msg("line %d: message lacks \"%s\": %s", line, kw, err);
 }
 #define CHECK_ERR(rc, want, err, path, kw) check_err(rc, want, err, path, kw, __LINE__)

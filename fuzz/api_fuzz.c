@@ -1,0 +1,154 @@
+/* libFuzzer harness for random sequences of API calls.
+ *
+ * The input is a program: a few bytes pick params (valid or not: sigma,
+ * eps, delta at zero, negative, NaN, huge), then each op byte creates or
+ * frees an index, appends a block of keys, or runs an index product, a
+ * one-shot product or attention, with shapes and values taken from the
+ * following bytes (values include 0, NaN, infinities, huge and tiny
+ * floats). Half the indexes skip the cost model's fallbacks, so that the
+ * approximate engine's own paths run at sizes a fuzzer can afford.
+ *
+ * Checked beyond "no crash, no leak, no undefined behaviour": every code
+ * returned is one kmv names; a refused append leaves the index's size as it
+ * was; non-finite input is refused as KMV_ENONFINITE; a success never
+ * returns a non-finite number. */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kmv/index.h"
+#include "kmv/kmv.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+typedef struct input {
+    const uint8_t *p;
+    size_t n;
+} input;
+
+static unsigned byte(input *in) {
+    if (in->n == 0) return 0;
+    in->n--;
+    return *in->p++;
+}
+
+static float value(input *in) {
+    static const float special[] = {0.0f, 1.0f, -1.0f, 0.5f, 1e-30f, -1e-30f, 1e30f, 3e38f,
+                                    -3e38f, 1e-45f, NAN, INFINITY, -INFINITY, 2.0f, 10.0f, -7.0f};
+    unsigned b = byte(in);
+    if (b < 16) return special[b];
+    return ((float)b - 136.0f) / 16.0f; /* [-7.5, 7.4] */
+}
+
+static void fill(input *in, float *v, size_t count) {
+    for (size_t i = 0; i < count; i++) v[i] = value(in);
+}
+
+/* A broken property: say which before the fuzzer saves the input. */
+#define VIOLATED(what)                                                   \
+    do {                                                                 \
+        fprintf(stderr, "api_fuzz: %s (line %d)\n", what, __LINE__);    \
+        abort();                                                         \
+    } while (0)
+
+static void check_code(int rc) {
+    if (rc != KMV_OK && strcmp(kmv_errname(rc), "KMV_UNKNOWN") == 0) VIOLATED("unnamed code");
+}
+
+static void check_finite(int rc, const float *v, size_t count) {
+    if (rc == KMV_OK && kmv_find_nonfinite(v, count, NULL) != KMV_OK)
+        VIOLATED("success with a non-finite output");
+}
+
+static int has_nonfinite(const float *v, size_t count) {
+    return kmv_find_nonfinite(v, count, NULL) != KMV_OK;
+}
+
+#define MAXN 48
+#define MAXD 6
+#define MAXC 3
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    input in = {data, size};
+    static const double sigmas[] = {1.0, 0.5, 3.0, 0.0, -1.0, NAN, 1e-30, 1e30};
+    static const double epss[] = {0.1, 0.5, 0.01, 0.0, 1.0, -0.1, NAN, 0.9};
+    kmv_params p;
+    kmv_params_init(&p);
+    unsigned b = byte(&in);
+    p.sigma = sigmas[b & 7];
+    p.eps = epss[(b >> 3) & 7];
+    p.delta = (b >> 6) == 3 ? 0.0 : 0.01 * (double)(1 + (b >> 6));
+    p.exact = byte(&in) & 1;
+    p.seed = byte(&in);
+    p.n_threads = 1 + (int)(byte(&in) & 1);
+    kmv_ctx *ctx = NULL;
+    int rc = kmv_ctx_create(&p, &ctx);
+    check_code(rc);
+    if (rc != KMV_OK) {
+        if (ctx != NULL) VIOLATED("failed create left a context");
+        return 0;
+    }
+    float *k = malloc(MAXN * MAXD * sizeof(float)), *q = malloc(MAXN * MAXD * sizeof(float));
+    float *x = malloc(4 * MAXN * MAXC * sizeof(float)), *y = malloc(MAXN * MAXC * sizeof(float));
+    kmv_index *ix = NULL;
+    size_t d = 1;
+    for (int ops = 0; ops < 24 && in.n > 0; ops++) {
+        unsigned op = byte(&in) % 6;
+        if (op == 0) { /* a new index */
+            kmv_index_free(ix);
+            ix = NULL;
+            d = 1 + byte(&in) % MAXD;
+            rc = kmv_index_create(ctx, d, &ix);
+            check_code(rc);
+            if (rc == KMV_OK) ix->force_approx = (int)(byte(&in) & 1);
+        } else if (op == 1 && ix != NULL) { /* append keys */
+            size_t cnt = byte(&in) % 17, before = kmv_index_size(ix);
+            fill(&in, k, cnt * d);
+            rc = kmv_index_append(ix, k, cnt);
+            check_code(rc);
+            if (has_nonfinite(k, cnt * d) && rc != KMV_ENONFINITE) VIOLATED("non-finite key taken");
+            if (rc != KMV_OK && kmv_index_size(ix) != before) VIOLATED("refused append changed size");
+            if (kmv_index_size(ix) > MAXN * 4) { /* keep the runs short */
+                kmv_index_free(ix);
+                ix = NULL;
+            }
+        } else if (op == 2 && ix != NULL) { /* index product */
+            size_t m = byte(&in) % 9, c = 1 + byte(&in) % MAXC, n = kmv_index_size(ix);
+            fill(&in, q, m * d);
+            fill(&in, x, n * c);
+            kmv_stats st;
+            rc = kmv_index_matvec(ix, q, m, x, c, y, &st);
+            check_code(rc);
+            if ((has_nonfinite(q, m * d) || has_nonfinite(x, n * c)) && rc != KMV_ENONFINITE)
+                VIOLATED("non-finite query or x taken");
+            check_finite(rc, y, m * c);
+        } else if (op == 3 || op == 4) { /* one-shot product or attention */
+            size_t dd = 1 + byte(&in) % MAXD, m = byte(&in) % 9, n = byte(&in) % 17;
+            size_t c = 1 + byte(&in) % MAXC;
+            fill(&in, q, m * dd);
+            fill(&in, k, n * dd);
+            fill(&in, x, n * c);
+            kmv_stats st;
+            rc = op == 3 ? kmv_matvec(ctx, q, m, k, n, dd, x, c, y, &st)
+                         : kmv_attention(ctx, q, m, k, n, dd, x, c, y, &st);
+            check_code(rc);
+            int bad = has_nonfinite(q, m * dd) || has_nonfinite(k, n * dd) ||
+                      has_nonfinite(x, n * c);
+            if (bad && rc != KMV_ENONFINITE && !(op == 4 && n == 0 && m > 0 && rc == KMV_EEMPTY))
+                VIOLATED("non-finite operand taken");
+            check_finite(rc, y, m * c);
+        } else if (op == 5) {
+            kmv_index_free(ix);
+            ix = NULL;
+        }
+    }
+    kmv_index_free(ix);
+    kmv_ctx_free(ctx);
+    free(k);
+    free(q);
+    free(x);
+    free(y);
+    return 0;
+}
