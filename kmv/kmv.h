@@ -277,10 +277,11 @@ KMV_API const kmv_params *kmv_ctx_params(const kmv_ctx *ctx);
  * ||Kx - y||_2 <= eps ||x||_2 (Frobenius norms for n_cols > 1), as stated
  * there; it is not available with params.causal (KMV_EUNSUPPORTED).
  * Errors: KMV_EINVAL (NULL pointer with a nonzero size, dim = 0),
- * KMV_EOVERFLOW (a size product overflows size_t, or an entry of y falls
- * outside float's range, as sums of x near FLT_MAX can: y's content is
- * then unspecified), KMV_ENONFINITE (NaN or infinity in queries, keys or
- * x), KMV_ENOMEM, KMV_EUNSUPPORTED.
+ * KMV_EOVERFLOW (a size product overflows size_t, or the arithmetic
+ * leaves float's range: an entry of y past FLT_MAX, as sums of x near it
+ * can be, or squared norms or distances past it, from coordinates beyond
+ * about 1e19; y's content is then unspecified), KMV_ENONFINITE (NaN or
+ * infinity in queries, keys or x), KMV_ENOMEM, KMV_EUNSUPPORTED.
  * Cost (exact): O(n_queries n_keys (dim + n_cols)) time on params.n_threads threads,
  * O((n_queries + n_keys) dim) extra memory, never an n_queries x n_keys
  * matrix. Thread-safe: concurrent calls on one context are allowed. */

@@ -9,14 +9,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-static inline uint64_t dg_next(uint64_t *s) {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
+#include "tests/testutil.h"
 
-static inline double dg_unit(uint64_t *s) { return (double)(dg_next(s) >> 11) * 0x1.0p-53; }
+static inline double dg_unit(uint64_t *s) { return (double)(tu_next(s) >> 11) * 0x1.0p-53; }
 
 static inline double dg_normal(uint64_t *s) {
     double u = 1.0 - dg_unit(s), v = dg_unit(s);
