@@ -131,6 +131,8 @@ static void show_progress(void *opaque, double fraction) {
     {"eps", OPT_DOUBLE, 0, "E", "target error eps, in (0, 1) (default 0.1)", 0, 0, 0, 0, 0}, \
         {"seed", OPT_U64, 0, "N", "random seed (default 1)", 0, 0, 0, 0, 0},                 \
         {"threads", OPT_INT, 0, "T", "threads, 0 = all cores (default 0)", 0, 0, 0, 0, 0},   \
+        {"max-mb", OPT_DOUBLE, 0, "MB", "cap on the engine's memory, MiB (default none)", 0, 0, 0, \
+         0, 0},                                                                              \
         {"exact", OPT_FLAG, 0, "", "use the exact engine", 0, 0, 0, 0, 0},                   \
         {"out", OPT_STRING, 1, "Y.npy", "output, n_queries x n_cols float32", 0, 0, 0, 0, 0}, \
         {"stats", OPT_STRING, 0, "FILE.json", "write run statistics as JSON", 0, 0, 0, 0, 0}
@@ -172,6 +174,13 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
             return EXIT_USAGE;
         }
         p.n_threads = (int)v->i;
+    }
+    if ((v = args_get(o, no, "max-mb"))->seen) {
+        if (!(v->d > 0 && v->d <= 1e12)) {
+            fprintf(stderr, "kmv %s: --max-mb must be in (0, 1e12]\n", cmd);
+            return EXIT_USAGE;
+        }
+        p.max_bytes = (size_t)(v->d * 1048576.0);
     }
     if (!(p.eps > 0 && p.eps < 1)) {
         fprintf(stderr, "kmv %s: --eps must be in (0, 1)\n", cmd);
@@ -233,6 +242,11 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
                 "kmv %s: logits could exceed float32's range (max |q| max |k| scale above "
                 "3.3e35); rescale the inputs or --scale\n",
                 cmd);
+        goto done;
+    }
+    if (err == KMV_ELIMIT) {
+        fprintf(stderr, "kmv %s: the product needs more memory than --max-mb %g allows\n", cmd,
+                args_get(o, no, "max-mb")->d);
         goto done;
     }
     if (err != KMV_OK) {

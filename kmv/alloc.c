@@ -1,5 +1,8 @@
 #include "kmv/alloc.h"
 
+#include <stdalign.h>
+#include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -46,3 +49,56 @@ int kmv__mul_size(size_t a, size_t b, size_t *out) {
     *out = a * b;
     return 1;
 }
+
+/* The header before each metered block: its size, padded to malloc's
+ * alignment so the block after it keeps that alignment. */
+#define METER_HDR (alignof(max_align_t) > sizeof(size_t) ? alignof(max_align_t) : sizeof(size_t))
+
+static void *meter_alloc(void *opaque, size_t size) {
+    kmv__meter *m = opaque;
+    if (size > SIZE_MAX - METER_HDR) return NULL;
+    size_t total = size + METER_HDR;
+    size_t cur = atomic_load_explicit(&m->live, memory_order_relaxed);
+    do {
+        if (m->cap != 0 && (total > m->cap || cur > m->cap - total)) {
+            atomic_store(&m->refused, 1);
+            return NULL;
+        }
+    } while (!atomic_compare_exchange_weak(&m->live, &cur, cur + total));
+    unsigned char *p = m->base.alloc(m->base.opaque, total);
+    if (p == NULL) {
+        atomic_fetch_sub(&m->live, total);
+        return NULL;
+    }
+    size_t now = cur + total, peak = atomic_load_explicit(&m->peak, memory_order_relaxed);
+    while (now > peak && !atomic_compare_exchange_weak(&m->peak, &peak, now)) {
+    }
+    *(size_t *)(void *)p = total;
+    return p + METER_HDR;
+}
+
+static void meter_free(void *opaque, void *ptr) {
+    kmv__meter *m = opaque;
+    if (ptr == NULL) return;
+    unsigned char *p = (unsigned char *)ptr - METER_HDR;
+    atomic_fetch_sub(&m->live, *(size_t *)(void *)p);
+    m->base.free(m->base.opaque, p);
+}
+
+void kmv__meter_init(kmv__meter *m, const kmv_allocator *base, size_t cap) {
+    m->base = *base;
+    m->cap = cap;
+    atomic_init(&m->live, 0);
+    atomic_init(&m->peak, 0);
+    atomic_init(&m->refused, 0);
+}
+
+kmv_allocator kmv__meter_allocator(kmv__meter *m) {
+    return (kmv_allocator){meter_alloc, meter_free, m};
+}
+
+int kmv__meter_code(kmv__meter *m, int rc) {
+    return rc == KMV_ENOMEM && atomic_load(&m->refused) ? KMV_ELIMIT : rc;
+}
+
+void kmv__meter_reset(kmv__meter *m) { atomic_store(&m->refused, 0); }

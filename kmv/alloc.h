@@ -23,6 +23,31 @@ void *kmv__malloc_array(const kmv_allocator *a, size_t count, size_t size);
 /* Release memory from kmv__malloc*; NULL is a no-op. */
 void kmv__free(const kmv_allocator *a, void *ptr);
 
+/* A meter between the library and the caller's allocator: it counts the
+ * bytes live through it and refuses an allocation that would take them past
+ * a cap, which is how params.max_bytes is kept. Counting is atomic, so the
+ * engine's worker threads may share one meter. Each block carries a
+ * 16-byte header with its size (malloc's alignment is kept). */
+typedef struct kmv__meter {
+    kmv_allocator base;
+    size_t cap;             /* 0: no cap */
+    _Atomic size_t live;    /* bytes held now, headers included */
+    _Atomic size_t peak;
+    _Atomic int refused;    /* the cap refused an allocation */
+} kmv__meter;
+
+void kmv__meter_init(kmv__meter *m, const kmv_allocator *base, size_t cap);
+
+/* An allocator drawing through m; m must outlive every block it hands out. */
+kmv_allocator kmv__meter_allocator(kmv__meter *m);
+
+/* rc, or KMV_ELIMIT when rc is KMV_ENOMEM and the cap refused an
+ * allocation since the last kmv__meter_reset(). */
+int kmv__meter_code(kmv__meter *m, int rc);
+
+/* Forget earlier refusals (at the start of each API call). */
+void kmv__meter_reset(kmv__meter *m);
+
 /* *out = a * b; returns 0 on overflow, 1 otherwise. */
 int kmv__mul_size(size_t a, size_t b, size_t *out);
 

@@ -115,13 +115,19 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
     int wide = 0, threads = 1;
     double t1 = kmv__now();
     int rc = KMV_OK;
+    /* The cap applies to each call's own working memory: a meter per call,
+     * since calls on one context may run concurrently. */
+    kmv__meter meter;
+    kmv__meter_init(&meter, &ctx->alloc, pa->max_bytes);
+    kmv_allocator metered = kmv__meter_allocator(&meter);
+    const kmv_allocator *al = pa->max_bytes ? &metered : &ctx->alloc;
     if (m > 0 && c > 0) {
         if (n == 0) {
             memset(y, 0, m * c * sizeof(float));
         } else if (op == OP_GAUSS) {
-            rc = kmv__exact_gauss(&ctx->alloc, &p, pa->sigma, &wide, &threads);
+            rc = kmv__exact_gauss(al, &p, pa->sigma, &wide, &threads);
         } else {
-            rc = kmv__exact_attn(&ctx->alloc, &p, scale, &threads);
+            rc = kmv__exact_attn(al, &p, scale, &threads);
         }
         /* Causal: row i sees min(i + 1, n) keys. */
         if (!pa->causal) {
@@ -131,7 +137,7 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
             evals = (uint64_t)tri * (tri + 1) / 2 + (uint64_t)(m - tri) * n;
         }
     }
-    if (rc != KMV_OK) return rc;
+    if (rc != KMV_OK) return kmv__meter_code(&meter, rc);
     /* Finite inputs can still sum past float's range (x near FLT_MAX): an
      * error, not an infinity passed off as a result. */
     if (kmv_find_nonfinite(y, m * c, NULL) != KMV_OK) return KMV_EOVERFLOW;

@@ -344,38 +344,58 @@ static size_t window_offset(uint64_t seed, size_t i, int round, size_t n) {
     return (size_t)kmv__rng_below(&st, n);
 }
 
+/* Pass 2's scratch, one slice per thread, taken before any row writes y:
+ * a failure then leaves y untouched. */
+typedef struct sample_scratch {
+    float *chunk;  /* nt x 256 */
+    double *acc;   /* nt x 3c: acc (2c) and est (c) */
+} sample_scratch;
+
+static int sample_scratch_init(const run *r, sample_scratch *sc) {
+    sc->chunk = kmv__malloc_array(r->a, (size_t)r->nt * 256, sizeof(float));
+    sc->acc = kmv__malloc_array(r->a, (size_t)r->nt * 3, r->c * sizeof(double));
+    return sc->chunk != NULL && sc->acc != NULL;
+}
+
+static void sample_scratch_free(const kmv_allocator *a, sample_scratch *sc) {
+    kmv__free(a, sc->chunk);
+    kmv__free(a, sc->acc);
+}
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 /* Pass 2 for the rows with redo[i] (all rows when redo is NULL): windows or
  * exact rows, plus the exactly summed columns H1; writes y and var. */
-static int pass_sample(run *r, float *y, const unsigned char *redo, int round) {
+static void pass_sample(run *r, const sample_scratch *sc, float *y, const unsigned char *redo,
+                        int round) {
     const kmv__keystore *ks = &r->ix->ks;
     size_t c = r->c, d = r->d;
     uint64_t seed = r->ix->params.seed;
 #pragma omp parallel num_threads(r->nt)
     {
-        tscratch t;
-        memset(&t, 0, sizeof t);
-        t.chunk = kmv__malloc_array(r->a, 256, sizeof(float));
-        t.acc = kmv__malloc_array(r->a, 2 * c, sizeof(double));
-        t.est = kmv__malloc_array(r->a, c, sizeof(double));
-        int ok = t.chunk && t.acc && t.est;
-        if (!ok) {
-#pragma omp atomic write
-            r->nomem = 1;
-        }
+        size_t tid = (size_t)thread_id();
+        float *chunk = sc->chunk + tid * 256;
+        double *acc = sc->acc + tid * 3 * c, *est = acc + 2 * c;
 #pragma omp for schedule(dynamic, QB)
         for (size_t i = 0; i < r->m; i++) {
-            if (!ok || (redo != NULL && !redo[i])) continue;
+            if (redo != NULL && !redo[i]) continue;
             const float *qi = r->q + i * d;
             int exact_row = r->s[i] >= r->n;
             double v;
             if (exact_row) {
                 v = kmv__window(ks, r->xs->xp, c, qi, r->inv2s2, r->kappa, NULL, 0, 0, r->n,
-                                t.chunk, t.acc, t.est);
+                                chunk, acc, est);
             } else {
                 size_t off = window_offset(seed, i, round, r->n);
                 v = kmv__window(ks, r->xs->xp, c, qi, r->inv2s2, r->kappa, r->hid[i], r->hlen[i],
-                                off, r->s[i], t.chunk, t.acc, t.est);
-                for (size_t col = 0; col < c; col++) t.est[col] += r->yh[i * c + col];
+                                off, r->s[i], chunk, acc, est);
+                for (size_t col = 0; col < c; col++) est[col] += r->yh[i * c + col];
             }
             r->var[i] = v;
             /* H1: few keys, summed directly with the caller's x. */
@@ -383,15 +403,11 @@ static int pass_sample(run *r, float *y, const unsigned char *redo, int round) {
                 uint32_t j = r->xs->h1[u];
                 float kv = kmv__sqdist(qi, kmv__keystore_row(ks, j), d);
                 kmv__gauss_row_dist(&kv, 1, r->inv2s2, NULL);
-                for (size_t col = 0; col < c; col++) t.est[col] += (double)kv * r->x[(size_t)j * c + col];
+                for (size_t col = 0; col < c; col++) est[col] += (double)kv * r->x[(size_t)j * c + col];
             }
-            for (size_t col = 0; col < c; col++) y[i * c + col] = (float)t.est[col];
+            for (size_t col = 0; col < c; col++) y[i * c + col] = (float)est[col];
         }
-        kmv__free(r->a, t.chunk);
-        kmv__free(r->a, t.acc);
-        kmv__free(r->a, t.est);
     }
-    return r->nomem ? KMV_ENOMEM : KMV_OK;
 }
 
 /* Sample counts for budget Bs^2 (see the top of this file) from the
@@ -477,6 +493,40 @@ static int exact_product(const kmv_index *ix, const float *q, size_t m, const fl
     return rc;
 }
 
+/* The exact engine in place of the plan; S keeps what planning found. */
+static int run_fallback(const kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
+                        float *y, kmv_stats *S) {
+    double tk = kmv__now();
+    int threads = 1;
+    int rc = exact_product(ix, q, m, x, c, y, kmv__threads(&ix->params), &threads);
+    S->seconds_kernel = kmv__now() - tk;
+    if (rc != KMV_OK) return rc;
+    S->mode = KMV_MODE_FALLBACK;
+    S->n_threads = threads;
+    S->kernel_evals = (uint64_t)m * ix->ks.n;
+    S->error_estimate = 0.0;
+    return KMV_OK;
+}
+
+int kmv__approx_fallback(const kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
+                         float *y, int reason, kmv_stats *st) {
+    double t0 = kmv__now();
+    kmv_stats S;
+    memset(&S, 0, sizeof S);
+    S.n_keys = ix->ks.n;
+    S.n_queries = m;
+    S.dim = ix->d;
+    S.n_cols = c;
+    S.error_bound = ix->params.eps;
+    S.error_measured = ix->params.measure_error ? 0.0 : -1.0;
+    S.fallback_reason = reason;
+    int rc = run_fallback(ix, q, m, x, c, y, &S);
+    if (rc != KMV_OK) return rc;
+    S.seconds = kmv__now() - t0;
+    if (st != NULL) *st = S;
+    return KMV_OK;
+}
+
 static void progress(const kmv_params *p, double f) {
     if (p->progress != NULL) p->progress(p->progress_opaque, f);
 }
@@ -498,9 +548,28 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
     S.error_measured = -1.0;
     int nt = kmv__threads(pa);
     S.n_threads = nt;
+    /* Everything that can fail is taken before the first write to y, so a
+     * failed call leaves y as it was: the measurement's exact product runs
+     * first, and the sampling pass's scratch is taken ahead of it. */
+    float *ye = NULL;
+    sample_scratch sc = {NULL, NULL};
+    double *w2 = NULL;
+    size_t *s2 = NULL;
+    unsigned char *redo = NULL;
     if (m == 0 || c == 0) goto done;
+    if (pa->measure_error && n > 0) {
+        ye = kmv__malloc_array(a, m, c * sizeof(float));
+        if (ye == NULL) return KMV_ENOMEM;
+        int threads;
+        int rc2 = exact_product(ix, q, m, x, c, ye, nt, &threads);
+        if (rc2 != KMV_OK) {
+            kmv__free(a, ye);
+            return rc2;
+        }
+    }
     if (n == 0) {
         memset(y, 0, m * c * sizeof(float));
+        if (pa->measure_error) S.error_measured = 0.0; /* an empty sum is exact */
         goto done;
     }
 
@@ -637,8 +706,14 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
         goto fallback_free;
     }
     double ts = kmv__now();
-    rc = pass_sample(&r, y, NULL, 0);
-    if (rc != KMV_OK) goto fail;
+    w2 = kmv__malloc_array(a, m, sizeof(double));
+    s2 = kmv__malloc_array(a, m, sizeof(size_t));
+    redo = kmv__malloc_array(a, m, 1);
+    if (!sample_scratch_init(&r, &sc) || !w2 || !s2 || !redo) {
+        rc = KMV_ENOMEM;
+        goto fail;
+    }
+    pass_sample(&r, &sc, y, NULL, 0);
     progress(pa, 0.85);
 
     /* The after-the-fact check: the samples' own variance against the
@@ -651,16 +726,6 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
         Q += r.var[i] * r.var[i];
     }
     if (V + sqrt(2.0 * Q / delta_s) > bs * bs) {
-        double *w2 = kmv__malloc_array(a, m, sizeof(double));
-        size_t *s2 = kmv__malloc_array(a, m, sizeof(size_t));
-        unsigned char *redo = kmv__malloc_array(a, m, 1);
-        if (!w2 || !s2 || !redo) {
-            kmv__free(a, w2);
-            kmv__free(a, s2);
-            kmv__free(a, redo);
-            rc = KMV_ENOMEM;
-            goto fail;
-        }
         for (size_t i = 0; i < m; i++) {
             double shown = r.s[i] < n ? r.var[i] * (double)r.s[i] / (double)n : 0.0;
             w2[i] = shown > r.w[i] ? shown : r.w[i];
@@ -679,14 +744,10 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
         if (nredo && (spent + (samples + extra) * win <= exact_cost || ix->force_approx)) {
             for (size_t i = 0; i < m; i++)
                 if (redo[i]) r.s[i] = s2[i];
-            rc = pass_sample(&r, y, redo, 1);
+            pass_sample(&r, &sc, y, redo, 1);
             samples += extra;
             S.rows_resampled = nredo;
         }
-        kmv__free(a, w2);
-        kmv__free(a, s2);
-        kmv__free(a, redo);
-        if (rc != KMV_OK) goto fail;
         V = 0.0;
         for (size_t i = 0; i < m; i++) V += r.var[i];
     }
@@ -704,18 +765,9 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
 
 fallback_free:
     kmv__xsplit_free(&xs, a);
-fallback: {
-    double tk = kmv__now();
-    int threads = 1;
-    rc = exact_product(ix, q, m, x, c, y, nt, &threads);
-    S.seconds_kernel = kmv__now() - tk;
-    if (rc != KMV_OK) goto fail;
-    S.mode = KMV_MODE_FALLBACK;
-    S.n_threads = threads;
-    S.kernel_evals = (uint64_t)m * n;
-    S.error_estimate = 0.0;
+fallback:
+    rc = run_fallback(ix, q, m, x, c, y, &S);
     goto cleanup;
-}
 
 fail:
 cleanup:
@@ -732,18 +784,17 @@ cleanup:
     kmv__free(a, r.order);
     kmv__free(a, r.s);
     kmv__free(a, r.var);
-    if (rc != KMV_OK) return rc;
+    sample_scratch_free(a, &sc);
+    kmv__free(a, w2);
+    kmv__free(a, s2);
+    kmv__free(a, redo);
+    if (rc != KMV_OK) {
+        kmv__free(a, ye);
+        return rc;
+    }
 
 done:
-    if (pa->measure_error && m > 0 && c > 0 && n > 0) {
-        float *ye = kmv__malloc_array(a, m, c * sizeof(float));
-        if (ye == NULL) return KMV_ENOMEM;
-        int threads;
-        int rc2 = exact_product(ix, q, m, x, c, ye, nt, &threads);
-        if (rc2 != KMV_OK) {
-            kmv__free(a, ye);
-            return rc2;
-        }
+    if (ye != NULL) {
         double e2 = 0.0, x2 = 0.0;
         for (size_t i = 0; i < m * c; i++) e2 += ((double)y[i] - ye[i]) * ((double)y[i] - ye[i]);
         for (size_t i = 0; i < n * c; i++) x2 += (double)x[i] * x[i];

@@ -45,6 +45,7 @@ const char *kmv_fallback_name(int reason) {
     case KMV_FALLBACK_COLUMNS: return "columns";
     case KMV_FALLBACK_BUDGET: return "budget";
     case KMV_FALLBACK_SMALL: return "small";
+    case KMV_FALLBACK_MEMORY: return "memory";
     default: return "unknown";
     }
 }

@@ -1,5 +1,6 @@
 /* The index's life cycle and argument checks; the product is approx.c. */
 #include <limits.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #include "kmv/alloc.h"
@@ -15,7 +16,8 @@ int kmv_index_create(const kmv_ctx *ctx, size_t dim, kmv_index **out) {
     if (ix == NULL) return KMV_ENOMEM;
     memset(ix, 0, sizeof *ix);
     ix->params = ctx->params;
-    ix->alloc = ctx->alloc;
+    kmv__meter_init(&ix->meter, &ctx->alloc, ctx->params.max_bytes);
+    ix->alloc = kmv__meter_allocator(&ix->meter);
     ix->d = dim;
     kmv__keystore_init(&ix->ks, dim, ctx->params.seed);
     *out = ix;
@@ -24,33 +26,35 @@ int kmv_index_create(const kmv_ctx *ctx, size_t dim, kmv_index **out) {
 
 void kmv_index_free(kmv_index *ix) {
     if (ix == NULL) return;
-    kmv_allocator a = ix->alloc;
-    kmv__keystore_free(&ix->ks, &a);
-    if (ix->lsh_built) kmv__lsh_free(&ix->lsh, &a);
-    kmv__free(&a, ix);
+    kmv__keystore_free(&ix->ks, &ix->alloc);
+    if (ix->lsh_built) kmv__lsh_free(&ix->lsh, &ix->alloc);
+    /* The index itself came from the caller's allocator, not the meter. */
+    kmv_allocator base = ix->meter.base;
+    kmv__free(&base, ix);
 }
 
 size_t kmv_index_size(const kmv_index *ix) { return ix ? ix->ks.n : 0; }
+
+size_t kmv_index_bytes(const kmv_index *ix) { return ix ? atomic_load(&ix->meter.live) : 0; }
+
+size_t kmv_index_peak_bytes(const kmv_index *ix) {
+    return ix ? atomic_load(&ix->meter.peak) : 0;
+}
 
 int kmv_index_append(kmv_index *ix, const float *keys, size_t n_keys) {
     if (ix == NULL || (keys == NULL && n_keys > 0)) return KMV_EINVAL;
     if (n_keys == 0) return KMV_OK;
     if (n_keys > KMV__KEYS_MAX - ix->ks.n) return KMV_EOVERFLOW;
     if (kmv_find_nonfinite(keys, n_keys * ix->d, NULL) != KMV_OK) return KMV_ENONFINITE;
-    /* Tables first: their failure leaves them unchanged, and then so is
-     * the store. A store failure after the tables took the block would
-     * leave ids in the tables that the store lacks, so the tables are then
-     * dropped (they are rebuilt on the next product). */
-    if (ix->lsh_built) {
-        int rc = kmv__lsh_append(&ix->lsh, &ix->alloc, keys, n_keys, kmv__threads(&ix->params));
-        if (rc != KMV_OK) return rc;
-    }
-    int rc = kmv__keystore_append(&ix->ks, &ix->alloc, keys, n_keys);
-    if (rc != KMV_OK && ix->lsh_built) {
-        kmv__lsh_free(&ix->lsh, &ix->alloc);
-        ix->lsh_built = 0;
-    }
-    return rc;
+    kmv__meter_reset(&ix->meter);
+    /* Room in the store first, then the tables (whose failure leaves them
+     * unchanged), then the store's part, which cannot fail once it has
+     * room: a refused append changes no answer. */
+    int rc = kmv__keystore_reserve(&ix->ks, &ix->alloc, n_keys);
+    if (rc == KMV_OK && ix->lsh_built)
+        rc = kmv__lsh_append(&ix->lsh, &ix->alloc, keys, n_keys, kmv__threads(&ix->params));
+    if (rc == KMV_OK) rc = kmv__keystore_append(&ix->ks, &ix->alloc, keys, n_keys);
+    return kmv__meter_code(&ix->meter, rc);
 }
 
 int kmv_index_matvec(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
@@ -66,7 +70,15 @@ int kmv_index_matvec(kmv_index *ix, const float *q, size_t m, const float *x, si
         kmv_find_nonfinite(x, n * c, NULL) != KMV_OK)
         return KMV_ENONFINITE;
     if (ix->params.causal) return KMV_EUNSUPPORTED;
+    kmv__meter_reset(&ix->meter);
     int rc = kmv__approx_matvec(ix, q, m, x, c, y, stats);
+    /* A plan past the cap leaves y untouched; the exact engine needs only
+     * O((m + n) d) and may still fit. */
+    if (rc == KMV_ENOMEM && atomic_load(&ix->meter.refused)) {
+        kmv__meter_reset(&ix->meter);
+        rc = kmv__approx_fallback(ix, q, m, x, c, y, KMV_FALLBACK_MEMORY, stats);
+    }
+    rc = kmv__meter_code(&ix->meter, rc);
     /* Finite inputs can still sum past float's range (see kmv.h). */
     if (rc == KMV_OK && kmv_find_nonfinite(y, m * c, NULL) != KMV_OK) return KMV_EOVERFLOW;
     return rc;

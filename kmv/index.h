@@ -3,6 +3,7 @@
 #ifndef KMV_INDEX_H
 #define KMV_INDEX_H
 
+#include "kmv/alloc.h"
 #include "kmv/costmodel.h"
 #include "kmv/keystore.h"
 #include "kmv/kmv.h"
@@ -10,7 +11,8 @@
 
 struct kmv_index {
     kmv_params params;
-    kmv_allocator alloc;
+    kmv__meter meter;    /* counts and caps (params.max_bytes) what alloc takes */
+    kmv_allocator alloc; /* draws through meter */
     size_t d;
     kmv__keystore ks;
     kmv__lsh lsh;       /* valid when lsh_built */
@@ -31,5 +33,10 @@ struct kmv_index {
  * by the caller (index.c). */
 int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
                        float *y, kmv_stats *st);
+
+/* The exact engine for the whole product, reported as a fallback for
+ * reason (a kmv_fallback); for plans that did not fit params.max_bytes. */
+int kmv__approx_fallback(const kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
+                         float *y, int reason, kmv_stats *st);
 
 #endif /* KMV_INDEX_H */

@@ -48,14 +48,16 @@ static int grow(kmv__keystore *ks, const kmv_allocator *a, size_t need) {
     return KMV_OK;
 }
 
+int kmv__keystore_reserve(kmv__keystore *ks, const kmv_allocator *a, size_t count) {
+    if (count > KMV__KEYS_MAX - ks->n) return KMV_EOVERFLOW;
+    return ks->n + count > ks->cap ? grow(ks, a, ks->n + count) : KMV_OK;
+}
+
 int kmv__keystore_append(kmv__keystore *ks, const kmv_allocator *a, const float *k,
                          size_t count) {
     if (count == 0) return KMV_OK;
-    if (count > KMV__KEYS_MAX - ks->n) return KMV_EOVERFLOW;
-    if (ks->n + count > ks->cap) {
-        int rc = grow(ks, a, ks->n + count);
-        if (rc != KMV_OK) return rc;
-    }
+    int rc = kmv__keystore_reserve(ks, a, count);
+    if (rc != KMV_OK) return rc;
     size_t d = ks->d;
     for (size_t t = 0; t < count; t++) {
         size_t j = ks->n;

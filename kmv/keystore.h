@@ -31,10 +31,15 @@ typedef struct kmv__keystore {
 /* An empty store for dim-d keys. Allocates nothing until the first append. */
 void kmv__keystore_init(kmv__keystore *ks, size_t d, uint64_t seed);
 
+/* Room for count more keys without allocating. KMV_OK, KMV_EOVERFLOW or
+ * KMV_ENOMEM (the store is then unchanged). */
+int kmv__keystore_reserve(kmv__keystore *ks, const kmv_allocator *a, size_t count);
+
 /* Append count keys (count x d, row-major; finite, checked by the caller).
  * Amortized O(count d): storage doubles when full. Returns KMV_OK,
  * KMV_EOVERFLOW (more than KMV__KEYS_MAX keys) or KMV_ENOMEM, in which case
- * the store is unchanged. */
+ * the store is unchanged; after a successful kmv__keystore_reserve() of at
+ * least count, KMV_OK. */
 int kmv__keystore_append(kmv__keystore *ks, const kmv_allocator *a, const float *k,
                          size_t count);
 

@@ -72,11 +72,12 @@ KMV_API unsigned kmv_version_number(void);
     X(ENOMEM, -2, "out of memory")                                              \
     X(EDIM, -3, "dimension mismatch")                                           \
     X(ENONFINITE, -4, "input contains NaN or infinity")                         \
-    X(EOVERFLOW, -5, "size or value beyond the representable range")                                           \
+    X(EOVERFLOW, -5, "size or value beyond the representable range")           \
     X(EEMPTY, -6, "empty input where at least one row is required")             \
     X(EIO, -7, "input/output error")                                            \
     X(EFORMAT, -8, "malformed or unsupported file")                             \
-    X(EUNSUPPORTED, -9, "not supported by this version")
+    X(EUNSUPPORTED, -9, "not supported by this version")                       \
+    X(ELIMIT, -10, "memory cap (params.max_bytes) reached")
 
 typedef enum kmv_errno {
 #define KMV__ERRNO_ENUM(name, value, msg) KMV_##name = value,
@@ -154,6 +155,15 @@ typedef struct kmv_params {
     int n_threads;     /* threads per call; 0 means OpenMP's default
                           (OMP_NUM_THREADS, else the core count). >= 0.     */
     kmv_allocator allocator; /* {NULL, NULL, NULL} selects malloc/free.     */
+    /* The most bytes a handle may hold through the allocator at any moment,
+     * counting a 16-byte header per block: an index's keys, tables and a
+     * product's working memory; for kmv_matvec() and kmv_attention() on a
+     * context, each call's own. An allocation past it is refused and the
+     * call returns KMV_ELIMIT, leaving the handle as it was before the call
+     * (an approximate product instead runs the exact engine, stats reason
+     * KMV_FALLBACK_MEMORY, when that fits). BLAS's and OpenMP's private
+     * buffers are not counted. 0 means no cap. Default 0.                  */
+    size_t max_bytes;
     /* Progress of long calls: when not NULL, called with the fraction of
      * the work done, in [0, 1], nondecreasing, ending with 1 on success.
      * Always on the thread that made the call, never concurrently with
@@ -231,7 +241,8 @@ typedef enum kmv_fallback {
                                  rest of the exact product */
     KMV_FALLBACK_COLUMNS = 4, /* too many keys with huge x_j to sum exactly */
     KMV_FALLBACK_BUDGET = 5,  /* dropped keys' bound alone exceeds eps */
-    KMV_FALLBACK_SMALL = 6    /* too few keys or queries to gain anything */
+    KMV_FALLBACK_SMALL = 6,   /* too few keys or queries to gain anything */
+    KMV_FALLBACK_MEMORY = 7   /* the plan needed more than params.max_bytes */
 } kmv_fallback;
 
 /* "none", "lsh", ... for a kmv_fallback; "unknown" otherwise. */
@@ -281,7 +292,9 @@ KMV_API const kmv_params *kmv_ctx_params(const kmv_ctx *ctx);
  * leaves float's range: an entry of y past FLT_MAX, as sums of x near it
  * can be, or squared norms or distances past it, from coordinates beyond
  * about 1e19; y's content is then unspecified), KMV_ENONFINITE (NaN or
- * infinity in queries, keys or x), KMV_ENOMEM, KMV_EUNSUPPORTED.
+ * infinity in queries, keys or x), KMV_ENOMEM, KMV_ELIMIT (the call's
+ * working memory would pass params.max_bytes), KMV_EUNSUPPORTED. On
+ * KMV_ENOMEM and KMV_ELIMIT y is untouched.
  * Cost (exact): O(n_queries n_keys (dim + n_cols)) time on params.n_threads threads,
  * O((n_queries + n_keys) dim) extra memory, never an n_queries x n_keys
  * matrix. Thread-safe: concurrent calls on one context are allowed. */
@@ -312,12 +325,18 @@ KMV_API void kmv_index_free(kmv_index *ix);
 /* Append n_keys keys (n_keys x dim). They get ids kmv_index_size() ..
  * kmv_index_size() + n_keys - 1, the row order of x in later products.
  * Errors: KMV_EINVAL (NULL keys with n_keys > 0), KMV_ENONFINITE,
- * KMV_EOVERFLOW (more than 2^32 - 2 keys in total), KMV_ENOMEM; on error
- * the index is unchanged. */
+ * KMV_EOVERFLOW (more than 2^32 - 2 keys in total), KMV_ENOMEM, KMV_ELIMIT
+ * (params.max_bytes); on error the index answers every later call exactly
+ * as it would have without the failed append. */
 KMV_API int kmv_index_append(kmv_index *ix, const float *keys, size_t n_keys);
 
 /* Keys held. */
 KMV_API size_t kmv_index_size(const kmv_index *ix);
+
+/* Bytes the index holds through the allocator now (headers included: the
+ * quantity params.max_bytes caps), and the most it has held. */
+KMV_API size_t kmv_index_bytes(const kmv_index *ix);
+KMV_API size_t kmv_index_peak_bytes(const kmv_index *ix);
 
 /* Approximate y = K x over the index's keys (x is kmv_index_size() x
  * n_cols in id order; y is n_queries x n_cols):

@@ -55,6 +55,7 @@ static void test_params_defaults_and_ranges(void **state) {
     kmv_params_init(&p);
     assert_true(p.sigma == 1.0 && p.attn_scale == 0.0 && p.eps == 0.1 && p.delta == 0.01);
     assert_true(p.causal == 0 && p.exact == 0 && p.seed == 1 && p.n_threads == 0);
+    assert_true(p.max_bytes == 0); /* no cap */
     assert_null(p.allocator.alloc);
     assert_null(p.allocator.free);
     assert_int_equal(kmv_params_check(&p), KMV_OK);

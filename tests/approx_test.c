@@ -102,6 +102,11 @@ static double rel_error(const float *y, const float *ye, size_t len, const float
     return sqrt(e2 / x2);
 }
 
+/* The exact engine's product through ix (what a memory fallback runs). */
+static int fallback_product(kmv_index *ix, const dataset *ds, const float *x, float *y) {
+    return kmv__approx_fallback(ix, ds->q, ds->m, x, 1, y, KMV_FALLBACK_MEMORY, NULL);
+}
+
 /* Run SEEDS seeds of one case: fresh x and engine seed per run. */
 static void guarantee(const dataset *ds, dg_xkind kind, size_t c, const char *name) {
     float *x = malloc(ds->n * c * sizeof(float));
@@ -517,14 +522,17 @@ static void test_bad_input(void **state) {
 }
 
 /* Every allocation of an approximate product failing in turn: KMV_ENOMEM,
- * nothing leaked (the sanitizer runs check), and the index still usable. */
+ * nothing leaked (the sanitizer runs check), y untouched, and an index
+ * whose append failed still answers as before. */
 static void test_allocation_failures(void **state) {
     (void)state;
     dataset ds = clustered(1024, 128, 16, 16);
-    float *x = malloc(ds.n * sizeof(float)), *y = malloc(ds.m * sizeof(float));
-    dg_x(x, ds.n, DG_X_GAUSS, 8);
-    int failures_seen = 0;
-    for (long fail_at = 1; fail_at < 400; fail_at++) {
+    dataset more = clustered(512, 1, 16, 17);
+    float *x = malloc((ds.n + more.n) * sizeof(float)), *y = malloc(ds.m * sizeof(float));
+    float *y0 = malloc(ds.m * sizeof(float));
+    dg_x(x, ds.n + more.n, DG_X_GAUSS, 8);
+    int failures_seen = 0, append_failures = 0;
+    for (long fail_at = 1; fail_at < 600; fail_at++) {
         tu_alloc_state as = {0};
         as.fail_at = fail_at;
         kmv_params p;
@@ -540,7 +548,24 @@ static void test_allocation_failures(void **state) {
             rc = kmv_index_append(ix, ds.k, ds.n);
             if (rc == KMV_OK) {
                 ix->force_approx = 1;
+                for (size_t i = 0; i < ds.m; i++) y[i] = 42.0f;
                 rc = kmv_index_matvec(ix, ds.q, ds.m, x, 1, y, NULL);
+                for (size_t i = 0; rc != KMV_OK && i < ds.m; i++)
+                    if (y[i] != 42.0f) fail_msg("allocation %ld failing wrote y[%zu]", fail_at, i);
+            }
+            if (rc == KMV_OK) {
+                /* An append into the built tables; if it fails, the index
+                 * must answer exactly as it did. */
+                memcpy(y0, y, ds.m * sizeof(float));
+                rc = kmv_index_append(ix, more.k, more.n);
+                if (rc != KMV_OK) {
+                    append_failures++;
+                    assert_int_equal(kmv_index_size(ix), ds.n);
+                    as.fail_at = 0; /* no more failures */
+                    assert_int_equal(kmv_index_matvec(ix, ds.q, ds.m, x, 1, y, NULL), KMV_OK);
+                    assert_memory_equal(y, y0, ds.m * sizeof(float));
+                    rc = KMV_ENOMEM;
+                }
             }
             kmv_index_free(ix);
         }
@@ -551,9 +576,114 @@ static void test_allocation_failures(void **state) {
         if (rc == KMV_OK && as.calls < fail_at) break; /* every allocation passed */
     }
     assert_true(failures_seen > 10);
+    assert_true(append_failures > 0);
     free(x);
     free(y);
+    free(y0);
     dataset_free(&ds);
+    dataset_free(&more);
+}
+
+static kmv_index *capped_index(const dataset *ds, size_t cap) {
+    kmv_params p;
+    kmv_params_init(&p);
+    p.seed = 3;
+    p.n_threads = 1;
+    p.max_bytes = cap;
+    kmv_ctx *ctx;
+    assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
+    kmv_index *ix;
+    assert_int_equal(kmv_index_create(ctx, ds->d, &ix), KMV_OK);
+    kmv_ctx_free(ctx);
+    ix->force_approx = 1;
+    return ix;
+}
+
+/* params.max_bytes: the index never holds more; a refused append is
+ * KMV_ELIMIT and changes no answer; a product whose plan does not fit runs
+ * the exact engine and says so; a one-shot call past it is KMV_ELIMIT with
+ * y untouched. */
+static void test_memory_cap(void **state) {
+    (void)state;
+    dataset ds = clustered(2048, 256, 32, 18);
+    dataset more = clustered(6144, 1, 32, 19);
+    float *x = malloc(ds.n * sizeof(float)), *y = malloc(ds.m * sizeof(float));
+    float *y1 = malloc(ds.m * sizeof(float)), *ye = malloc(ds.m * sizeof(float));
+    dg_x(x, ds.n, DG_X_GAUSS, 9);
+    exact(&ds, x, 1, ye);
+
+    /* What the approximate and the exact product need, uncapped. */
+    kmv_index *ix = capped_index(&ds, 0);
+    assert_int_equal(kmv_index_bytes(ix), 0);
+    assert_int_equal(kmv_index_append(ix, ds.k, ds.n), KMV_OK);
+    size_t keys_bytes = kmv_index_bytes(ix);
+    assert_true(keys_bytes >= ds.n * ds.d * sizeof(float));
+    assert_int_equal(fallback_product(ix, &ds, x, y), KMV_OK);
+    size_t exact_peak = kmv_index_peak_bytes(ix);
+    kmv_stats st;
+    assert_int_equal(kmv_index_matvec(ix, ds.q, ds.m, x, 1, y1, &st), KMV_OK);
+    assert_int_equal(st.mode, KMV_MODE_APPROX);
+    size_t approx_peak = kmv_index_peak_bytes(ix);
+    kmv_index_free(ix);
+    assert_true(approx_peak > exact_peak);
+
+    /* Capped at the approximate plan's peak: the same answer, and an append
+     * past the cap refused without a trace. */
+    ix = capped_index(&ds, approx_peak);
+    assert_int_equal(kmv_index_append(ix, ds.k, ds.n), KMV_OK);
+    assert_int_equal(kmv_index_matvec(ix, ds.q, ds.m, x, 1, y, &st), KMV_OK);
+    assert_int_equal(st.mode, KMV_MODE_APPROX);
+    assert_memory_equal(y, y1, ds.m * sizeof(float));
+    assert_true(kmv_index_peak_bytes(ix) <= approx_peak);
+    assert_int_equal(kmv_index_append(ix, more.k, more.n), KMV_ELIMIT);
+    assert_int_equal(kmv_index_size(ix), ds.n);
+    assert_true(kmv_index_peak_bytes(ix) <= approx_peak);
+    assert_int_equal(kmv_index_matvec(ix, ds.q, ds.m, x, 1, y, &st), KMV_OK);
+    assert_memory_equal(y, y1, ds.m * sizeof(float));
+    kmv_index_free(ix);
+
+    /* Capped at the exact product's peak: the plan does not fit, the exact
+     * engine runs and says why. */
+    ix = capped_index(&ds, exact_peak);
+    assert_int_equal(kmv_index_append(ix, ds.k, ds.n), KMV_OK);
+    assert_int_equal(kmv_index_matvec(ix, ds.q, ds.m, x, 1, y, &st), KMV_OK);
+    assert_int_equal(st.mode, KMV_MODE_FALLBACK);
+    assert_int_equal(st.fallback_reason, KMV_FALLBACK_MEMORY);
+    assert_string_equal(kmv_fallback_name(KMV_FALLBACK_MEMORY), "memory");
+    assert_true(rel_error(y, ye, ds.m, x, ds.n) < 1e-5);
+    assert_true(kmv_index_peak_bytes(ix) <= exact_peak);
+    kmv_index_free(ix);
+
+    /* Not even the keys fit: the append is refused. */
+    ix = capped_index(&ds, keys_bytes / 2);
+    assert_int_equal(kmv_index_append(ix, ds.k, ds.n), KMV_ELIMIT);
+    assert_int_equal(kmv_index_size(ix), 0);
+    assert_int_equal(kmv_index_bytes(ix), 0);
+    kmv_index_free(ix);
+
+    /* One-shot calls on a context: each call's working memory is capped. */
+    kmv_params p;
+    kmv_params_init(&p);
+    p.max_bytes = 4096;
+    for (int exact_engine = 0; exact_engine <= 1; exact_engine++) {
+        p.exact = exact_engine;
+        kmv_ctx *ctx;
+        assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
+        for (size_t i = 0; i < ds.m; i++) y[i] = 42.0f;
+        assert_int_equal(kmv_matvec(ctx, ds.q, ds.m, ds.k, ds.n, ds.d, x, 1, y, NULL), KMV_ELIMIT);
+        if (exact_engine)
+            assert_int_equal(kmv_attention(ctx, ds.q, ds.m, ds.k, ds.n, ds.d, x, 1, y, NULL),
+                             KMV_ELIMIT);
+        for (size_t i = 0; i < ds.m; i++) assert_true(y[i] == 42.0f);
+        kmv_ctx_free(ctx);
+    }
+    assert_string_equal(kmv_errname(KMV_ELIMIT), "KMV_ELIMIT");
+    free(x);
+    free(y);
+    free(y1);
+    free(ye);
+    dataset_free(&ds);
+    dataset_free(&more);
 }
 
 int main(void) {
@@ -566,6 +696,7 @@ int main(void) {
         cmocka_unit_test(test_grows_in_place),
         cmocka_unit_test(test_dense_falls_back),
         cmocka_unit_test(test_allocation_failures),
+        cmocka_unit_test(test_memory_cap),
         cmocka_unit_test(test_clustered_assumption_a),
         cmocka_unit_test(test_recall_clustered),
         cmocka_unit_test(test_recall_glove),

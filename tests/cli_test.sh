@@ -104,6 +104,14 @@ absent "$T/y.npy"
 expect 1 "logits could exceed float32" -- $KMV attention --exact --scale 1e39 --q "$T/q.npy" --k "$T/k.npy" --v "$T/v.npy" --out "$T/o.npy"
 absent "$T/o.npy"
 expect 2 "sigma must be in" -- $KMV matvec --exact --sigma 1e-200 --out "$T/y.npy" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
+# A memory cap the product cannot fit in: a clear error and no output.
+expect 1 "needs more memory than --max-mb 0.001" -- $KMV matvec --exact --max-mb 0.001 --sigma 1 --out "$T/y.npy" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
+absent "$T/y.npy"
+expect 1 "needs more memory than --max-mb" -- $KMV attention --exact --max-mb 0.001 --q "$T/q.npy" --k "$T/k.npy" --v "$T/v.npy" --out "$T/o.npy"
+absent "$T/o.npy"
+expect 2 "max-mb must be in" -- $KMV matvec --exact --max-mb 0 --sigma 1 --out "$T/y.npy" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
+expect 0 "" -- $KMV matvec --exact --max-mb 64 --sigma 1 --out "$T/y.npy" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
+rm -f "$T/y.npy"
 
 # Successful runs: shapes, stats, and softmax of constant values.
 expect 0 "" -- $KMV matvec --exact --sigma 1.5 --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --out "$T/y.npy" --stats "$T/s.json"
