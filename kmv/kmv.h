@@ -26,6 +26,22 @@
  *    kmv_params (malloc/free by default). BLAS and the OpenMP runtime keep
  *    private buffers of their own that this hook does not see.
  *
+ * Threads. Which calls may overlap:
+ *  - Anywhere, any number at once: the version and error-name queries,
+ *    kmv_params_init/check, kmv_find_nonfinite, kmv_ctx_create,
+ *    kmv_npy_read, and kmv_npy_write on distinct paths.
+ *  - On one context: any number of kmv_matvec, kmv_attention and
+ *    kmv_index_create calls at once (the context is read-only after
+ *    creation); kmv_ctx_free only when none is running.
+ *  - On one index: one call at a time, whichever (products update its
+ *    tables). Distinct indexes are independent, even from one context.
+ *  - Each call may run its own OpenMP team (params.n_threads), and calls
+ *    the allocator hook from those threads: the hook must be thread-safe.
+ *    The progress hook runs only on the calling thread.
+ * tests/concurrency_test checks these under ThreadSanitizer (.bazelrc
+ * config tsan) with one thread per call inside: libgomp is not built with
+ * TSan, so the teams' own synchronization is outside what it can check.
+ *
  * ABI promise: none before 1.0. Until then, rebuild against the header of the
  * library you link; KMV_VERSION_NUMBER tells which one that is. Source
  * compatibility is kept across minor versions: new fields are added to the
