@@ -181,6 +181,7 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
             return EXIT_USAGE;
         }
         p.max_bytes = (size_t)(v->d * 1048576.0);
+        if (p.max_bytes == 0) p.max_bytes = 1; /* 0 would mean no cap */
     }
     if (!(p.eps > 0 && p.eps < 1)) {
         fprintf(stderr, "kmv %s: --eps must be in (0, 1)\n", cmd);

@@ -11,7 +11,9 @@
  * Checked beyond "no crash, no leak, no undefined behaviour": every code
  * returned is one kmv names; a refused append leaves the index's size as it
  * was; non-finite input is refused as KMV_ENONFINITE; a success never
- * returns a non-finite number. */
+ * returns a non-finite number; with a memory cap (some inputs set a small
+ * one) an index never holds more than it, and KMV_ELIMIT comes only from
+ * a cap. */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -53,8 +55,15 @@ static void fill(input *in, float *v, size_t count) {
         abort();                                                         \
     } while (0)
 
+static size_t cap;
+
 static void check_code(int rc) {
     if (rc != KMV_OK && strcmp(kmv_errname(rc), "KMV_UNKNOWN") == 0) VIOLATED("unnamed code");
+    if (rc == KMV_ELIMIT && cap == 0) VIOLATED("KMV_ELIMIT without a cap");
+}
+
+static void check_held(const kmv_index *ix) {
+    if (cap != 0 && kmv_index_peak_bytes(ix) > cap) VIOLATED("index held more than its cap");
 }
 
 static int has_nonfinite(const float *v, size_t count) {
@@ -81,7 +90,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     p.delta = (b >> 6) == 3 ? 0.0 : 0.01 * (double)(1 + (b >> 6));
     p.exact = byte(&in) & 1;
     p.seed = byte(&in);
-    p.n_threads = 1 + (int)(byte(&in) & 1);
+    /* Bits 4-5 pick the cap, so that inputs saved before it existed (all
+     * with those bits clear) still decode as they did. */
+    static const size_t caps[] = {0, 2048, 16384, 262144};
+    unsigned t = byte(&in);
+    p.n_threads = 1 + (int)(t & 1);
+    p.max_bytes = caps[(t >> 4) & 3];
+    cap = p.max_bytes;
     kmv_ctx *ctx = NULL;
     int rc = kmv_ctx_create(&p, &ctx);
     check_code(rc);
@@ -109,6 +124,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             check_code(rc);
             if (has_nonfinite(k, cnt * d) && rc != KMV_ENONFINITE) VIOLATED("non-finite key taken");
             if (rc != KMV_OK && kmv_index_size(ix) != before) VIOLATED("refused append changed size");
+            check_held(ix);
             if (kmv_index_size(ix) > MAXN * 4) { /* keep the runs short */
                 kmv_index_free(ix);
                 ix = NULL;
@@ -120,6 +136,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             kmv_stats st;
             rc = kmv_index_matvec(ix, q, m, x, c, y, &st);
             check_code(rc);
+            check_held(ix);
             if ((has_nonfinite(q, m * d) || has_nonfinite(x, n * c)) && rc != KMV_ENONFINITE)
                 VIOLATED("non-finite query or x taken");
             check_finite(rc, y, m * c);

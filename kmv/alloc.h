@@ -27,7 +27,8 @@ void kmv__free(const kmv_allocator *a, void *ptr);
  * bytes live through it and refuses an allocation that would take them past
  * a cap, which is how params.max_bytes is kept. Counting is atomic, so the
  * engine's worker threads may share one meter. Each block carries a
- * 16-byte header with its size (malloc's alignment is kept). */
+ * header with its size, as long as malloc's alignment (16 bytes on x86-64),
+ * so blocks keep that alignment, though no more than it. */
 typedef struct kmv__meter {
     kmv_allocator base;
     size_t cap;             /* 0: no cap */

@@ -68,9 +68,11 @@ static int approx_once(const kmv_ctx *ctx, const float *q, size_t m, const float
                        double t0) {
     kmv_index *ix = NULL;
     int rc = kmv_index_create(ctx, d, &ix);
-    if (rc == KMV_OK) rc = kmv_index_append(ix, k, n);
+    /* Operands were checked by run(): the O(n d) finiteness scans are not
+     * repeated. */
+    if (rc == KMV_OK) rc = kmv__index_append_checked(ix, k, n);
     double t1 = kmv__now();
-    if (rc == KMV_OK) rc = kmv_index_matvec(ix, q, m, x, c, y, stats);
+    if (rc == KMV_OK) rc = kmv__index_matvec_checked(ix, q, m, x, c, y, stats);
     kmv_index_free(ix);
     if (rc == KMV_OK && stats != NULL) {
         stats->seconds_prepare += t1 - t0;

@@ -348,12 +348,15 @@ static size_t window_offset(uint64_t seed, size_t i, int round, size_t n) {
  * a failure then leaves y untouched. */
 typedef struct sample_scratch {
     float *chunk;  /* nt x 256 */
-    double *acc;   /* nt x 3c: acc (2c) and est (c) */
+    double *acc;   /* nt x stride: acc (2c) and est (c) */
+    size_t stride; /* 3c rounded up to a cache line, so threads never
+                      share one (acc is written in the window's inner loop) */
 } sample_scratch;
 
 static int sample_scratch_init(const run *r, sample_scratch *sc) {
+    sc->stride = (3 * r->c + 7) / 8 * 8;
     sc->chunk = kmv__malloc_array(r->a, (size_t)r->nt * 256, sizeof(float));
-    sc->acc = kmv__malloc_array(r->a, (size_t)r->nt * 3, r->c * sizeof(double));
+    sc->acc = kmv__malloc_array(r->a, (size_t)r->nt * sc->stride, sizeof(double));
     return sc->chunk != NULL && sc->acc != NULL;
 }
 
@@ -381,7 +384,7 @@ static void pass_sample(run *r, const sample_scratch *sc, float *y, const unsign
     {
         size_t tid = (size_t)thread_id();
         float *chunk = sc->chunk + tid * 256;
-        double *acc = sc->acc + tid * 3 * c, *est = acc + 2 * c;
+        double *acc = sc->acc + tid * sc->stride, *est = acc + 2 * c;
 #pragma omp for schedule(dynamic, QB)
         for (size_t i = 0; i < r->m; i++) {
             if (redo != NULL && !redo[i]) continue;
@@ -522,6 +525,7 @@ int kmv__approx_fallback(const kmv_index *ix, const float *q, size_t m, const fl
     S.fallback_reason = reason;
     int rc = run_fallback(ix, q, m, x, c, y, &S);
     if (rc != KMV_OK) return rc;
+    if (ix->params.progress != NULL) ix->params.progress(ix->params.progress_opaque, 1.0);
     S.seconds = kmv__now() - t0;
     if (st != NULL) *st = S;
     return KMV_OK;
@@ -552,7 +556,7 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
      * failed call leaves y as it was: the measurement's exact product runs
      * first, and the sampling pass's scratch is taken ahead of it. */
     float *ye = NULL;
-    sample_scratch sc = {NULL, NULL};
+    sample_scratch sc = {NULL, NULL, 0};
     double *w2 = NULL;
     size_t *s2 = NULL;
     unsigned char *redo = NULL;

@@ -46,6 +46,10 @@ int kmv_index_append(kmv_index *ix, const float *keys, size_t n_keys) {
     if (n_keys == 0) return KMV_OK;
     if (n_keys > KMV__KEYS_MAX - ix->ks.n) return KMV_EOVERFLOW;
     if (kmv_find_nonfinite(keys, n_keys * ix->d, NULL) != KMV_OK) return KMV_ENONFINITE;
+    return kmv__index_append_checked(ix, keys, n_keys);
+}
+
+int kmv__index_append_checked(kmv_index *ix, const float *keys, size_t n_keys) {
     kmv__meter_reset(&ix->meter);
     /* Room in the store first, then the tables (whose failure leaves them
      * unchanged), then the store's part, which cannot fail once it has
@@ -70,13 +74,29 @@ int kmv_index_matvec(kmv_index *ix, const float *q, size_t m, const float *x, si
         kmv_find_nonfinite(x, n * c, NULL) != KMV_OK)
         return KMV_ENONFINITE;
     if (ix->params.causal) return KMV_EUNSUPPORTED;
+    return kmv__index_matvec_checked(ix, q, m, x, c, y, stats);
+}
+
+int kmv__index_matvec_checked(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
+                              float *y, kmv_stats *stats) {
     kmv__meter_reset(&ix->meter);
-    int rc = kmv__approx_matvec(ix, q, m, x, c, y, stats);
-    /* A plan past the cap leaves y untouched; the exact engine needs only
-     * O((m + n) d) and may still fit. */
-    if (rc == KMV_ENOMEM && atomic_load(&ix->meter.refused)) {
-        kmv__meter_reset(&ix->meter);
+    int rc;
+    if (ix->refused_n == ix->ks.n + 1) {
         rc = kmv__approx_fallback(ix, q, m, x, c, y, KMV_FALLBACK_MEMORY, stats);
+    } else {
+        rc = kmv__approx_matvec(ix, q, m, x, c, y, stats);
+        /* A plan past the cap leaves y untouched; the exact engine needs
+         * only O((m + n) d) and may still fit once the tables (a cache) are
+         * dropped. Until keys are added, later products skip the plan. */
+        if (rc == KMV_ENOMEM && atomic_load(&ix->meter.refused)) {
+            if (ix->lsh_built) {
+                kmv__lsh_free(&ix->lsh, &ix->alloc);
+                ix->lsh_built = 0;
+            }
+            ix->refused_n = ix->ks.n + 1;
+            kmv__meter_reset(&ix->meter);
+            rc = kmv__approx_fallback(ix, q, m, x, c, y, KMV_FALLBACK_MEMORY, stats);
+        }
     }
     rc = kmv__meter_code(&ix->meter, rc);
     /* Finite inputs can still sum past float's range (see kmv.h). */

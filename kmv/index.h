@@ -20,6 +20,9 @@ struct kmv_index {
     size_t lsh_n;       /* keys when the tables were planned */
     double kappa;       /* heavy threshold they were planned for */
     kmv__lsh_plan plan;
+    size_t refused_n;   /* 1 + the key count at which the approximate plan
+                           last passed params.max_bytes (0: never): products
+                           at that count go straight to the exact engine */
     int force_approx;   /* tests only: skip every cost-model fallback, so
                            the approximate path's guarantee can be measured
                            on inputs where exact would be cheaper */
@@ -33,6 +36,12 @@ struct kmv_index {
  * by the caller (index.c). */
 int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
                        float *y, kmv_stats *st);
+
+/* kmv_index_append() and kmv_index_matvec() past their argument checks,
+ * for callers that made them already (kmv_matvec's one-shot index). */
+int kmv__index_append_checked(kmv_index *ix, const float *keys, size_t n_keys);
+int kmv__index_matvec_checked(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
+                              float *y, kmv_stats *stats);
 
 /* The exact engine for the whole product, reported as a fallback for
  * reason (a kmv_fallback); for plans that did not fit params.max_bytes. */

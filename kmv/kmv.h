@@ -172,13 +172,17 @@ typedef struct kmv_params {
                           (OMP_NUM_THREADS, else the core count). >= 0.     */
     kmv_allocator allocator; /* {NULL, NULL, NULL} selects malloc/free.     */
     /* The most bytes a handle may hold through the allocator at any moment,
-     * counting a 16-byte header per block: an index's keys, tables and a
+     * counting a header per block (16 bytes on x86-64; blocks of an index
+     * then have malloc's alignment, not more): an index's keys, tables and a
      * product's working memory; for kmv_matvec() and kmv_attention() on a
      * context, each call's own. An allocation past it is refused and the
-     * call returns KMV_ELIMIT, leaving the handle as it was before the call
-     * (an approximate product instead runs the exact engine, stats reason
-     * KMV_FALLBACK_MEMORY, when that fits). BLAS's and OpenMP's private
-     * buffers are not counted. 0 means no cap. Default 0.                  */
+     * call returns KMV_ELIMIT with its outputs untouched (what a refused
+     * append leaves: kmv_index_append()). An approximate product whose plan
+     * does not fit instead drops the index's LSH tables and runs the exact
+     * engine (stats reason KMV_FALLBACK_MEMORY), as do later products until
+     * keys are appended; KMV_ELIMIT only if that does not fit either.
+     * BLAS's and OpenMP's private buffers are not counted. 0 means no cap.
+     * Default 0.                                                           */
     size_t max_bytes;
     /* Progress of long calls: when not NULL, called with the fraction of
      * the work done, in [0, 1], nondecreasing, ending with 1 on success.
@@ -342,8 +346,10 @@ KMV_API void kmv_index_free(kmv_index *ix);
  * kmv_index_size() + n_keys - 1, the row order of x in later products.
  * Errors: KMV_EINVAL (NULL keys with n_keys > 0), KMV_ENONFINITE,
  * KMV_EOVERFLOW (more than 2^32 - 2 keys in total), KMV_ENOMEM, KMV_ELIMIT
- * (params.max_bytes); on error the index answers every later call exactly
- * as it would have without the failed append. */
+ * (params.max_bytes). On error the keys and tables hold what they held, so
+ * later products give the same answers as without the failed call; room
+ * the call reserved may stay held (kmv_index_bytes() counts it), which
+ * under a cap leaves less for later calls. */
 KMV_API int kmv_index_append(kmv_index *ix, const float *keys, size_t n_keys);
 
 /* Keys held. */

@@ -652,6 +652,14 @@ static void test_memory_cap(void **state) {
     assert_string_equal(kmv_fallback_name(KMV_FALLBACK_MEMORY), "memory");
     assert_true(rel_error(y, ye, ds.m, x, ds.n) < 1e-5);
     assert_true(kmv_index_peak_bytes(ix) <= exact_peak);
+    /* The tables were dropped; the next product skips the plan it knows
+     * does not fit, with the same answer. */
+    assert_false(ix->lsh_built);
+    memcpy(y1, y, ds.m * sizeof(float));
+    assert_int_equal(kmv_index_matvec(ix, ds.q, ds.m, x, 1, y, &st), KMV_OK);
+    assert_int_equal(st.fallback_reason, KMV_FALLBACK_MEMORY);
+    assert_int_equal(st.heavy_pairs, 0);
+    assert_memory_equal(y, y1, ds.m * sizeof(float));
     kmv_index_free(ix);
 
     /* Not even the keys fit: the append is refused. */
@@ -661,7 +669,12 @@ static void test_memory_cap(void **state) {
     assert_int_equal(kmv_index_bytes(ix), 0);
     kmv_index_free(ix);
 
-    /* One-shot calls on a context: each call's working memory is capped. */
+    /* One-shot calls on a context: each call's working memory is capped.
+     * The approximate one takes its index path only from 2^23 entries. */
+    enum { BM = 1024, BN = 8192, BD = 2 };
+    float *bq = tu_random(BM * BD, 20, 1.0f), *bk = tu_random(BN * BD, 21, 1.0f);
+    float *bx = tu_random(BN, 22, 1.0f), *by = malloc(BM * sizeof(float));
+    assert_true((double)BM * BN >= KMV__APPROX_MIN_ENTRIES);
     kmv_params p;
     kmv_params_init(&p);
     p.max_bytes = 4096;
@@ -669,14 +682,17 @@ static void test_memory_cap(void **state) {
         p.exact = exact_engine;
         kmv_ctx *ctx;
         assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
-        for (size_t i = 0; i < ds.m; i++) y[i] = 42.0f;
-        assert_int_equal(kmv_matvec(ctx, ds.q, ds.m, ds.k, ds.n, ds.d, x, 1, y, NULL), KMV_ELIMIT);
+        for (size_t i = 0; i < BM; i++) by[i] = 42.0f;
+        assert_int_equal(kmv_matvec(ctx, bq, BM, bk, BN, BD, bx, 1, by, NULL), KMV_ELIMIT);
         if (exact_engine)
-            assert_int_equal(kmv_attention(ctx, ds.q, ds.m, ds.k, ds.n, ds.d, x, 1, y, NULL),
-                             KMV_ELIMIT);
-        for (size_t i = 0; i < ds.m; i++) assert_true(y[i] == 42.0f);
+            assert_int_equal(kmv_attention(ctx, bq, BM, bk, BN, BD, bx, 1, by, NULL), KMV_ELIMIT);
+        for (size_t i = 0; i < BM; i++) assert_true(by[i] == 42.0f);
         kmv_ctx_free(ctx);
     }
+    free(bq);
+    free(bk);
+    free(bx);
+    free(by);
     assert_string_equal(kmv_errname(KMV_ELIMIT), "KMV_ELIMIT");
     free(x);
     free(y);

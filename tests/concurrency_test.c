@@ -1,8 +1,8 @@
 /* What kmv.h promises about threads, hammered from several threads at once:
  * concurrent kmv_matvec() and kmv_attention() calls on one context (exact
- * and approximate engines, each call running its own OpenMP team, one
- * context capped by params.max_bytes so the meter's counters are shared),
- * and distinct indexes used from distinct threads. Every answer must equal,
+ * and approximate engines, each call running its own OpenMP team and, on
+ * the capped context, its own memory meter), and distinct indexes used
+ * from distinct threads. Every answer must equal,
  * bit for bit, the one computed alone beforehand. Run under the `tsan`
  * configuration (.bazelrc), ThreadSanitizer checks that nothing races;
  * under the others it checks the answers.
@@ -140,8 +140,8 @@ static void test_concurrent_calls(void **state) {
     (void)state;
     shared sh;
     memset(&sh, 0, sizeof sh);
-    /* A cap far above need: the calls run as uncapped, but every
-     * allocation goes through a meter. */
+    /* A cap far above need: the calls run as uncapped, but through the
+     * per-call meters. */
     sh.approx = make_ctx(0, (size_t)1 << 34);
     sh.exact = make_ctx(1, 0);
     for (int c = 0; c < NCALLS; c++) {
