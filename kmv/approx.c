@@ -511,28 +511,37 @@ static int run_fallback(const kmv_index *ix, const float *q, size_t m, const flo
     return KMV_OK;
 }
 
-int kmv__approx_fallback(const kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
-                         float *y, int reason, kmv_stats *st) {
-    double t0 = kmv__now();
+static void progress(const kmv_params *p, double f) {
+    if (p->progress != NULL) p->progress(p->progress_opaque, f);
+}
+
+/* The stats every product starts from, approximate or fallback. */
+static kmv_stats stats_start(const kmv_index *ix, size_t m, size_t c) {
     kmv_stats S;
     memset(&S, 0, sizeof S);
+    S.mode = KMV_MODE_APPROX;
     S.n_keys = ix->ks.n;
     S.n_queries = m;
     S.dim = ix->d;
     S.n_cols = c;
     S.error_bound = ix->params.eps;
-    S.error_measured = ix->params.measure_error ? 0.0 : -1.0;
+    S.error_measured = -1.0;
+    S.n_threads = kmv__threads(&ix->params);
+    return S;
+}
+
+int kmv__approx_fallback(const kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
+                         float *y, int reason, kmv_stats *st) {
+    double t0 = kmv__now();
+    kmv_stats S = stats_start(ix, m, c);
+    if (ix->params.measure_error) S.error_measured = 0.0;
     S.fallback_reason = reason;
     int rc = run_fallback(ix, q, m, x, c, y, &S);
     if (rc != KMV_OK) return rc;
-    if (ix->params.progress != NULL) ix->params.progress(ix->params.progress_opaque, 1.0);
+    progress(&ix->params, 1.0);
     S.seconds = kmv__now() - t0;
     if (st != NULL) *st = S;
     return KMV_OK;
-}
-
-static void progress(const kmv_params *p, double f) {
-    if (p->progress != NULL) p->progress(p->progress_opaque, f);
 }
 
 int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
@@ -541,17 +550,8 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
     const kmv_params *pa = &ix->params;
     const kmv_allocator *a = &ix->alloc;
     size_t n = ix->ks.n, d = ix->d;
-    kmv_stats S;
-    memset(&S, 0, sizeof S);
-    S.mode = KMV_MODE_APPROX;
-    S.n_keys = n;
-    S.n_queries = m;
-    S.dim = d;
-    S.n_cols = c;
-    S.error_bound = pa->eps;
-    S.error_measured = -1.0;
-    int nt = kmv__threads(pa);
-    S.n_threads = nt;
+    kmv_stats S = stats_start(ix, m, c);
+    int nt = S.n_threads;
     /* Everything that can fail is taken before the first write to y, so a
      * failed call leaves y as it was: the measurement's exact product runs
      * first, and the sampling pass's scratch is taken ahead of it. */
