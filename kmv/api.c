@@ -104,7 +104,7 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
     if (op == OP_ATTN && !logits_fit(q, m, k, n, d, scale)) return KMV_EOVERFLOW;
     if (!pa->exact) {
         /* The approximate attention is a later version's. */
-        if (op == OP_ATTN || pa->causal) return KMV_EUNSUPPORTED;
+        if (op == OP_ATTN) return KMV_EUNSUPPORTED;
         /* Too small to gain: no index built just to fall back; the exact
          * path below runs and the stats say why. */
         if ((double)m * (double)n >= KMV__APPROX_MIN_ENTRIES)

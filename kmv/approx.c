@@ -95,7 +95,13 @@ typedef struct run {
     double cost_cap, cost_spent;
     int abort, nomem;
     int nt;
+    int causal;        /* row i sees key ids <= i */
 } run;
+
+/* The last key id row i may see. */
+static uint32_t row_limit(const run *r, size_t i) {
+    return r->causal && i < UINT32_MAX ? (uint32_t)i : UINT32_MAX;
+}
 
 static void scratch_free(const kmv_allocator *a, tscratch *t) {
     kmv__free(a, t->stamp);
@@ -177,6 +183,7 @@ static double heavy_block(run *r, tscratch *t, const size_t *rows, size_t bi, si
     for (size_t ii = 0; ii < bi; ii++) {
         size_t i = rows[ii];
         const float *qi = r->q + i * d;
+        uint32_t lim = row_limit(r, i);
         if (++t->cur == 0) { /* wrapped: forget every stamp */
             memset(t->stamp, 0, r->n * sizeof(uint32_t));
             t->cur = 1;
@@ -190,7 +197,7 @@ static double heavy_block(run *r, tscratch *t, const size_t *rows, size_t bi, si
             uint32_t *cand = t->cand.p;
             for (size_t u = 0; u < len; u++) {
                 uint32_t id = ids[u];
-                if (t->stamp[id] == t->cur) continue;
+                if (t->stamp[id] == t->cur || id > lim) continue;
                 t->stamp[id] = t->cur;
                 cand[nc++] = id;
             }
@@ -373,6 +380,17 @@ static int thread_id(void) {
 #endif
 }
 
+/* sum over key ids 0 .. count - 1 of K(q, k_j) x_j, with the caller's x. */
+static void prefix_row(const run *r, const float *q, size_t count, double *est) {
+    const kmv__keystore *ks = &r->ix->ks;
+    for (size_t col = 0; col < r->c; col++) est[col] = 0.0;
+    for (size_t j = 0; j < count; j++) {
+        float kv = kmv__sqdist(q, kmv__keystore_row(ks, j), r->d);
+        kmv__gauss_row_dist(&kv, 1, r->inv2s2, NULL);
+        for (size_t col = 0; col < r->c; col++) est[col] += (double)kv * r->x[j * r->c + col];
+    }
+}
+
 /* Pass 2 for the rows with redo[i] (all rows when redo is NULL): windows or
  * exact rows, plus the exactly summed columns H1; writes y and var. */
 static void pass_sample(run *r, const sample_scratch *sc, float *y, const unsigned char *redo,
@@ -389,21 +407,33 @@ static void pass_sample(run *r, const sample_scratch *sc, float *y, const unsign
         for (size_t i = 0; i < r->m; i++) {
             if (redo != NULL && !redo[i]) continue;
             const float *qi = r->q + i * d;
-            int exact_row = r->s[i] >= r->n;
+            uint32_t lim = row_limit(r, i);
+            kmv__keymask mask = {lim, NULL, 0.0};
+            const kmv__keymask *mk = r->causal ? &mask : NULL;
             double v;
-            if (exact_row) {
-                v = kmv__window(ks, r->xs->xp, c, qi, r->inv2s2, r->kappa, NULL, 0, 0, r->n,
+            if (r->causal && (size_t)lim < r->n && (r->s[i] >= r->n || (size_t)lim < r->s[i])) {
+                /* A causal row that sees fewer keys than its budget: its
+                 * visible keys, exactly, with the caller's x (H1 included). */
+                prefix_row(r, qi, (size_t)lim + 1, est);
+                v = 0.0;
+                r->var[i] = v;
+                for (size_t col = 0; col < c; col++) y[i * c + col] = (float)est[col];
+                continue;
+            }
+            if (r->s[i] >= r->n) {
+                v = kmv__window(ks, r->xs->xp, c, qi, r->inv2s2, r->kappa, NULL, 0, mk, 0, r->n,
                                 chunk, acc, est);
             } else {
                 size_t off = window_offset(seed, i, round, r->n);
                 v = kmv__window(ks, r->xs->xp, c, qi, r->inv2s2, r->kappa, r->hid[i], r->hlen[i],
-                                off, r->s[i], chunk, acc, est);
+                                mk, off, r->s[i], chunk, acc, est);
                 for (size_t col = 0; col < c; col++) est[col] += r->yh[i * c + col];
             }
             r->var[i] = v;
             /* H1: few keys, summed directly with the caller's x. */
             for (size_t u = 0; u < r->xs->n_h1; u++) {
                 uint32_t j = r->xs->h1[u];
+                if (j > lim) break; /* h1 is ascending */
                 float kv = kmv__sqdist(qi, kmv__keystore_row(ks, j), d);
                 kmv__gauss_row_dist(&kv, 1, r->inv2s2, NULL);
                 for (size_t col = 0; col < c; col++) est[col] += (double)kv * r->x[(size_t)j * c + col];
@@ -440,17 +470,14 @@ static double allocate(const run *r, const double *w, double bs2, double delta_s
     return total;
 }
 
-/* Plan (and build) the LSH tables for threshold kappa, unless tables good
- * for it exist. Returns KMV_OK, KMV_ENOMEM, or 1 when no shape is cheap
- * enough (cap: the most the heavy phase may cost). */
-static int ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa, double miss,
-                      double cap) {
+int kmv__index_ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa, double miss,
+                          double cap, double keys_per_query) {
     size_t n = ix->ks.n;
     if (ix->lsh_built && kappa >= 0.5 * ix->kappa && n <= 2 * ix->lsh_n) return KMV_OK;
     double r_near = ix->params.sigma * sqrt(2.0 * log(1.0 / kappa));
     kmv__lsh_plan plan;
     int nt = kmv__threads(&ix->params);
-    int rc = kmv__lsh_choose(&ix->alloc, &ix->ks, q, m, r_near, miss, (double)n / (double)m,
+    int rc = kmv__lsh_choose(&ix->alloc, &ix->ks, q, m, r_near, miss, keys_per_query,
                              ix->params.seed, &plan);
     if (rc != KMV_OK) return rc;
     if (plan.cost_per_query * (double)m > cap) return 1;
@@ -475,25 +502,48 @@ static int ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa, dou
         return rc;
     }
     ix->lsh_built = 1;
+    ix->table_builds++;
+    ix->keys_hashed += n;
+    ix->table_inserts += (uint64_t)n * (uint64_t)plan.shape.L;
     ix->lsh_n = n;
     ix->kappa = kappa;
     ix->plan = plan;
     return KMV_OK;
 }
 
-/* The exact engine over the store's order, with x permuted to match. */
+/* The exact engine over the store's order, with x permuted to match; for
+ * a causal product, over the keys gathered back into id order. */
 static int exact_product(const kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
                          float *y, int nt, int *threads) {
     const kmv__keystore *ks = &ix->ks;
-    float *xperm = kmv__malloc_array(&ix->alloc, ks->n, c * sizeof(float));
-    if (xperm == NULL) return KMV_ENOMEM;
-    for (size_t p = 0; p < ks->n; p++)
-        memcpy(xperm + p * c, x + (size_t)ks->id_at[p] * c, c * sizeof(float));
-    kmv__problem pr = {q, ks->rows, xperm, y, m, ks->n, ix->d, c, 0, nt, NULL, NULL};
+    int causal = ix->params.causal;
+    size_t n = ks->n, d = ix->d;
+    float *buf = causal ? kmv__malloc_array(&ix->alloc, n, d * sizeof(float))
+                        : kmv__malloc_array(&ix->alloc, n, c * sizeof(float));
+    if (buf == NULL) return KMV_ENOMEM;
+    kmv__problem pr = {q, ks->rows, buf, y, m, n, d, c, 0, nt, NULL, NULL};
+    if (causal) {
+        for (size_t j = 0; j < n; j++) memcpy(buf + j * d, kmv__keystore_row(ks, j), d * sizeof(float));
+        pr.k = buf;
+        pr.x = x;
+        pr.causal = 1;
+    } else {
+        for (size_t p = 0; p < n; p++)
+            memcpy(buf + p * c, x + (size_t)ks->id_at[p] * c, c * sizeof(float));
+    }
     int wide = 0;
     int rc = kmv__exact_gauss(&ix->alloc, &pr, ix->params.sigma, &wide, threads);
-    kmv__free(&ix->alloc, xperm);
+    kmv__free(&ix->alloc, buf);
     return rc;
+}
+
+/* Kernel entries the product needs: m n, or under causal masking the
+ * min(i + 1, n) keys each row i sees. */
+static double visible_entries(const kmv_index *ix, size_t m) {
+    double n = (double)ix->ks.n, mm = (double)m;
+    if (!ix->params.causal) return mm * n;
+    double tri = mm < n ? mm : n;
+    return tri * (tri + 1.0) / 2.0 + (mm - tri) * n;
 }
 
 /* The exact engine in place of the plan; S keeps what planning found. */
@@ -506,7 +556,7 @@ static int run_fallback(const kmv_index *ix, const float *q, size_t m, const flo
     if (rc != KMV_OK) return rc;
     S->mode = KMV_MODE_FALLBACK;
     S->n_threads = threads;
-    S->kernel_evals = (uint64_t)m * ix->ks.n;
+    S->kernel_evals = (uint64_t)(visible_entries(ix, m) + 0.5);
     S->error_estimate = 0.0;
     return KMV_OK;
 }
@@ -578,7 +628,7 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
     }
 
     int rc = KMV_OK;
-    double exact_cost = (double)m * (double)n * kmv__cost_exact((double)d) *
+    double exact_cost = visible_entries(ix, m) * kmv__cost_exact((double)d) *
                         (1.0 + 0.03 * (double)(c - 1));
     /* Half the failure probability for sampling, half for LSH misses. */
     double delta_s = 0.5 * pa->delta;
@@ -590,6 +640,7 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
     kmv__sketch_init(&sk, pa->eps);
     run r;
     memset(&r, 0, sizeof r);
+    r.causal = pa->causal;
 
     /* Too small to gain: fewer keys than a few windows. */
     if (!ix->force_approx && (n < 4 * s_min || (double)m * (double)n < KMV__APPROX_MIN_ENTRIES)) {
@@ -612,7 +663,9 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
     if (kappa < 0x1p-60) kappa = 0x1p-60;
 
     double tl = kmv__now();
-    rc = ensure_lsh(ix, q, m, kappa, miss, ix->force_approx ? INFINITY : 0.25 * exact_cost);
+    rc = kmv__index_ensure_lsh(ix, q, m, kappa, miss,
+                               ix->force_approx ? INFINITY : 0.25 * exact_cost,
+                               (double)n / (double)m);
     S.seconds_lsh = kmv__now() - tl;
     if (rc == 1) {
         S.fallback_reason = KMV_FALLBACK_LSH;
@@ -653,7 +706,7 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
     /* The sketch, grown from T's keys in the store's order. */
     for (size_t p = 0; p < n && rc == KMV_OK; p++)
         if (xs.wp[p] > 0.0) rc = kmv__sketch_add(&sk, a, ix->ks.id_at[p], xs.wp[p]);
-    if (rc == KMV_OK) rc = kmv__sketch_draw(&sk, a, &ix->ks, (size_t)pa->sketch_size, pa->seed);
+    if (rc == KMV_OK) rc = kmv__sketch_draw(&sk, a, &ix->ks, (size_t)pa->sketch_size, pa->seed, INFINITY);
     if (rc != KMV_OK) goto fail;
 
     r.ix = ix;

@@ -58,6 +58,10 @@ int kmv__index_append_checked(kmv_index *ix, const float *keys, size_t n_keys) {
     if (rc == KMV_OK && ix->lsh_built)
         rc = kmv__lsh_append(&ix->lsh, &ix->alloc, keys, n_keys, kmv__threads(&ix->params));
     if (rc == KMV_OK) rc = kmv__keystore_append(&ix->ks, &ix->alloc, keys, n_keys);
+    if (rc == KMV_OK && ix->lsh_built) {
+        ix->keys_hashed += n_keys;
+        ix->table_inserts += (uint64_t)n_keys * (uint64_t)ix->lsh.shape.L;
+    }
     return kmv__meter_code(&ix->meter, rc);
 }
 
@@ -73,7 +77,6 @@ int kmv_index_matvec(kmv_index *ix, const float *q, size_t m, const float *x, si
     if (kmv_find_nonfinite(q, m * d, NULL) != KMV_OK ||
         kmv_find_nonfinite(x, n * c, NULL) != KMV_OK)
         return KMV_ENONFINITE;
-    if (ix->params.causal) return KMV_EUNSUPPORTED;
     return kmv__index_matvec_checked(ix, q, m, x, c, y, stats);
 }
 

@@ -23,6 +23,10 @@ struct kmv_index {
     size_t refused_n;   /* 1 + the key count at which the approximate plan
                            last passed params.max_bytes (0: never): products
                            at that count go straight to the exact engine */
+    /* Work counters, all time: what "grows in place" is tested by. */
+    uint64_t keys_hashed;   /* keys projected into the LSH tables */
+    uint64_t table_inserts; /* (key, table) inserts */
+    uint64_t table_builds;  /* times the tables were planned and filled */
     int force_approx;   /* tests only: skip every cost-model fallback, so
                            the approximate path's guarantee can be measured
                            on inputs where exact would be cheaper */
@@ -42,6 +46,17 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
 int kmv__index_append_checked(kmv_index *ix, const float *keys, size_t n_keys);
 int kmv__index_matvec_checked(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
                               float *y, kmv_stats *stats);
+
+/* Plan (and build from the stored keys) LSH tables for heavy threshold
+ * kappa, unless the tables held were planned for a threshold at most twice
+ * as fine at no less than half the keys. q (m rows) samples the queries
+ * for the plan's cost prediction; keys_per_query is the share of the
+ * build each query pays (n / m for one product; about 1 for a decoding
+ * loop, which appends a key per query). Returns KMV_OK, KMV_ENOMEM, or 1
+ * when no shape's predicted heavy-search cost for the m queries is within
+ * cap (nothing is built or dropped then). */
+int kmv__index_ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa, double miss,
+                          double cap, double keys_per_query);
 
 /* The exact engine for the whole product, reported as a fallback for
  * reason (a kmv_fallback); for plans that did not fit params.max_bytes. */

@@ -306,7 +306,7 @@ KMV_API const kmv_params *kmv_ctx_params(const kmv_ctx *ctx);
  * approximate engine runs (see kmv_index_matvec(), which this call wraps
  * with an index built for the call) and the result satisfies
  * ||Kx - y||_2 <= eps ||x||_2 (Frobenius norms for n_cols > 1), as stated
- * there; it is not available with params.causal (KMV_EUNSUPPORTED).
+ * there, K being the masked matrix under params.causal.
  * Errors: KMV_EINVAL (NULL pointer with a nonzero size, dim = 0),
  * KMV_EOVERFLOW (a size product overflows size_t, or the arithmetic
  * leaves float's range: an entry of y past FLT_MAX, as sums of x near it
@@ -381,7 +381,13 @@ KMV_API size_t kmv_index_peak_bytes(const kmv_index *ix);
  * the exact engine runs instead (stats mode KMV_MODE_FALLBACK with the
  * reason); the whole call then costs at most about 1.25 exact products.
  *
- * Errors: as kmv_matvec(); KMV_EUNSUPPORTED with params.causal.
+ * params.causal masks K_ij for key ids j > i: the heavy search and the
+ * windows skip those keys (a masked key counts as 0, so the estimate stays
+ * unbiased and the budgets, planned for the unmasked row, only grow more
+ * careful), and a row that sees fewer keys than its sample budget is
+ * summed exactly over them.
+ *
+ * Errors: as kmv_matvec().
  * Deterministic: the same keys, queries, x and params give the same y. */
 KMV_API int kmv_index_matvec(kmv_index *ix, const float *queries, size_t n_queries,
                              const float *x, size_t n_cols, float *y, kmv_stats *stats);
@@ -408,6 +414,107 @@ KMV_API int kmv_attention(const kmv_ctx *ctx,
                           const float *k, size_t n_keys, size_t dim,
                           const float *v, size_t n_cols,
                           float *out, kmv_stats *stats);
+
+/* ----------------------------------------------------------------- stream */
+
+/* A growing context: keys with their x rows (or V rows) and queries
+ * arrive in blocks, in any interleaving, and get ids 0, 1, 2, ... in
+ * arrival order. Each key goes into the index's LSH tables (once they
+ * exist) and into the x^2-grouped density sketch as it arrives, in time
+ * proportional to the block, not to what the stream holds; the tables are
+ * planned and filled once, at the first approximate answer, and again only
+ * when the keys have doubled or the queries need a heavy threshold more
+ * than twice as fine (amortized O(tables) per key). Answers are for the
+ * current prefix, with no rebuild:
+ *  - kmv_stream_matvec(): y = K x over every query and key so far (causal
+ *    under params.causal: query i sees keys j <= i), with the x given at
+ *    append time or a fresh one for the same keys;
+ *  - kmv_stream_decode(): one query's row against every key so far, the
+ *    step of a decoding loop, in time sublinear in the keys.
+ * Same seed, same calls, same answers; how keys were split into blocks
+ * does not change any answer (see kmv_stream_append_keys()).
+ * One stream is used by one thread at a time; distinct streams are
+ * independent. The Gaussian kernel only in this version. */
+typedef struct kmv_stream kmv_stream;
+
+/* An empty stream of dim-dimensional keys and queries whose keys carry
+ * n_cols values each, under ctx's params (copied). Errors: KMV_EINVAL (NULL
+ * ctx or out, dim = 0, n_cols = 0), KMV_EOVERFLOW, KMV_ENOMEM. On error
+ * *out is NULL. */
+KMV_API int kmv_stream_create(const kmv_ctx *ctx, size_t dim, size_t n_cols,
+                              kmv_stream **out);
+
+/* Release a stream; NULL is a no-op. */
+KMV_API void kmv_stream_free(kmv_stream *s);
+
+/* Append count keys (count x dim) with their values x (count x n_cols).
+ * Keys are shuffled into the store, hashed into the tables and added to
+ * the sketch one by one in id order, so appending a prefix in one block or
+ * in many gives the same stream, bit for bit (the tables' projections are
+ * dot products in one fixed order). Errors: KMV_EINVAL, KMV_ENONFINITE,
+ * KMV_EOVERFLOW (more than 2^32 - 2 keys), KMV_ENOMEM, KMV_ELIMIT
+ * (params.max_bytes). On error the stream answers as before the call. */
+KMV_API int kmv_stream_append_keys(kmv_stream *s, const float *keys, const float *x,
+                                   size_t count);
+
+/* Append count queries (count x dim). Errors as kmv_stream_append_keys(). */
+KMV_API int kmv_stream_append_queries(kmv_stream *s, const float *queries, size_t count);
+
+/* y = K x for every query and key so far (y: n_queries x n_cols), with the
+ * x given at append time, or with x_fresh (n_keys x n_cols) when not NULL
+ * (the tables are reused; the stored x does not change). Same guarantee,
+ * fallbacks and stats as kmv_index_matvec(); causal under params.causal.
+ * Errors as kmv_index_matvec(). */
+KMV_API int kmv_stream_matvec(kmv_stream *s, const float *x_fresh, float *y, kmv_stats *stats);
+
+/* The decoding step: y (n_cols) = sum_j K(query, k_j) x_j over every key so
+ * far, with ||y - exact||_2 <= eps ||x||_2 with probability >= 1 - delta.
+ * The query is not stored (append it to have it in later products). Its
+ * heavy keys come from the tables, the keys with the largest x_j^2 are
+ * summed exactly, the rest is a window sample sized from the sketch; the
+ * row is computed exactly instead when the stream is small (below 2048
+ * keys), when the plan would cost more than a quarter of the exact row, or
+ * under params.exact (stats say which). Cost: O(tables (k dim) +
+ * candidates dim + (sketch_size + samples) dim), independent of the keys
+ * held, once the tables exist; building them (at the first approximate
+ * step, and when the keys double) is O(keys tables k dim).
+ * Errors: KMV_EINVAL, KMV_ENONFINITE, KMV_ENOMEM, KMV_ELIMIT,
+ * KMV_EOVERFLOW (as kmv_matvec()). On error y is untouched. */
+KMV_API int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_stats *stats);
+
+/* What a stream holds and the work it has done, all time. */
+typedef struct kmv_stream_info {
+    size_t n_keys, n_queries, dim, n_cols;
+    size_t bytes;            /* held through the allocator now */
+    uint64_t keys_hashed;    /* keys projected into LSH tables */
+    uint64_t table_inserts;  /* (key, table) inserts */
+    uint64_t table_builds;   /* times the tables were planned and filled */
+    uint64_t sketch_inserts; /* keys added to the density sketch */
+    int lsh_tables;          /* tables held now (0: none yet) */
+} kmv_stream_info;
+
+/* Fill *info. Errors: KMV_EINVAL (NULL argument). */
+KMV_API int kmv_stream_info_get(const kmv_stream *s, kmv_stream_info *info);
+
+/* Save the stream to path: its params, keys (in the store's order, with
+ * the shuffle's state), values, queries and table shape, followed by an
+ * XXH3-64 checksum of everything before it. Written to a temporary file
+ * beside path, synced and renamed over it (then the directory is synced),
+ * so path holds the old file or the whole new one, never part of either.
+ * err as for kmv_npy_read(). Errors: KMV_EINVAL, KMV_EIO, KMV_ENOMEM. */
+KMV_API int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err_len);
+
+/* Load a stream saved by kmv_stream_save(). The algorithm's params (sigma,
+ * eps, delta, seed, alpha, gamma, sketch_size, min_samples, causal, exact)
+ * come from the file; the allocator, threads, memory cap, progress hook
+ * and measure_error from ctx. The loaded stream answers and continues
+ * exactly as the saved one would have. A file that is not a kmv stream,
+ * from another format version, truncated, extended or damaged anywhere
+ * (checksum), or inconsistent, is refused with KMV_EFORMAT and a message;
+ * nothing is left allocated. Errors: KMV_EINVAL, KMV_EIO, KMV_EFORMAT,
+ * KMV_ENOMEM, KMV_ELIMIT. On error *out is NULL. */
+KMV_API int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char *err,
+                            size_t err_len);
 
 /* Find the first NaN or infinity among count floats.
  * Returns KMV_OK if there is none, else KMV_ENONFINITE and, when where is

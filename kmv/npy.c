@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "kmv/alloc.h"
+#include "kmv/atomicfile.h"
 #include "kmv/kmv.h"
 
 /* Floats move between file and memory as raw bytes, which is only right when
@@ -39,8 +40,6 @@
 #define NPY_ALIGN 64
 /* Longest piece of a file's text quoted back in a message. */
 #define NPY_SHOWN 32
-/* Keeps each read(2)/write(2) below SSIZE_MAX and Linux's 2 GiB cap. */
-#define NPY_IO_MAX ((size_t)1 << 30)
 
 typedef struct npy_header {
     size_t itemsize; /* 4 for '<f4', 8 for '<f8' */
@@ -349,24 +348,6 @@ static int parse_header(const char *buf, size_t len, npy_header *h, char *why, s
 
 /* read(2) may stop short on pipes, signals and large counts: loop until n
  * bytes or end of file. Returns -1 with errno set on a read error. */
-static int read_full(int fd, void *buf, size_t n, size_t *got) {
-    char *p = buf;
-    size_t done = 0;
-    while (done < n) {
-        size_t want = n - done < NPY_IO_MAX ? n - done : NPY_IO_MAX;
-        ssize_t r = read(fd, p + done, want);
-        if (r < 0) {
-            if (errno == EINTR) continue;
-            *got = done;
-            return -1;
-        }
-        if (r == 0) break;
-        done += (size_t)r;
-    }
-    *got = done;
-    return 0;
-}
-
 static int truncated_data(char *err, size_t err_len, const char *path, size_t want,
                           uintmax_t have) {
     return fail(err, err_len, path, KMV_EFORMAT,
@@ -376,7 +357,7 @@ static int truncated_data(char *err, size_t err_len, const char *path, size_t wa
 static int read_f4(int fd, const char *path, float *data, size_t nbytes, char *err,
                    size_t err_len) {
     size_t got;
-    if (read_full(fd, data, nbytes, &got) != 0)
+    if (kmv__read_full(fd, data, nbytes, &got) != 0)
         return fail(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
     if (got < nbytes) return truncated_data(err, err_len, path, nbytes, got);
     return KMV_OK;
@@ -397,7 +378,7 @@ static int read_f8(int fd, const char *path, const kmv_allocator *a, float *data
     while (done < nbytes) {
         size_t want = nbytes - done < cap ? nbytes - done : cap;
         size_t got, j;
-        if (read_full(fd, buf, want, &got) != 0) {
+        if (kmv__read_full(fd, buf, want, &got) != 0) {
             rc = fail(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
             break;
         }
@@ -447,7 +428,7 @@ static int read_fd(int fd, const char *path, const kmv_allocator *a, kmv_array *
     regular = S_ISREG(st.st_mode) && st.st_size >= 0;
     if (regular) fsize = (uintmax_t)st.st_size;
 
-    if (read_full(fd, pre, 8, &got) != 0)
+    if (kmv__read_full(fd, pre, 8, &got) != 0)
         return fail(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
     /* Comparing only what was read tells a cut-short .npy from another
      * kind of file. */
@@ -463,7 +444,7 @@ static int read_fd(int fd, const char *path, const kmv_allocator *a, kmv_array *
                     "unsupported .npy format version %u.%u; only 1.0, 2.0 and 3.0 are", major,
                     minor);
     lenbytes = major == 1 ? 2 : 4;
-    if (read_full(fd, pre + 8, lenbytes, &got) != 0)
+    if (kmv__read_full(fd, pre + 8, lenbytes, &got) != 0)
         return fail(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
     if (got < lenbytes)
         return fail(err, err_len, path, KMV_EFORMAT,
@@ -487,7 +468,7 @@ static int read_fd(int fd, const char *path, const kmv_allocator *a, kmv_array *
     if (hbuf == NULL)
         return fail(err, err_len, path, KMV_ENOMEM, "out of memory (%zu bytes for the header)",
                     hlen);
-    if (read_full(fd, hbuf, hlen, &got) != 0) {
+    if (kmv__read_full(fd, hbuf, hlen, &got) != 0) {
         rc = fail(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
     } else if (got < hlen) {
         rc = fail(err, err_len, path, KMV_EFORMAT,
@@ -528,7 +509,7 @@ static int read_fd(int fd, const char *path, const kmv_allocator *a, kmv_array *
     }
     /* Catches trailing bytes the size check cannot see: a pipe, or a file
      * that grew after fstat. */
-    if (read_full(fd, &probe, 1, &got) != 0 || got != 0) {
+    if (kmv__read_full(fd, &probe, 1, &got) != 0 || got != 0) {
         rc = got != 0 ? fail(err, err_len, path, KMV_EFORMAT,
                              "header says %zu bytes of data but file has more (trailing bytes)",
                              nbytes)
@@ -580,24 +561,6 @@ void kmv_array_free(kmv_array *a) {
 
 /* ------------------------------------------------------------- writing */
 
-static int write_full(int fd, const void *buf, size_t n) {
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t w = write(fd, p, n < NPY_IO_MAX ? n : NPY_IO_MAX);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        if (w == 0) {
-            errno = EIO;
-            return -1;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 /* Magic, version 1.0, length and dict, padded with spaces to NPY_ALIGN as
  * numpy does so the data can be memory-mapped aligned. Returns its length;
  * cap must hold two 20-digit dimensions. */
@@ -626,62 +589,10 @@ static size_t npy_preamble(unsigned char *buf, size_t cap, int ndim, size_t rows
     return total;
 }
 
-/* umask(2) can only be read by changing it, which races with other threads
- * creating files; Linux >= 4.7 reports it in /proc/self/status instead. */
-static mode_t process_umask(void) {
-    char buf[4096];
-    size_t got = 0;
-    const char *u;
-    mode_t m;
-    int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
-
-    if (fd >= 0) {
-        int ok = read_full(fd, buf, sizeof buf - 1, &got) == 0;
-        close(fd);
-        buf[ok ? got : 0] = '\0';
-        u = strstr(buf, "\nUmask:");
-        if (u != NULL) {
-            u += 7;
-            while (*u == ' ' || *u == '\t') u++;
-            if (*u >= '0' && *u <= '7') {
-                m = 0;
-                while (*u >= '0' && *u <= '7') m = (mode_t)(m * 8 + (mode_t)(*u++ - '0'));
-                return m & 0777;
-            }
-        }
-    }
-    m = umask(022);
-    umask(m);
-    return m;
-}
-
-/* Make the rename itself durable: until the directory is synced, a crash
- * could bring back the old entry. Best effort: the file is complete either
- * way, and some file systems refuse fsync on directories. name holds the
- * path in its first len bytes and may be overwritten. */
-static void sync_parent(char *name, size_t len) {
-    size_t cut = len;
-    while (cut > 0 && name[cut - 1] != '/') cut--;
-    if (cut == 0) {
-        name[0] = '.';
-        cut = 1;
-    }
-    name[cut] = '\0';
-    int dfd = open(name, O_RDONLY | O_DIRECTORY);
-    if (dfd >= 0) {
-        (void)fsync(dfd);
-        close(dfd);
-    }
-}
-
 int kmv_npy_write(const char *path, const float *data, int ndim, size_t rows, size_t cols,
                   char *err, size_t err_len) {
-    static const char suffix[] = ".tmp.XXXXXX";
     unsigned char pre[256];
-    char tmp[4096 + sizeof suffix];
-    size_t count, nbytes, plen, len;
-    const char *step = NULL;
-    int fd, saved = 0;
+    size_t count, nbytes, plen;
 
     if (err != NULL && err_len > 0) err[0] = '\0';
     if (path == NULL) return fail(err, err_len, path, KMV_EINVAL, "path is NULL");
@@ -694,46 +605,10 @@ int kmv_npy_write(const char *path, const float *data, int ndim, size_t rows, si
                     cols);
     if (data == NULL && nbytes > 0) return fail(err, err_len, path, KMV_EINVAL, "data is NULL");
     plen = npy_preamble(pre, sizeof pre, ndim, rows, cols);
-
-    /* The writer has no allocator, so the name lives on the stack; a longer
-     * path would exceed Linux's PATH_MAX anyway. The temporary sits beside
-     * path because rename(2) is atomic only within one file system. */
-    len = strlen(path);
-    if (len > sizeof tmp - sizeof suffix)
-        return fail(err, err_len, path, KMV_EIO, "cannot create temporary file: %s",
-                    strerror(ENAMETOOLONG));
-    memcpy(tmp, path, len);
-    memcpy(tmp + len, suffix, sizeof suffix);
-    fd = mkstemp(tmp);
-    if (fd < 0)
-        return fail(err, err_len, path, KMV_EIO, "cannot create temporary file: %s",
-                    strerror(errno));
-    /* mkostemp would close the fork window too, but it is not POSIX. */
-    (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
-
-    /* mkstemp makes the file 0600; give it the mode open(2) would have. */
-    if (fchmod(fd, (mode_t)(0644 & ~process_umask())) != 0)
-        step = "cannot set permissions";
-    else if (write_full(fd, pre, plen) != 0 || write_full(fd, data, nbytes) != 0)
-        step = "write failed";
-    /* Data must be on disk before the rename, or a crash could leave path
-     * naming a file with a header and no data. */
-    else if (fsync(fd) != 0)
-        step = "fsync failed";
-    if (step != NULL) saved = errno;
-    /* Delayed write errors (NFS, quotas) can surface only at close. */
-    if (close(fd) != 0 && step == NULL) {
-        step = "close failed";
-        saved = errno;
-    }
-    if (step == NULL && rename(tmp, path) != 0) {
-        step = "cannot rename the temporary file into place";
-        saved = errno;
-    }
-    if (step != NULL) {
-        unlink(tmp);
-        return fail(err, err_len, path, KMV_EIO, "%s: %s", step, strerror(saved));
-    }
-    sync_parent(tmp, len);
+    kmv__part parts[2] = {{pre, plen}, {data, nbytes}};
+    const char *step;
+    int errnum;
+    if (kmv__write_atomic(path, parts, 2, &step, &errnum) != 0)
+        return fail(err, err_len, path, KMV_EIO, "%s: %s", step, strerror(errnum));
     return KMV_OK;
 }

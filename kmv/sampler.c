@@ -18,8 +18,9 @@ int kmv__contains(const uint32_t *ids, size_t len, uint32_t id) {
 }
 
 double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const float *q,
-                   float inv2s2, float kappa, const uint32_t *heavy, size_t n_heavy, size_t off,
-                   size_t s, float *scratch, double *acc, double *est) {
+                   float inv2s2, float kappa, const uint32_t *heavy, size_t n_heavy,
+                   const kmv__keymask *mask, size_t off, size_t s, float *scratch, double *acc,
+                   double *est) {
     size_t n = ks->n, d = ks->d;
     double *sum = acc, *sq = acc + c;
     memset(acc, 0, 2 * c * sizeof(double));
@@ -35,6 +36,9 @@ double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const flo
             float kv = scratch[u];
             size_t p = p0 + u;
             if (kv >= kappa && n_heavy > 0 && kmv__contains(heavy, n_heavy, ks->id_at[p]))
+                continue;
+            if (mask != NULL &&
+                (ks->id_at[p] > mask->id_lim || (mask->wp != NULL && mask->wp[p] >= mask->whi)))
                 continue;
             const float *xr = xp + p * c;
             for (size_t col = 0; col < c; col++) {

@@ -22,10 +22,21 @@
 
 #include "kmv/keystore.h"
 
+/* Keys a window may use, beyond the heavy list: ids <= id_lim (a causal
+ * row), and, when wp is not NULL, positions whose weight wp[p] is below whi
+ * (the stream keeps every key's x in store order; those at or above whi are
+ * summed exactly elsewhere). A masked key counts as a value of 0, so the
+ * estimate stays unbiased for the masked sum. */
+typedef struct kmv__keymask {
+    uint32_t id_lim;
+    const double *wp;
+    double whi;
+} kmv__keymask;
+
 /* The window positions [off, off + s) mod n, s in [1, n]. With s = n and
  * heavy = NULL the result is the exact sum over all stored keys (variance
  * 0). Keys with K_ij >= kappa whose id is in heavy[0..n_heavy) (ascending)
- * are skipped.
+ * are skipped, and so are keys outside mask (NULL: none).
  *
  * @param xp       n x c weights in store order (0 outside T)
  * @param inv2s2   1 / (2 sigma^2)
@@ -36,8 +47,9 @@
  *                 without-replacement formula on the window's own values);
  *                 0 when s = n or s = 1 */
 double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const float *q,
-                   float inv2s2, float kappa, const uint32_t *heavy, size_t n_heavy, size_t off,
-                   size_t s, float *scratch, double *acc, double *est);
+                   float inv2s2, float kappa, const uint32_t *heavy, size_t n_heavy,
+                   const kmv__keymask *mask, size_t off, size_t s, float *scratch, double *acc,
+                   double *est);
 
 /* Whether id is in the ascending list ids[0..len). */
 int kmv__contains(const uint32_t *ids, size_t len, uint32_t id);

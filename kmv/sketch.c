@@ -65,15 +65,24 @@ int kmv__sketch_add(kmv__sketch *sk, const kmv_allocator *a, uint32_t id, double
     return KMV_OK;
 }
 
+void kmv__sketch_pop(kmv__sketch *sk, double w) {
+    int64_t m = (int64_t)ceil(log(w) / sk->log_base);
+    size_t b = lower_bound(sk, m);
+    if (b == sk->ng || sk->g[b].m != m || sk->g[b].len == 0) return;
+    /* An emptied group stays: it has no mass, so draws never land on it. */
+    sk->g[b].len--;
+    sk->wbar -= sk->g[b].wround;
+}
+
 int kmv__sketch_draw(kmv__sketch *sk, const kmv_allocator *a, const kmv__keystore *ks,
-                     size_t r, uint64_t seed) {
+                     size_t r, uint64_t seed, double w_below) {
     kmv__free(a, sk->rows);
     kmv__free(a, sk->ids);
     sk->rows = NULL;
     sk->ids = NULL;
     sk->r = 0;
     sk->scale = 0.0;
-    if (sk->wbar <= 0.0 || r == 0) return KMV_OK;
+    if (sk->ng == 0 || r == 0) return KMV_OK;
     double *cum = kmv__malloc_array(a, sk->ng, sizeof(double));
     sk->rows = kmv__malloc_array(a, r, ks->d * sizeof(float));
     sk->ids = kmv__malloc_array(a, r, sizeof(uint32_t));
@@ -88,10 +97,18 @@ int kmv__sketch_draw(kmv__sketch *sk, const kmv_allocator *a, const kmv__keystor
     /* Recomputed here rather than trusting the running sum's rounding. */
     double total = 0.0;
     for (size_t b = 0; b < sk->ng; b++) {
-        total += (double)sk->g[b].len * sk->g[b].wround;
+        const kmv__sketch_group *gr = &sk->g[b];
+        if (gr->wround / exp(sk->log_base) < w_below) total += (double)gr->len * gr->wround;
         cum[b] = total;
     }
-    sk->wbar = total;
+    if (total <= 0.0) {
+        kmv__free(a, cum);
+        kmv__free(a, sk->rows);
+        kmv__free(a, sk->ids);
+        sk->rows = NULL;
+        sk->ids = NULL;
+        return KMV_OK;
+    }
     uint64_t rng = kmv__rng_stream(seed, KMV__RNG_SKETCH);
     for (size_t t = 0; t < r; t++) {
         double u = kmv__rng_unit(&rng) * total;
@@ -101,8 +118,9 @@ int kmv__sketch_draw(kmv__sketch *sk, const kmv_allocator *a, const kmv__keystor
             if (cum[mid] <= u) lo = mid + 1;
             else hi = mid;
         }
-        /* Only u rounding up to total could land on an empty group. */
-        while (lo > 0 && sk->g[lo].len == 0) lo--;
+        /* Only u rounding up to total could land past the last group
+         * drawn from, or on an empty one: step back to one that counts. */
+        while (lo > 0 && !(cum[lo] > cum[lo - 1])) lo--;
         const kmv__sketch_group *gr = &sk->g[lo];
         uint32_t id = gr->ids[kmv__rng_below(&rng, gr->len)];
         sk->ids[t] = id;

@@ -53,10 +53,17 @@ void kmv__sketch_init(kmv__sketch *sk, double eps);
  * sketch is then unchanged). */
 int kmv__sketch_add(kmv__sketch *sk, const kmv_allocator *a, uint32_t id, double w);
 
+/* Remove the key added last with weight w (undoing a failed block). */
+void kmv__sketch_pop(kmv__sketch *sk, double w);
+
 /* Draw r keys as described above (r >= 1), from seed; gathers their rows
- * from ks. With no keys added, draws nothing (r = 0, scale = 0). */
+ * from ks. Groups whose weights all exceed w_below are left out (INFINITY:
+ * none), so that a sketch over every key can serve a product whose
+ * heaviest keys are summed exactly: the caller then counts a draw of such
+ * a key (possible only from the group straddling w_below) as 0. With no
+ * keys to draw from, draws nothing (r = 0, scale = 0). */
 int kmv__sketch_draw(kmv__sketch *sk, const kmv_allocator *a, const kmv__keystore *ks,
-                     size_t r, uint64_t seed);
+                     size_t r, uint64_t seed, double w_below);
 
 void kmv__sketch_free(kmv__sketch *sk, const kmv_allocator *a);
 

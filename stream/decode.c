@@ -1,0 +1,348 @@
+/* The decoding step: one query against every key so far, with the
+ * stream's incrementally kept parts (see kmv_stream_decode() in kmv.h).
+ *
+ * It is ApproxKMV for m = 1: the heavy threshold, the exact columns and the
+ * sample budget follow approx.c's rules at m = 1. What differs is that
+ * nothing here may cost O(n): x and its weights are kept in the store's
+ * order at append time (the window filters the exactly summed keys by
+ * weight instead of zeroing them), the exactly summed keys are found from
+ * the top groups of the x^2-grouped sketch, the sketch's draws are kept
+ * until keys arrive, and candidates are deduplicated by sorting them. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kmv/alloc.h"
+#include "kmv/context.h"
+#include "kmv/costmodel.h"
+#include "kmv/kernel.h"
+#include "kmv/rng.h"
+#include "kmv/sampler.h"
+#include "kmv/timer.h"
+#include "stream/stream.h"
+
+/* Below this many keys an exact row costs microseconds: no tables. */
+#define DECODE_MIN_KEYS 2048
+/* h: the largest x_j^2 / mean(x^2) left to sampling, as in approx.c. */
+#define WEIGHT_RATIO 16
+
+static int cmp_u32(const void *pa, const void *pb) {
+    uint32_t a = *(const uint32_t *)pa, b = *(const uint32_t *)pb;
+    return (a > b) - (a < b);
+}
+
+/* Scratch for one step, all taken before anything is computed. */
+typedef struct step {
+    uint32_t *cand;  /* candidates, then heavy ids */
+    float *kv;
+    uint64_t *codes;
+    float *proj;
+    float *chunk;    /* 256 */
+    double *acc;     /* 2 c */
+    double *est;     /* c */
+    double *sum;     /* c: heavy and exact columns */
+    float *skd;      /* sketch_size */
+} step;
+
+static void step_free(const kmv_allocator *a, step *t) {
+    kmv__free(a, t->cand);
+    kmv__free(a, t->kv);
+    kmv__free(a, t->codes);
+    kmv__free(a, t->proj);
+    kmv__free(a, t->chunk);
+    kmv__free(a, t->acc);
+    kmv__free(a, t->est);
+    kmv__free(a, t->sum);
+    kmv__free(a, t->skd);
+}
+
+/* The exact row over the store: a window covering every key. */
+static void exact_row(const kmv_stream *s, const float *q, float inv2s2, step *t) {
+    const kmv__keystore *ks = &s->ix->ks;
+    kmv__window(ks, s->xs, s->c, q, inv2s2, 2.0f, NULL, 0, NULL, 0, ks->n, t->chunk, t->acc,
+                t->est);
+}
+
+static size_t decode_offset(uint64_t seed, size_t n, int round) {
+    uint64_t st = kmv__rng_stream(seed, KMV__RNG_DECODE) ^ kmv__mix64((uint64_t)n * 2 + (uint64_t)round);
+    return (size_t)kmv__rng_below(&st, n);
+}
+
+/* One step; with no_plan (a plan that did not fit params.max_bytes), the
+ * exact row. */
+static int decode_once(kmv_stream *s, const float *q, float *y, kmv_stats *st, int no_plan) {
+    double t0 = kmv__now();
+    kmv_index *ix = s->ix;
+    const kmv_params *pa = &ix->params;
+    const kmv_allocator *a = &ix->alloc;
+    const kmv__keystore *ks = &ix->ks;
+    size_t n = ks->n, d = s->d, c = s->c;
+    float inv2s2 = (float)(0.5 / (pa->sigma * pa->sigma));
+    kmv_stats S;
+    memset(&S, 0, sizeof S);
+    S.mode = KMV_MODE_APPROX;
+    S.n_keys = n;
+    S.n_queries = 1;
+    S.dim = d;
+    S.n_cols = c;
+    S.n_threads = 1;
+    S.error_bound = pa->eps;
+    S.error_measured = -1.0;
+    kmv__meter_reset(&ix->meter);
+
+    step t;
+    memset(&t, 0, sizeof t);
+    int rc = KMV_OK;
+    t.chunk = kmv__malloc_array(a, 256, sizeof(float));
+    t.acc = kmv__malloc_array(a, 2 * c, sizeof(double));
+    t.est = kmv__malloc_array(a, c, sizeof(double));
+    t.sum = kmv__malloc_array(a, c, sizeof(double));
+    t.skd = kmv__malloc_array(a, pa->sketch_size > 0 ? (size_t)pa->sketch_size : 1, sizeof(float));
+    double *ye = pa->measure_error ? kmv__malloc_array(a, c, sizeof(double)) : NULL;
+    if (!t.chunk || !t.acc || !t.est || !t.sum || !t.skd || (pa->measure_error && !ye)) {
+        rc = KMV_ENOMEM;
+        goto out;
+    }
+    for (size_t col = 0; col < c; col++) t.sum[col] = 0.0;
+    if (n == 0 || s->nx2 <= 0.0) { /* an empty sum, or x = 0 */
+        for (size_t col = 0; col < c; col++) t.est[col] = 0.0;
+        S.error_estimate = 0.0;
+        goto answer;
+    }
+    if (ye != NULL) {
+        exact_row(s, q, inv2s2, &t);
+        memcpy(ye, t.est, c * sizeof(double));
+    }
+
+    double exact_cost = (double)n * kmv__cost_window((double)d) * (1.0 + 0.1 * (double)(c - 1));
+    if (pa->exact) goto exact;
+    if (no_plan) {
+        S.fallback_reason = KMV_FALLBACK_MEMORY;
+        goto exact;
+    }
+    if (n < DECODE_MIN_KEYS && !ix->force_approx) {
+        S.fallback_reason = KMV_FALLBACK_SMALL;
+        goto exact;
+    }
+    /* A refused plan is retried once the keys have doubled. */
+    int force = ix->force_approx; /* tests: measure the approximate path */
+    if (s->decode_refused_n && n < 2 * s->decode_refused_n && !force) {
+        S.fallback_reason = KMV_FALLBACK_LSH;
+        goto exact;
+    }
+
+    /* Threshold and exact columns: approx.c's rules at m = 1. */
+    double delta_s = 0.5 * pa->delta;
+    double smin = (double)pa->min_samples;
+    double h = pow((double)n, pa->gamma);
+    if (h > WEIGHT_RATIO) h = WEIGHT_RATIO;
+    if (h < 1.0) h = 1.0;
+    double kappa = pow((double)n, -pa->alpha);
+    double kb = pa->eps * sqrt(smin / (16.0 * h));
+    if (kb < kappa) kappa = kb;
+    if (kappa < 0x1p-60) kappa = 0x1p-60;
+    double tl = kmv__now();
+    rc = kmv__index_ensure_lsh(ix, q, 1, kappa, delta_s, force ? INFINITY : 0.25 * exact_cost,
+                               1.0);
+    S.seconds_lsh = kmv__now() - tl;
+    if (rc == 1) {
+        s->decode_refused_n = n;
+        S.fallback_reason = KMV_FALLBACK_LSH;
+        rc = KMV_OK;
+        goto exact;
+    }
+    if (rc != KMV_OK) goto out;
+    kappa = ix->kappa;
+    float fk = (float)kappa;
+    const kmv__lsh *lh = &ix->lsh;
+    int L = lh->shape.L;
+    S.heavy_threshold = kappa;
+    S.lsh_tables = L;
+    S.lsh_hash_len = lh->shape.k;
+    S.lsh_width = lh->shape.w;
+    double wbar = s->nx2 / (double)n;
+    double hi = pa->eps * pa->eps * smin / (16.0 * kappa * kappa);
+    if (hi > pow((double)n, pa->gamma)) hi = pow((double)n, pa->gamma);
+    if (hi < 1.0) hi = 1.0;
+    double whi = hi * wbar;
+
+    double th = kmv__now();
+    /* H1, the keys at or above whi, from the sketch's top groups (only the
+     * group straddling whi holds keys below it). */
+    size_t visited = 0, n_h1 = 0;
+    for (size_t b = s->sk.ng; b-- > 0;) {
+        const kmv__sketch_group *g = &s->sk.g[b];
+        if (g->wround < whi) break;
+        visited += g->len;
+        if ((double)visited > 0.25 * (double)n) break;
+        for (size_t u = 0; u < g->len; u++) {
+            uint32_t j = g->ids[u];
+            if (s->wid[j] < whi) continue;
+            float kv = kmv__sqdist(q, kmv__keystore_row(ks, j), d);
+            kmv__gauss_row_dist(&kv, 1, inv2s2, NULL);
+            for (size_t col = 0; col < c; col++) t.sum[col] += (double)kv * s->x[(size_t)j * c + col];
+            n_h1++;
+        }
+    }
+    S.keys_exact = n_h1;
+    if ((double)visited > 0.25 * (double)n) {
+        S.fallback_reason = KMV_FALLBACK_COLUMNS;
+        goto exact;
+    }
+
+    /* Heavy keys: the query's buckets, deduplicated by sorting. */
+    t.codes = kmv__malloc_array(a, (size_t)L, sizeof(uint64_t));
+    t.proj = kmv__malloc_array(a, (size_t)L * (size_t)lh->shape.k, sizeof(float));
+    if (!t.codes || !t.proj) {
+        rc = KMV_ENOMEM;
+        goto out;
+    }
+    kmv__lsh_codes(lh, q, 1, L, t.proj, t.codes);
+    size_t steps = 0;
+    for (int tb = 0; tb < L; tb++) {
+        size_t len;
+        (void)kmv__lsh_bucket(lh, tb, t.codes[tb], &len);
+        steps += len;
+    }
+    S.lsh_steps = steps;
+    if ((double)steps * (KMV__COST_STEP + kmv__cost_cand((double)d)) > 0.25 * exact_cost &&
+        !force) {
+        S.fallback_reason = KMV_FALLBACK_HEAVY;
+        goto exact;
+    }
+    t.cand = kmv__malloc_array(a, steps ? steps : 1, sizeof(uint32_t));
+    t.kv = kmv__malloc_array(a, steps ? steps : 1, sizeof(float));
+    if (!t.cand || !t.kv) {
+        rc = KMV_ENOMEM;
+        goto out;
+    }
+    size_t nc = 0;
+    for (int tb = 0; tb < L; tb++) {
+        size_t len;
+        const uint32_t *ids = kmv__lsh_bucket(lh, tb, t.codes[tb], &len);
+        if (len) memcpy(t.cand + nc, ids, len * sizeof(uint32_t));
+        nc += len;
+    }
+    qsort(t.cand, nc, sizeof(uint32_t), cmp_u32);
+    size_t uniq = 0;
+    for (size_t u = 0; u < nc; u++)
+        if (uniq == 0 || t.cand[u] != t.cand[uniq - 1]) t.cand[uniq++] = t.cand[u];
+    nc = uniq;
+    S.lsh_candidates = nc;
+    for (size_t u = 0; u < nc; u++) t.kv[u] = kmv__sqdist(q, kmv__keystore_row(ks, t.cand[u]), d);
+    if (nc) kmv__gauss_row_dist(t.kv, nc, inv2s2, NULL);
+    size_t nh = 0;
+    for (size_t u = 0; u < nc; u++) {
+        if (t.kv[u] < fk) continue;
+        uint32_t j = t.cand[u];
+        t.cand[nh++] = j; /* ascending, as the window's lookup needs */
+        if (s->wid[j] >= whi) continue; /* summed with H1 */
+        for (size_t col = 0; col < c; col++) t.sum[col] += (double)t.kv[u] * s->x[(size_t)j * c + col];
+    }
+    S.heavy_pairs = nh;
+    S.seconds_heavy = kmv__now() - th;
+
+    /* The light part's density from the sketch's draws (kept until keys
+     * arrive or the exact columns move). */
+    double ts = kmv__now();
+    if (s->drawn_n != n || s->drawn_w != whi) {
+        rc = kmv__sketch_draw(&s->sk, a, ks, (size_t)pa->sketch_size, pa->seed, whi);
+        if (rc != KMV_OK) {
+            s->drawn_n = 0;
+            goto out;
+        }
+        s->drawn_n = n;
+        s->drawn_w = whi;
+    }
+    double W = 0.0;
+    if (s->sk.r) {
+        kmv__sqdist_rows(q, s->sk.rows, s->sk.r, d, t.skd);
+        kmv__gauss_row_dist(t.skd, s->sk.r, 2.0f * inv2s2, NULL); /* K^2 */
+        float k2 = fk * fk;
+        for (size_t u = 0; u < s->sk.r; u++) {
+            uint32_t j = s->sk.ids[u];
+            if (s->wid[j] >= whi) continue;
+            if (t.skd[u] >= k2 && kmv__contains(t.cand, nh, j)) continue;
+            W += t.skd[u];
+        }
+        W *= s->sk.scale;
+    }
+    S.sketch_evals = s->sk.r;
+    /* One row's share of the budget: approx.c's allocation at m = 1. */
+    double bs2 = pa->eps * pa->eps * s->nx2;
+    double V = bs2 / (1.0 + sqrt(2.0 / delta_s));
+    double want = ceil((double)n * W / V);
+    if (!(want >= smin)) want = smin;
+    if (want >= 0.5 * (double)n) {
+        S.fallback_reason = KMV_FALLBACK_SAMPLES;
+        goto exact;
+    }
+    kmv__keymask mask = {UINT32_MAX, s->ws, whi};
+    size_t sn = (size_t)want;
+    double v = kmv__window(ks, s->xs, c, q, inv2s2, fk, t.cand, nh, &mask,
+                           decode_offset(pa->seed, n, 0), sn, t.chunk, t.acc, t.est);
+    /* More variance than planned: a fresh window sized from what this one
+     * showed (the first estimate is discarded, so the answer stays
+     * unbiased), or the exact row when that would cost as much. */
+    if (v > V) {
+        double more = ceil((double)sn * v / V);
+        if (more >= 0.5 * (double)n) {
+            S.fallback_reason = KMV_FALLBACK_SAMPLES;
+            goto exact;
+        }
+        sn = (size_t)more;
+        v = kmv__window(ks, s->xs, c, q, inv2s2, fk, t.cand, nh, &mask,
+                        decode_offset(pa->seed, n, 1), sn, t.chunk, t.acc, t.est);
+        S.rows_resampled = 1;
+    }
+    S.samples = sn;
+    S.seconds_sample = kmv__now() - ts;
+    for (size_t col = 0; col < c; col++) t.est[col] += t.sum[col];
+    S.error_estimate = sqrt(v / s->nx2);
+    S.kernel_evals = nc + S.sketch_evals + sn + n_h1;
+    goto answer;
+
+exact:
+    exact_row(s, q, inv2s2, &t);
+    S.mode = pa->exact ? KMV_MODE_EXACT : KMV_MODE_FALLBACK;
+    S.rows_exact = 1;
+    S.kernel_evals = n;
+    S.error_estimate = 0.0;
+
+answer:
+    for (size_t col = 0; col < c; col++) {
+        if (!(fabs(t.est[col]) <= 3.4028234663852886e38)) {
+            rc = KMV_EOVERFLOW;
+            goto out;
+        }
+    }
+    if (ye != NULL) {
+        double e2 = 0.0;
+        for (size_t col = 0; col < c; col++) e2 += (t.est[col] - ye[col]) * (t.est[col] - ye[col]);
+        S.error_measured = s->nx2 > 0.0 ? sqrt(e2 / s->nx2) : sqrt(e2);
+    }
+    for (size_t col = 0; col < c; col++) y[col] = (float)t.est[col];
+    S.seconds = kmv__now() - t0;
+    if (st != NULL) *st = S;
+
+out:
+    step_free(a, &t);
+    kmv__free(a, ye);
+    return kmv__meter_code(&ix->meter, rc);
+}
+
+int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st) {
+    int rc = decode_once(s, q, y, st, 0);
+    kmv_index *ix = s->ix;
+    /* Past the cap the tables (a cache) go, and the row is exact, as the
+     * index's products do; the plan is tried again when the keys double. */
+    if (rc == KMV_ELIMIT && !ix->params.exact) {
+        if (ix->lsh_built) {
+            kmv__lsh_free(&ix->lsh, &ix->alloc);
+            ix->lsh_built = 0;
+        }
+        s->decode_refused_n = ix->ks.n;
+        rc = decode_once(s, q, y, st, 1);
+    }
+    return rc;
+}

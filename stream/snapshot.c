@@ -1,0 +1,329 @@
+/* Saving a stream to a file and loading it back; see kmv.h.
+ *
+ * Layout (native little-endian; the magic's bytes reject anything else):
+ *   header  (struct snap_header, fixed size)
+ *   rows    n x d floats, the key store's order
+ *   id_at   n uint32, position -> key id
+ *   x       n x c floats, id order
+ *   q       m x d floats, id order
+ *   XXH3-64 of every byte above.
+ * The LSH tables are not stored: they are a function of their shape, the
+ * seed and the keys in id order, so loading rebuilds them bit for bit. */
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <xxhash.h>
+
+#include "kmv/alloc.h"
+#include "kmv/atomicfile.h"
+#include "kmv/context.h"
+#include "stream/stream.h"
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "stream snapshots are written little-endian: port snapshot.c first"
+#endif
+
+#define SNAP_MAGIC "KMVSTRM\x1a"
+#define SNAP_VERSION 1u
+/* A loaded file is read whole; this bounds what a damaged size can ask. */
+#define SNAP_MAX ((size_t)1 << 40)
+
+typedef struct snap_header {
+    char magic[8];
+    uint32_t version, header_bytes;
+    uint64_t d, c, n, m;
+    double sigma, eps, delta, alpha, gamma;
+    uint64_t seed;
+    int32_t sketch_size, min_samples, causal, exact;
+    uint64_t shuffle_rng;
+    int32_t lsh_built, lsh_k, lsh_L, pad0;
+    double lsh_w, kappa;
+    uint64_t lsh_n;
+    double plan_steps, plan_cands, plan_cost;
+    uint64_t refused_n, decode_refused_n;
+    uint64_t keys_hashed, table_inserts, table_builds, sketch_inserts;
+} snap_header;
+
+static int fail(char *err, size_t err_len, const char *path, int code, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static int fail(char *err, size_t err_len, const char *path, int code, const char *fmt, ...) {
+    if (err != NULL && err_len > 0) {
+        int k = snprintf(err, err_len, "%s: ", path ? path : "(null)");
+        if (k >= 0 && (size_t)k < err_len) {
+            va_list ap;
+            va_start(ap, fmt);
+            vsnprintf(err + k, err_len - (size_t)k, fmt, ap);
+            va_end(ap);
+        }
+    }
+    return code;
+}
+
+int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err_len) {
+    if (err != NULL && err_len > 0) err[0] = '\0';
+    if (path == NULL) return fail(err, err_len, path, KMV_EINVAL, "path is NULL");
+    if (s == NULL) return fail(err, err_len, path, KMV_EINVAL, "stream is NULL");
+    const kmv_index *ix = s->ix;
+    const kmv_params *p = &ix->params;
+    size_t n = ix->ks.n, d = s->d, c = s->c, m = s->m;
+    snap_header h;
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, SNAP_MAGIC, 8);
+    h.version = SNAP_VERSION;
+    h.header_bytes = (uint32_t)sizeof h;
+    h.d = d;
+    h.c = c;
+    h.n = n;
+    h.m = m;
+    h.sigma = p->sigma;
+    h.eps = p->eps;
+    h.delta = p->delta;
+    h.alpha = p->alpha;
+    h.gamma = p->gamma;
+    h.seed = p->seed;
+    h.sketch_size = p->sketch_size;
+    h.min_samples = p->min_samples;
+    h.causal = p->causal;
+    h.exact = p->exact;
+    h.shuffle_rng = ix->ks.rng;
+    h.lsh_built = ix->lsh_built;
+    if (ix->lsh_built) {
+        h.lsh_k = ix->lsh.shape.k;
+        h.lsh_L = ix->lsh.shape.L;
+        h.lsh_w = ix->lsh.shape.w;
+        h.kappa = ix->kappa;
+        h.lsh_n = ix->lsh_n;
+        h.plan_steps = ix->plan.steps_per_query;
+        h.plan_cands = ix->plan.cands_per_query;
+        h.plan_cost = ix->plan.cost_per_query;
+    }
+    h.refused_n = ix->refused_n;
+    h.decode_refused_n = s->decode_refused_n;
+    h.keys_hashed = ix->keys_hashed;
+    h.table_inserts = ix->table_inserts;
+    h.table_builds = ix->table_builds;
+    h.sketch_inserts = s->sketch_inserts;
+    kmv__part parts[6] = {{&h, sizeof h},
+                          {ix->ks.rows, n * d * sizeof(float)},
+                          {ix->ks.id_at, n * sizeof(uint32_t)},
+                          {s->x, n * c * sizeof(float)},
+                          {s->q, m * d * sizeof(float)},
+                          {NULL, sizeof(uint64_t)}};
+    XXH3_state_t *xs = XXH3_createState();
+    if (xs == NULL) return fail(err, err_len, path, KMV_ENOMEM, "out of memory");
+    XXH3_64bits_reset(xs);
+    for (int u = 0; u < 5; u++)
+        if (parts[u].len) XXH3_64bits_update(xs, parts[u].data, parts[u].len);
+    uint64_t sum = XXH3_64bits_digest(xs);
+    XXH3_freeState(xs);
+    parts[5].data = &sum;
+    const char *step;
+    int errnum;
+    if (kmv__write_atomic(path, parts, 6, &step, &errnum) != 0)
+        return fail(err, err_len, path, KMV_EIO, "%s: %s", step, strerror(errnum));
+    return KMV_OK;
+}
+
+/* Bytes the payload of h takes, or 0 when its sizes overflow. */
+static size_t payload_bytes(const snap_header *h) {
+    size_t a, b, cc, dd, total;
+    if (!kmv__mul_size((size_t)h->n, (size_t)h->d, &a) || !kmv__mul_size(a, 4, &a)) return 0;
+    if (!kmv__mul_size((size_t)h->n, 4, &b)) return 0;
+    if (!kmv__mul_size((size_t)h->n, (size_t)h->c, &cc) || !kmv__mul_size(cc, 4, &cc)) return 0;
+    if (!kmv__mul_size((size_t)h->m, (size_t)h->d, &dd) || !kmv__mul_size(dd, 4, &dd)) return 0;
+    total = sizeof *h;
+    if (a > SIZE_MAX - total) return 0;
+    total += a;
+    if (b > SIZE_MAX - total) return 0;
+    total += b;
+    if (cc > SIZE_MAX - total) return 0;
+    total += cc;
+    if (dd > SIZE_MAX - total - 8) return 0;
+    return total + dd + 8;
+}
+
+/* The parts of a checked file, rebuilt into a stream. */
+static int rebuild(const kmv_ctx *ctx, const snap_header *h, const unsigned char *body,
+                   kmv_stream **out) {
+    kmv_params p = ctx->params;
+    p.sigma = h->sigma;
+    p.eps = h->eps;
+    p.delta = h->delta;
+    p.alpha = h->alpha;
+    p.gamma = h->gamma;
+    p.seed = h->seed;
+    p.sketch_size = h->sketch_size;
+    p.min_samples = h->min_samples;
+    p.causal = h->causal;
+    p.exact = h->exact;
+    size_t n = (size_t)h->n, d = (size_t)h->d, c = (size_t)h->c, m = (size_t)h->m;
+    const float *rows = (const float *)(const void *)body;
+    const uint32_t *id_at = (const uint32_t *)(const void *)(body + n * d * 4);
+    const float *x = (const float *)(const void *)(body + n * d * 4 + n * 4);
+    const float *q = (const float *)(const void *)(body + n * d * 4 + n * 4 + n * c * 4);
+    kmv_stream *s;
+    int rc = kmv__stream_new(ctx, &p, d, c, &s);
+    if (rc != KMV_OK) return rc;
+    kmv_index *ix = s->ix;
+    /* Keys go in through the normal path in id order (the sketch, the
+     * weights), then the store is set to the saved order and shuffle
+     * state, which is what those appends would have left. */
+    float *kid = kmv__malloc_array(&ix->alloc, n ? n : 1, d * sizeof(float));
+    if (kid == NULL) {
+        rc = KMV_ENOMEM;
+        goto fail;
+    }
+    for (size_t pos = 0; pos < n; pos++) memcpy(kid + (size_t)id_at[pos] * d, rows + pos * d, d * sizeof(float));
+    rc = kmv__stream_append_keys(s, kid, x, n);
+    kmv__free(&ix->alloc, kid);
+    if (rc != KMV_OK) goto fail;
+    kmv__keystore *ks = &ix->ks;
+    memcpy(ks->rows, rows, n * d * sizeof(float));
+    memcpy(ks->id_at, id_at, n * sizeof(uint32_t));
+    for (size_t pos = 0; pos < n; pos++) ks->pos_of[id_at[pos]] = (uint32_t)pos;
+    ks->rng = h->shuffle_rng;
+    for (size_t pos = 0; pos < n; pos++) {
+        memcpy(s->xs + pos * c, s->x + (size_t)id_at[pos] * c, c * sizeof(float));
+        s->ws[pos] = s->wid[id_at[pos]];
+    }
+    if (m) {
+        rc = kmv__stream_append_queries(s, q, m);
+        if (rc != KMV_OK) goto fail;
+    }
+    if (h->lsh_built) {
+        kmv__lsh_shape sh = {h->lsh_k, h->lsh_L, h->lsh_w};
+        rc = kmv__lsh_init(&ix->lsh, &ix->alloc, d, sh, p.seed);
+        if (rc != KMV_OK) goto fail;
+        for (size_t j0 = 0; rc == KMV_OK && j0 < n; j0 += 8192) {
+            size_t bj = n - j0 < 8192 ? n - j0 : 8192;
+            float *blk = kmv__malloc_array(&ix->alloc, bj, d * sizeof(float));
+            if (blk == NULL) {
+                rc = KMV_ENOMEM;
+                break;
+            }
+            for (size_t u = 0; u < bj; u++)
+                memcpy(blk + u * d, kmv__keystore_row(ks, j0 + u), d * sizeof(float));
+            rc = kmv__lsh_append(&ix->lsh, &ix->alloc, blk, bj, kmv__threads(&p));
+            kmv__free(&ix->alloc, blk);
+        }
+        if (rc != KMV_OK) {
+            kmv__lsh_free(&ix->lsh, &ix->alloc);
+            goto fail;
+        }
+        ix->lsh_built = 1;
+        ix->lsh_n = (size_t)h->lsh_n;
+        ix->kappa = h->kappa;
+        ix->plan.shape = sh;
+        ix->plan.steps_per_query = h->plan_steps;
+        ix->plan.cands_per_query = h->plan_cands;
+        ix->plan.cost_per_query = h->plan_cost;
+    }
+    ix->refused_n = (size_t)h->refused_n;
+    s->decode_refused_n = (size_t)h->decode_refused_n;
+    ix->keys_hashed = h->keys_hashed;
+    ix->table_inserts = h->table_inserts;
+    ix->table_builds = h->table_builds;
+    s->sketch_inserts = h->sketch_inserts;
+    *out = s;
+    return KMV_OK;
+fail:
+    rc = kmv__meter_code(&ix->meter, rc);
+    kmv_stream_free(s);
+    return rc;
+}
+
+int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char *err,
+                    size_t err_len) {
+    if (err != NULL && err_len > 0) err[0] = '\0';
+    if (out != NULL) *out = NULL;
+    if (path == NULL) return fail(err, err_len, path, KMV_EINVAL, "path is NULL");
+    if (ctx == NULL || out == NULL) return fail(err, err_len, path, KMV_EINVAL, "ctx or out is NULL");
+    unsigned char *buf;
+    size_t len;
+    int r = kmv__read_whole(path, &ctx->alloc, SNAP_MAX, &buf, &len);
+    if (r == -1) return fail(err, err_len, path, KMV_EIO, "cannot read: %s", strerror(errno));
+    if (r == -2) return fail(err, err_len, path, KMV_EFORMAT, "larger than any stream snapshot");
+    if (r == -3) return fail(err, err_len, path, KMV_ENOMEM, "out of memory reading the file");
+    int rc = KMV_EFORMAT;
+    snap_header h;
+    const char *why = NULL;
+    if (len < 8 || memcmp(buf, SNAP_MAGIC, 8) != 0) {
+        why = "not a kmv stream snapshot";
+    } else if (len < sizeof h + 8) {
+        why = "truncated: shorter than the header";
+    } else {
+        memcpy(&h, buf, sizeof h);
+        uint64_t sum;
+        memcpy(&sum, buf + len - 8, 8);
+        size_t want;
+        if (h.version != SNAP_VERSION || h.header_bytes != sizeof h)
+            why = "a snapshot of another format version";
+        else if ((want = payload_bytes(&h)) == 0)
+            why = "damaged: sizes overflow";
+        else if (len != want)
+            why = len < want ? "truncated" : "damaged: longer than its sizes say";
+        else if (XXH3_64bits(buf, len - 8) != sum)
+            why = "damaged: checksum mismatch";
+    }
+    if (why == NULL) {
+        /* The checksum held, but a file can be made to pass it: every field
+         * is still checked before use. */
+        kmv_params p = ctx->params;
+        p.sigma = h.sigma;
+        p.eps = h.eps;
+        p.delta = h.delta;
+        p.alpha = h.alpha;
+        p.gamma = h.gamma;
+        p.sketch_size = h.sketch_size;
+        p.min_samples = h.min_samples;
+        size_t n = (size_t)h.n, d = (size_t)h.d, c = (size_t)h.c, m = (size_t)h.m;
+        const unsigned char *body = buf + sizeof h;
+        if (kmv_params_check(&p) != KMV_OK || (h.causal != 0 && h.causal != 1) ||
+            (h.exact != 0 && h.exact != 1))
+            why = "inconsistent: parameters out of range";
+        else if (d == 0 || c == 0 || d > INT_MAX / 64 || c > INT_MAX || n > KMV__KEYS_MAX)
+            why = "inconsistent: shape out of range";
+        else if (h.lsh_built && (h.lsh_k < 1 || h.lsh_k > 64 || h.lsh_L < 1 ||
+                                 h.lsh_L > KMV__LSH_MAX_TABLES || !(h.lsh_w > 0.0) ||
+                                 !isfinite(h.lsh_w) || !(h.kappa > 0.0 && h.kappa <= 1.0) ||
+                                 h.lsh_n > n))
+            why = "inconsistent: table shape out of range";
+        else if (kmv_find_nonfinite((const float *)(const void *)body, n * d, NULL) != KMV_OK ||
+                 kmv_find_nonfinite((const float *)(const void *)(body + n * d * 4 + n * 4),
+                                    n * c, NULL) != KMV_OK ||
+                 kmv_find_nonfinite((const float *)(const void *)(body + n * d * 4 + n * 4 + n * c * 4),
+                                    m * d, NULL) != KMV_OK)
+            why = "inconsistent: non-finite values";
+        else {
+            /* id_at must be a permutation of 0 .. n-1. */
+            unsigned char *seen = n ? kmv__malloc(&ctx->alloc, n) : NULL;
+            if (n && seen == NULL) {
+                kmv__free(&ctx->alloc, buf);
+                return fail(err, err_len, path, KMV_ENOMEM, "out of memory");
+            }
+            if (n) memset(seen, 0, n);
+            const unsigned char *ids = body + n * d * 4;
+            for (size_t pos = 0; pos < n && why == NULL; pos++) {
+                uint32_t id;
+                memcpy(&id, ids + pos * 4, 4);
+                if (id >= n || seen[id]) why = "inconsistent: key order is not a permutation";
+                else seen[id] = 1;
+            }
+            kmv__free(&ctx->alloc, seen);
+        }
+        if (why == NULL) {
+            /* The body sits after a header of 8-byte fields; the buffer is
+             * malloc-aligned, so every array in it is 4-byte aligned. */
+            rc = rebuild(ctx, &h, body, out);
+            kmv__free(&ctx->alloc, buf);
+            if (rc != KMV_OK)
+                return fail(err, err_len, path, rc, "cannot rebuild the stream: %s", kmv_strerror(rc));
+            return KMV_OK;
+        }
+    }
+    kmv__free(&ctx->alloc, buf);
+    return fail(err, err_len, path, rc, "%s", why);
+}

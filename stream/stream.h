@@ -1,0 +1,47 @@
+/* Internal: the stream's layout, shared by stream.c (appends and batch
+ * products), decode.c (the decoding step) and snapshot.c (save and load). */
+#ifndef KMV_STREAM_H
+#define KMV_STREAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kmv/index.h"
+#include "kmv/kmv.h"
+#include "kmv/sketch.h"
+
+struct kmv_stream {
+    kmv_index *ix;   /* keys in the store's random order, the LSH tables,
+                        the params and the metered allocator */
+    size_t d, c;
+    /* Per key, rows allocated: cap. */
+    float *x;        /* n x c, id order: the values given at append */
+    float *xs;       /* n x c, store order: what decode's windows read */
+    double *ws;      /* n weights ||x_j||^2, store order */
+    double *wid;     /* n weights, id order */
+    size_t cap;
+    double nx2;      /* sum of the weights, added in id order */
+    kmv__sketch sk;  /* every key of positive weight, added in id order */
+    uint64_t sketch_inserts;
+    /* The sketch's current draws were made at drawn_n keys below drawn_w. */
+    size_t drawn_n;
+    double drawn_w;
+    /* Queries, id order. */
+    float *q;
+    size_t m, qcap;
+    size_t decode_refused_n; /* keys when decode's plan was last refused */
+};
+
+/* Append keys or queries past validation (snapshot.c rebuilds through
+ * them). */
+int kmv__stream_append_keys(kmv_stream *s, const float *keys, const float *x, size_t count);
+int kmv__stream_append_queries(kmv_stream *s, const float *q, size_t count);
+
+/* kmv_stream_decode() past validation. */
+int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st);
+
+/* A stream for dim x n_cols under params (already checked). */
+int kmv__stream_new(const kmv_ctx *ctx, const kmv_params *params, size_t dim, size_t n_cols,
+                    kmv_stream **out);
+
+#endif /* KMV_STREAM_H */
