@@ -234,8 +234,8 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
                                 &st);
     }
     if (err == KMV_EUNSUPPORTED && !p.exact) {
-        fprintf(stderr, "kmv %s: the approximate engine of kmv %s does not do %s; pass --exact\n",
-                cmd, kmv_version_string(), attn ? "attention" : "--causal");
+        fprintf(stderr, "kmv %s: the approximate engine of kmv %s does not do attention; pass --exact\n",
+                cmd, kmv_version_string());
         goto done;
     }
     if (err == KMV_EOVERFLOW && attn) {
@@ -284,7 +284,7 @@ int cmd_matvec(int argc, char **argv) {
         {"x", OPT_STRING, 1, "X.npy", "x, length n, or n x c for c columns at once", 0, 0, 0, 0, 0},
         {"sigma", OPT_DOUBLE, 1, "S", "bandwidth: K = exp(-|q-k|^2 / (2 S^2)), S > 0", 0, 0, 0, 0, 0},
         {"delta", OPT_DOUBLE, 0, "P", "failure probability, in (0, 1) (default 0.01)", 0, 0, 0, 0, 0},
-        {"causal", OPT_FLAG, 0, "", "query i sees keys j <= i only (exact engine)", 0, 0, 0, 0, 0},
+        {"causal", OPT_FLAG, 0, "", "query i sees keys j <= i only", 0, 0, 0, 0, 0},
         {"measure-error", OPT_FLAG, 0, "", "also run exact; report |Kx-y|/|x| in the stats", 0, 0, 0, 0, 0},
         COMMON_OPTS,
     };

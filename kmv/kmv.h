@@ -35,6 +35,8 @@
  *    creation); kmv_ctx_free only when none is running.
  *  - On one index: one call at a time, whichever (products update its
  *    tables). Distinct indexes are independent, even from one context.
+ *  - On one stream: one call at a time, whichever (decoding steps update
+ *    its tables and cached draws). Distinct streams are independent.
  *  - Each call may run its own OpenMP team (params.n_threads), and calls
  *    the allocator hook from those threads: the hook must be thread-safe.
  *    The progress hook runs only on the calling thread.

@@ -22,8 +22,10 @@
 #include "kmv/context.h"
 #include "stream/stream.h"
 
-#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "stream snapshots are written little-endian: port snapshot.c first"
+/* Fields move between file and memory as raw bytes. */
+#if defined(__BYTE_ORDER__) && defined(__ORDER_LITTLE_ENDIAN__) && \
+    __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "stream/snapshot.c supports little-endian hosts only"
 #endif
 
 #define SNAP_MAGIC "KMVSTRM\x1a"
@@ -249,6 +251,7 @@ int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char
     if (r == -3) return fail(err, err_len, path, KMV_ENOMEM, "out of memory reading the file");
     int rc = KMV_EFORMAT;
     snap_header h;
+    memset(&h, 0, sizeof h);
     const char *why = NULL;
     if (len < 8 || memcmp(buf, SNAP_MAGIC, 8) != 0) {
         why = "not a kmv stream snapshot";

@@ -1,0 +1,216 @@
+/* The streaming engine, measured in one run on a shared machine (ratios
+ * from the same run, never a wall-clock limit):
+ *
+ *   stream_bench [--glove PATH] [--steps N]
+ *
+ *  1. Appending: microseconds per key for a block of 256 keys appended to
+ *     a stream of 1K, 8K and 64K keys whose tables exist (clustered data,
+ *     d = 64), with the table inserts per key. Flat means O(block).
+ *  2. The decoding step at n = 65536: clustered data (d = 64, sigma = 1)
+ *     and the GloVe vectors (d = 100, sigma = 0.5, keys = the first n
+ *     vectors, steps for vectors past them when the file has more, else
+ *     for the keys themselves): mean latency of the approximate row and of
+ *     the exact row (the stream with params.exact: one pass over the keys),
+ *     their ratio, and the worst ||y - exact|| / ||x|| against eps = 0.1.
+ *  3. Kx for the current prefix after streaming 64 blocks against one
+ *     block: the same answer, and the ratio of their times. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kmv/kmv.h"
+#include "tests/datagen.h"
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static kmv_ctx *ctx_for(double sigma, int exact) {
+    kmv_params p;
+    kmv_params_init(&p);
+    p.sigma = sigma;
+    p.eps = 0.1;
+    p.exact = exact;
+    kmv_ctx *ctx;
+    if (kmv_ctx_create(&p, &ctx) != KMV_OK) exit(1);
+    return ctx;
+}
+
+static void check(int rc, const char *what) {
+    if (rc != KMV_OK) {
+        fprintf(stderr, "%s: %s\n", what, kmv_strerror(rc));
+        exit(1);
+    }
+}
+
+static void appending(void) {
+    const size_t d = 64, blk = 256;
+    size_t sizes[] = {1024, 8192, 65536};
+    printf("# appending %zu keys to a stream with tables (clustered, d = %zu)\n", blk, d);
+    printf("n,us_per_key,table_inserts_per_key,tables\n");
+    for (int si = 0; si < 3; si++) {
+        size_t n = sizes[si];
+        float *k = malloc((n + blk) * d * sizeof(float)), *q = malloc(d * sizeof(float));
+        float *x = malloc((n + blk) * sizeof(float));
+        dg_clustered(k, n + blk, q, 1, d, 16, 1.0, 5 + n);
+        dg_x(x, n + blk, DG_X_GAUSS, 6 + n);
+        kmv_ctx *ctx = ctx_for(1.0, 0);
+        kmv_stream *s;
+        check(kmv_stream_create(ctx, d, 1, &s), "create");
+        check(kmv_stream_append_keys(s, k, x, n), "append");
+        /* A batch product builds the tables whatever the cost model says
+         * of the decoding step at this size. */
+        float *y = malloc(n * sizeof(float));
+        check(kmv_stream_append_queries(s, k, n), "queries");
+        check(kmv_stream_matvec(s, NULL, y, NULL), "matvec");
+        kmv_stream_info a, b;
+        kmv_stream_info_get(s, &a);
+        double t0 = now();
+        check(kmv_stream_append_keys(s, k + n * d, x + n, blk), "append");
+        double t = now() - t0;
+        kmv_stream_info_get(s, &b);
+        printf("%zu,%.2f,%.1f,%d\n", n, 1e6 * t / (double)blk,
+               (double)(b.table_inserts - a.table_inserts) / (double)blk, b.lsh_tables);
+        free(y);
+        free(k);
+        free(q);
+        free(x);
+        kmv_stream_free(s);
+        kmv_ctx_free(ctx);
+    }
+}
+
+/* Decoding steps for `steps` queries against n keys, approximate and exact. */
+static void decoding(const char *name, const float *k, size_t n, const float *qs, size_t steps,
+                     size_t d, double sigma, const float *x) {
+    kmv_ctx *ca = ctx_for(sigma, 0), *ce = ctx_for(sigma, 1);
+    kmv_stream *sa, *se;
+    check(kmv_stream_create(ca, d, 1, &sa), "create");
+    check(kmv_stream_create(ce, d, 1, &se), "create");
+    check(kmv_stream_append_keys(sa, k, x, n), "append");
+    check(kmv_stream_append_keys(se, k, x, n), "append");
+    double x2 = 0.0;
+    for (size_t j = 0; j < n; j++) x2 += (double)x[j] * x[j];
+    float y, ye;
+    kmv_stats st;
+    double tb = now();
+    check(kmv_stream_decode(sa, qs, &y, &st), "decode"); /* builds the tables */
+    tb = now() - tb;
+    double ta = 0.0, te = 0.0, worst = 0.0, cands = 0.0, samples = 0.0;
+    int approx = 0;
+    for (size_t i = 0; i < steps; i++) {
+        const float *q = qs + i * d;
+        double t0 = now();
+        check(kmv_stream_decode(sa, q, &y, &st), "decode");
+        double t1 = now();
+        check(kmv_stream_decode(se, q, &ye, NULL), "decode");
+        double t2 = now();
+        ta += t1 - t0;
+        te += t2 - t1;
+        approx += st.mode == KMV_MODE_APPROX;
+        cands += (double)st.lsh_candidates;
+        samples += (double)st.samples;
+        double e = fabs((double)y - ye) / sqrt(x2);
+        worst = e > worst ? e : worst;
+    }
+    printf("%s,%zu,%zu,%.1f,%.1f,%.2f,%.5f,%d/%zu,%.0f,%.0f,%.3f,%d\n", name, n, d, 1e6 * ta / (double)steps,
+           1e6 * te / (double)steps, te / ta, worst, approx, steps, cands / (double)steps,
+           samples / (double)steps, tb, st.lsh_tables);
+    kmv_stream_free(sa);
+    kmv_stream_free(se);
+    kmv_ctx_free(ca);
+    kmv_ctx_free(ce);
+}
+
+static void streamed_vs_batch(void) {
+    const size_t n = 16384, d = 100, blocks = 64;
+    float *k = malloc(n * d * sizeof(float)), *q = malloc(n * d * sizeof(float));
+    float *x = malloc(n * sizeof(float));
+    dg_clustered(k, n, q, n, d, 16, 1.0, 11);
+    dg_x(x, n, DG_X_GAUSS, 12);
+    kmv_ctx *ctx = ctx_for(1.0, 0);
+    kmv_stream *a, *b;
+    check(kmv_stream_create(ctx, d, 1, &a), "create");
+    check(kmv_stream_create(ctx, d, 1, &b), "create");
+    check(kmv_stream_append_keys(a, k, x, n), "append");
+    check(kmv_stream_append_queries(a, q, n), "queries");
+    size_t bs = n / blocks;
+    float *y = malloc(n * sizeof(float)), *yb = malloc(n * sizeof(float));
+    kmv_stats st;
+    for (size_t i = 0; i < blocks; i++) {
+        check(kmv_stream_append_keys(b, k + i * bs * d, x + i * bs, bs), "append");
+        check(kmv_stream_append_queries(b, q + i * bs * d, bs), "queries");
+        /* Answer at every prefix, as a prefix-scaling run does. */
+        check(kmv_stream_matvec(b, NULL, yb, NULL), "matvec");
+    }
+    double best_a = INFINITY, best_b = INFINITY;
+    for (int rep = 0; rep < 3; rep++) {
+        double t0 = now();
+        check(kmv_stream_matvec(a, NULL, y, &st), "matvec");
+        double t1 = now();
+        check(kmv_stream_matvec(b, NULL, yb, NULL), "matvec");
+        double t2 = now();
+        best_a = t1 - t0 < best_a ? t1 - t0 : best_a;
+        best_b = t2 - t1 < best_b ? t2 - t1 : best_b;
+    }
+    printf("# Kx at n = m = %zu, d = %zu (clustered): one block %.4f s, %zu blocks %.4f s, "
+           "ratio %.2f, same answer: %s, mode %s\n",
+           n, d, best_a, blocks, best_b, best_b / best_a,
+           memcmp(y, yb, n * sizeof(float)) == 0 ? "yes" : "NO",
+           st.mode == KMV_MODE_APPROX ? "approx" : "fallback");
+    free(y);
+    free(yb);
+    kmv_stream_free(a);
+    kmv_stream_free(b);
+    kmv_ctx_free(ctx);
+    free(k);
+    free(q);
+    free(x);
+}
+
+int main(int argc, char **argv) {
+    const char *glove = "../shared/data/glove100d_first65536.npy";
+    size_t steps = 200;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--glove") && i + 1 < argc) glove = argv[++i];
+        else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = (size_t)strtoull(argv[++i], NULL, 10);
+        else {
+            fprintf(stderr, "usage: stream_bench [--glove PATH] [--steps N]\n");
+            return 2;
+        }
+    }
+    appending();
+    printf("# decoding steps, eps = 0.1 (tables built at the first step, build_s)\n");
+    printf("data,n,d,approx_us,exact_us,speedup,worst_err,approx_steps,cands,samples,build_s,tables\n");
+    const size_t n = 65536;
+    {
+        const size_t d = 64;
+        float *k = malloc(n * d * sizeof(float)), *q = malloc(steps * d * sizeof(float));
+        float *x = malloc(n * sizeof(float));
+        dg_clustered(k, n, q, steps, d, 16, 1.0, 21);
+        dg_x(x, n, DG_X_GAUSS, 22);
+        decoding("clustered", k, n, q, steps, d, 1.0, x);
+        free(k);
+        free(q);
+        free(x);
+    }
+    kmv_array g;
+    char err[256];
+    if (kmv_npy_read(glove, NULL, &g, err, sizeof err) == KMV_OK && g.rows >= n) {
+        float *x = malloc(n * sizeof(float));
+        dg_x(x, n, DG_X_GAUSS, 23);
+        size_t extra = g.rows - n;
+        const float *qs = extra >= steps ? g.data + n * g.cols : g.data;
+        decoding("glove", g.data, n, qs, steps, g.cols, 0.5, x);
+        free(x);
+        kmv_array_free(&g);
+    } else {
+        printf("# GloVe rows skipped: %s\n", err);
+    }
+    streamed_vs_batch();
+    return 0;
+}
