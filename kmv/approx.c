@@ -37,7 +37,6 @@
 #include "kmv/xsplit.h"
 
 #define QB 16           /* queries per block of the row passes */
-#define WEIGHT_RATIO 16 /* h: the largest x_j^2 / mean(x^2) left in T */
 #define BUILD_BLOCK 8192 /* keys copied out of the random order per append */
 
 typedef struct growbuf {
@@ -151,11 +150,6 @@ static void single_threaded_blas(void) {
 #endif
 }
 
-static int cmp_u32(const void *pa, const void *pb) {
-    uint32_t a = *(const uint32_t *)pa, b = *(const uint32_t *)pb;
-    return (a > b) - (a < b);
-}
-
 /* Pass 1 for rows rows[0 .. bi - 1]: candidates from the LSH buckets, their
  * exact kernel values, the heavy sums and lists, and the sketch estimate.
  * Returns the block's predicted cost, or -1 on allocation failure. */
@@ -226,7 +220,7 @@ static double heavy_block(run *r, tscratch *t, const size_t *rows, size_t bi, si
         /* No heavy key yet leaves heavy.p NULL, and NULL + 0 is undefined. */
         uint32_t *hl = nheavy > first ? (uint32_t *)t->heavy.p + first : NULL;
         r->hlen[i] = (uint32_t)(nheavy - first);
-        if (hl != NULL) qsort(hl, nheavy - first, sizeof(uint32_t), cmp_u32);
+        if (hl != NULL) qsort(hl, nheavy - first, sizeof(uint32_t), kmv__cmp_u32);
         /* The sketch: exp(-||q-k||^2 / sigma^2) is K^2. Heavy keys the LSH
          * found are summed exactly, so they leave W_i; missed ones stay. */
         double wi = 0.0;
@@ -345,12 +339,6 @@ static int pass_heavy(run *r) {
     return r->nomem ? KMV_ENOMEM : KMV_OK;
 }
 
-/* Window offsets hash the row index so that they do not depend on threads. */
-static size_t window_offset(uint64_t seed, size_t i, int round, size_t n) {
-    uint64_t st = kmv__rng_stream(seed, KMV__RNG_WINDOW) ^ kmv__mix64((uint64_t)i * 2 + (uint64_t)round);
-    return (size_t)kmv__rng_below(&st, n);
-}
-
 /* Pass 2's scratch, one slice per thread, taken before any row writes y:
  * a failure then leaves y untouched. */
 typedef struct sample_scratch {
@@ -424,7 +412,7 @@ static void pass_sample(run *r, const sample_scratch *sc, float *y, const unsign
                 v = kmv__window(ks, r->xs->xp, c, qi, r->inv2s2, r->kappa, NULL, 0, mk, 0, r->n,
                                 chunk, acc, est);
             } else {
-                size_t off = window_offset(seed, i, round, r->n);
+                size_t off = kmv__window_offset(seed, KMV__RNG_WINDOW, i, round, r->n);
                 v = kmv__window(ks, r->xs->xp, c, qi, r->inv2s2, r->kappa, r->hid[i], r->hlen[i],
                                 mk, off, r->s[i], chunk, acc, est);
                 for (size_t col = 0; col < c; col++) est[col] += r->yh[i * c + col];
@@ -476,7 +464,6 @@ int kmv__index_ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa,
     if (ix->lsh_built && kappa >= 0.5 * ix->kappa && n <= 2 * ix->lsh_n) return KMV_OK;
     double r_near = ix->params.sigma * sqrt(2.0 * log(1.0 / kappa));
     kmv__lsh_plan plan;
-    int nt = kmv__threads(&ix->params);
     int rc = kmv__lsh_choose(&ix->alloc, &ix->ks, q, m, r_near, miss, keys_per_query,
                              ix->params.seed, &plan);
     if (rc != KMV_OK) return rc;
@@ -485,23 +472,8 @@ int kmv__index_ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa,
         kmv__lsh_free(&ix->lsh, &ix->alloc);
         ix->lsh_built = 0;
     }
-    rc = kmv__lsh_init(&ix->lsh, &ix->alloc, ix->d, plan.shape, ix->params.seed);
+    rc = kmv__index_fill_lsh(ix, plan.shape);
     if (rc != KMV_OK) return rc;
-    /* Keys go in by id, in blocks gathered from the random order. */
-    float *blk = kmv__malloc_array(&ix->alloc, n < BUILD_BLOCK ? n : BUILD_BLOCK, ix->d * sizeof(float));
-    if (blk == NULL) rc = KMV_ENOMEM;
-    for (size_t j0 = 0; rc == KMV_OK && j0 < n; j0 += BUILD_BLOCK) {
-        size_t bj = n - j0 < BUILD_BLOCK ? n - j0 : BUILD_BLOCK;
-        for (size_t u = 0; u < bj; u++)
-            memcpy(blk + u * ix->d, kmv__keystore_row(&ix->ks, j0 + u), ix->d * sizeof(float));
-        rc = kmv__lsh_append(&ix->lsh, &ix->alloc, blk, bj, nt);
-    }
-    kmv__free(&ix->alloc, blk);
-    if (rc != KMV_OK) {
-        kmv__lsh_free(&ix->lsh, &ix->alloc);
-        return rc;
-    }
-    ix->lsh_built = 1;
     ix->table_builds++;
     ix->keys_hashed += n;
     ix->table_inserts += (uint64_t)n * (uint64_t)plan.shape.L;
@@ -509,6 +481,46 @@ int kmv__index_ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa,
     ix->kappa = kappa;
     ix->plan = plan;
     return KMV_OK;
+}
+
+int kmv__index_fill_lsh(kmv_index *ix, kmv__lsh_shape shape) {
+    size_t n = ix->ks.n, d = ix->d;
+    int rc = kmv__lsh_init(&ix->lsh, &ix->alloc, d, shape, ix->params.seed);
+    if (rc != KMV_OK) return rc;
+    /* Keys go in by id, in blocks gathered from the random order. */
+    float *blk = kmv__malloc_array(&ix->alloc, n < BUILD_BLOCK ? n : BUILD_BLOCK, d * sizeof(float));
+    if (blk == NULL) rc = KMV_ENOMEM;
+    for (size_t j0 = 0; rc == KMV_OK && j0 < n; j0 += BUILD_BLOCK) {
+        size_t bj = n - j0 < BUILD_BLOCK ? n - j0 : BUILD_BLOCK;
+        for (size_t u = 0; u < bj; u++)
+            memcpy(blk + u * d, kmv__keystore_row(&ix->ks, j0 + u), d * sizeof(float));
+        rc = kmv__lsh_append(&ix->lsh, &ix->alloc, blk, bj, kmv__threads(&ix->params));
+    }
+    kmv__free(&ix->alloc, blk);
+    if (rc != KMV_OK) {
+        kmv__lsh_free(&ix->lsh, &ix->alloc);
+        return rc;
+    }
+    ix->lsh_built = 1;
+    return KMV_OK;
+}
+
+double kmv__heavy_threshold(const kmv_params *pa, size_t n, size_t m) {
+    double h = pow((double)n, pa->gamma);
+    if (h > WEIGHT_RATIO) h = WEIGHT_RATIO;
+    if (h < 1.0) h = 1.0;
+    double kappa = pow((double)n, -pa->alpha);
+    double kb = pa->eps * sqrt((double)pa->min_samples / (16.0 * (double)m * h));
+    if (kb < kappa) kappa = kb;
+    /* kappa >= 2^-60 keeps r_near finite and the tables meaningful. */
+    return kappa < 0x1p-60 ? 0x1p-60 : kappa;
+}
+
+double kmv__h1_ratio(const kmv_params *pa, size_t n, size_t m, double kappa) {
+    /* H1 at n^gamma, or lower where kappa's bound needs. */
+    double hi = pa->eps * pa->eps * (double)pa->min_samples / (16.0 * (double)m * kappa * kappa);
+    if (hi > pow((double)n, pa->gamma)) hi = pow((double)n, pa->gamma);
+    return hi < 1.0 ? 1.0 : hi;
 }
 
 /* The exact engine over the store's order, with x permuted to match; for
@@ -653,14 +665,7 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
     rc = kmv__exact_gauss_wide(a, q, m, ix->ks.rows, n, d, pa->sigma, &wide);
     if (rc != KMV_OK) goto fail;
     if (wide) exact_cost *= KMV__COST_WIDE;
-    double h = pow((double)n, pa->gamma);
-    if (h > WEIGHT_RATIO) h = WEIGHT_RATIO;
-    if (h < 1.0) h = 1.0;
-    double kappa = pow((double)n, -pa->alpha);
-    double kb = pa->eps * sqrt((double)s_min / (16.0 * (double)m * h));
-    if (kb < kappa) kappa = kb;
-    /* kappa >= 2^-60 keeps r_near finite and the tables meaningful. */
-    if (kappa < 0x1p-60) kappa = 0x1p-60;
+    double kappa = kmv__heavy_threshold(pa, n, m);
 
     double tl = kmv__now();
     rc = kmv__index_ensure_lsh(ix, q, m, kappa, miss,
@@ -678,11 +683,7 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
     S.lsh_hash_len = ix->lsh.shape.k;
     S.lsh_width = ix->lsh.shape.w;
 
-    /* Preprocessing x: H1 at n^gamma, or lower where kappa's bound needs. */
-    double hi = pa->eps * pa->eps * (double)s_min / (16.0 * (double)m * kappa * kappa);
-    if (hi > pow((double)n, pa->gamma)) hi = pow((double)n, pa->gamma);
-    if (hi < 1.0) hi = 1.0;
-    rc = kmv__xsplit_run(&xs, a, &ix->ks, x, c, hi);
+    rc = kmv__xsplit_run(&xs, a, &ix->ks, x, c, kmv__h1_ratio(pa, n, m, kappa));
     if (rc != KMV_OK) goto fail;
     S.keys_exact = xs.n_h1;
     S.keys_dropped = xs.n_drop;

@@ -2,6 +2,7 @@
 #include "kmv/atomicfile.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -100,6 +101,18 @@ static void sync_parent(char *name, size_t len) {
         (void)fsync(dfd);
         close(dfd);
     }
+}
+
+int kmv__file_error(char *err, size_t err_len, const char *path, int code, const char *fmt, ...) {
+    if (err == NULL || err_len == 0) return code;
+    int n = snprintf(err, err_len, "%s: ", path != NULL ? path : "(null)");
+    if (n >= 0 && (size_t)n < err_len) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err + n, err_len - (size_t)n, fmt, ap);
+        va_end(ap);
+    }
+    return code;
 }
 
 int kmv__write_atomic(const char *path, const kmv__part *parts, size_t nparts,

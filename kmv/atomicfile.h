@@ -23,6 +23,19 @@ typedef struct kmv__part {
 int kmv__write_atomic(const char *path, const kmv__part *parts, size_t nparts,
                       const char **step, int *errnum);
 
+#if defined(__GNUC__)
+#define KMV__PRINTF(fmt, args) __attribute__((format(printf, fmt, args)))
+#else
+#define KMV__PRINTF(fmt, args)
+#endif
+
+/* Format "path: message" into err (err_len bytes, NUL-terminated,
+ * truncated; nothing when err is NULL or err_len is 0) and return code.
+ * Formats in place, never allocates, so it works after an allocation
+ * failed. */
+int kmv__file_error(char *err, size_t err_len, const char *path, int code, const char *fmt, ...)
+    KMV__PRINTF(5, 6);
+
 /* Read up to n bytes, retrying short reads and EINTR; *got says how many
  * arrived (fewer only at end of file). Returns 0, or -1 with errno set. */
 int kmv__read_full(int fd, void *buf, size_t n, size_t *got);

@@ -58,6 +58,24 @@ int kmv__index_matvec_checked(kmv_index *ix, const float *q, size_t m, const flo
 int kmv__index_ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa, double miss,
                           double cap, double keys_per_query);
 
+/* (Re)build the tables of the given shape from every stored key, in id
+ * order, so that the same keys, shape and seed give the same tables
+ * however the keys arrived. KMV_OK (lsh_built set) or KMV_ENOMEM (no
+ * tables left). The caller sets lsh_n, kappa, plan and the counters. */
+int kmv__index_fill_lsh(kmv_index *ix, kmv__lsh_shape shape);
+
+/* h: the largest x_j^2 / mean(x^2) left to sampling. */
+#define WEIGHT_RATIO 16
+
+/* The heavy threshold for n keys and m queries: min(n^-alpha,
+ * eps sqrt(min_samples / (16 m h))), h = min(n^gamma, WEIGHT_RATIO); see
+ * the top of approx.c. */
+double kmv__heavy_threshold(const kmv_params *p, size_t n, size_t m);
+
+/* Where H1 starts, as a multiple of the mean weight, for tables at
+ * threshold kappa: n^gamma, or lower where kappa's bound needs, >= 1. */
+double kmv__h1_ratio(const kmv_params *p, size_t n, size_t m, double kappa);
+
 /* The exact engine for the whole product, reported as a fallback for
  * reason (a kmv_fallback); for plans that did not fit params.max_bytes. */
 int kmv__approx_fallback(const kmv_index *ix, const float *q, size_t m, const float *x, size_t c,

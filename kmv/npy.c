@@ -25,11 +25,6 @@
 #error "kmv/npy.c supports little-endian hosts only"
 #endif
 
-#if defined(__GNUC__)
-#define KMV__PRINTF(fmt, args) __attribute__((format(printf, fmt, args)))
-#else
-#define KMV__PRINTF(fmt, args)
-#endif
 
 #define NPY_MAGIC "\x93NUMPY"
 #define NPY_MAGIC_LEN 6
@@ -62,27 +57,12 @@ enum { KEY_DESCR = 1, KEY_FORTRAN = 2, KEY_SHAPE = 4 };
  * an allocation has failed. */
 
 static int say(char *why, size_t why_len, int code, const char *fmt, ...) KMV__PRINTF(4, 5);
-static int fail(char *err, size_t err_len, const char *path, int code, const char *fmt, ...)
-    KMV__PRINTF(5, 6);
 
 static int say(char *why, size_t why_len, int code, const char *fmt, ...) {
     va_list ap;
     if (why != NULL && why_len > 0) {
         va_start(ap, fmt);
         vsnprintf(why, why_len, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
-
-static int fail(char *err, size_t err_len, const char *path, int code, const char *fmt, ...) {
-    va_list ap;
-    int n;
-    if (err == NULL || err_len == 0) return code;
-    n = snprintf(err, err_len, "%s: ", path != NULL ? path : "(null)");
-    if (n >= 0 && (size_t)n < err_len) {
-        va_start(ap, fmt);
-        vsnprintf(err + n, err_len - (size_t)n, fmt, ap);
         va_end(ap);
     }
     return code;
@@ -350,7 +330,7 @@ static int parse_header(const char *buf, size_t len, npy_header *h, char *why, s
  * bytes or end of file. Returns -1 with errno set on a read error. */
 static int truncated_data(char *err, size_t err_len, const char *path, size_t want,
                           uintmax_t have) {
-    return fail(err, err_len, path, KMV_EFORMAT,
+    return kmv__file_error(err, err_len, path, KMV_EFORMAT,
                 "truncated: header says %zu bytes of data, file has %ju", want, have);
 }
 
@@ -358,7 +338,7 @@ static int read_f4(int fd, const char *path, float *data, size_t nbytes, char *e
                    size_t err_len) {
     size_t got;
     if (kmv__read_full(fd, data, nbytes, &got) != 0)
-        return fail(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
+        return kmv__file_error(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
     if (got < nbytes) return truncated_data(err, err_len, path, nbytes, got);
     return KMV_OK;
 }
@@ -373,13 +353,13 @@ static int read_f8(int fd, const char *path, const kmv_allocator *a, float *data
     int rc = KMV_OK;
 
     if (buf == NULL)
-        return fail(err, err_len, path, KMV_ENOMEM,
+        return kmv__file_error(err, err_len, path, KMV_ENOMEM,
                     "out of memory (%zu bytes for float64 conversion)", cap);
     while (done < nbytes) {
         size_t want = nbytes - done < cap ? nbytes - done : cap;
         size_t got, j;
         if (kmv__read_full(fd, buf, want, &got) != 0) {
-            rc = fail(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
+            rc = kmv__file_error(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
             break;
         }
         if (got < want) {
@@ -392,7 +372,7 @@ static int read_f8(int fd, const char *path, const kmv_allocator *a, float *data
             /* Rounding to infinity would hide the problem; NaN and infinity
              * themselves are the caller's to check, as for float32 files. */
             if (isfinite(v) && (v > (double)FLT_MAX || v < -(double)FLT_MAX)) {
-                rc = fail(err, err_len, path, KMV_EFORMAT,
+                rc = kmv__file_error(err, err_len, path, KMV_EFORMAT,
                           "value %g out of float32 range at index %zu", v, idx);
                 break;
             }
@@ -421,82 +401,82 @@ static int read_fd(int fd, const char *path, const kmv_allocator *a, kmv_array *
     int rc;
 
     if (fstat(fd, &st) != 0)
-        return fail(err, err_len, path, KMV_EIO, "cannot stat: %s", strerror(errno));
-    if (S_ISDIR(st.st_mode)) return fail(err, err_len, path, KMV_EIO, "is a directory");
+        return kmv__file_error(err, err_len, path, KMV_EIO, "cannot stat: %s", strerror(errno));
+    if (S_ISDIR(st.st_mode)) return kmv__file_error(err, err_len, path, KMV_EIO, "is a directory");
     /* Only a regular file's size can be trusted up front; pipes and devices
      * are checked by reading alone. */
     regular = S_ISREG(st.st_mode) && st.st_size >= 0;
     if (regular) fsize = (uintmax_t)st.st_size;
 
     if (kmv__read_full(fd, pre, 8, &got) != 0)
-        return fail(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
+        return kmv__file_error(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
     /* Comparing only what was read tells a cut-short .npy from another
      * kind of file. */
     if (memcmp(pre, NPY_MAGIC, got < NPY_MAGIC_LEN ? got : NPY_MAGIC_LEN) != 0)
-        return fail(err, err_len, path, KMV_EFORMAT, "not a .npy file (bad magic)");
+        return kmv__file_error(err, err_len, path, KMV_EFORMAT, "not a .npy file (bad magic)");
     if (got < 8)
-        return fail(err, err_len, path, KMV_EFORMAT,
+        return kmv__file_error(err, err_len, path, KMV_EFORMAT,
                     "truncated: file ends inside the .npy preamble (%zu bytes)", got);
     major = pre[6];
     minor = pre[7];
     if (major < 1 || major > 3 || minor != 0)
-        return fail(err, err_len, path, KMV_EFORMAT,
+        return kmv__file_error(err, err_len, path, KMV_EFORMAT,
                     "unsupported .npy format version %u.%u; only 1.0, 2.0 and 3.0 are", major,
                     minor);
     lenbytes = major == 1 ? 2 : 4;
     if (kmv__read_full(fd, pre + 8, lenbytes, &got) != 0)
-        return fail(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
+        return kmv__file_error(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
     if (got < lenbytes)
-        return fail(err, err_len, path, KMV_EFORMAT,
+        return kmv__file_error(err, err_len, path, KMV_EFORMAT,
                     "truncated: file ends inside the .npy preamble (%zu bytes)", 8 + got);
     hlen = (size_t)pre[8] | (size_t)pre[9] << 8;
     if (lenbytes == 4) hlen |= (size_t)pre[10] << 16 | (size_t)pre[11] << 24;
     if (hlen > NPY_MAX_HEADER)
-        return fail(err, err_len, path, KMV_EFORMAT,
+        return kmv__file_error(err, err_len, path, KMV_EFORMAT,
                     "header length %zu exceeds the limit of %zu bytes", hlen, NPY_MAX_HEADER);
     hend = 8 + lenbytes + hlen;
     /* Sizes are checked before anything is allocated, so a corrupt length
      * or shape is reported as such rather than as KMV_ENOMEM. */
     if (regular && fsize < hend)
-        return fail(err, err_len, path, KMV_EFORMAT,
+        return kmv__file_error(err, err_len, path, KMV_EFORMAT,
                     "truncated: header length %zu runs past the end of the file (%ju bytes)", hlen,
                     fsize);
-    if (hlen == 0) return fail(err, err_len, path, KMV_EFORMAT, "malformed header: it is empty");
+    if (hlen == 0) return kmv__file_error(err, err_len, path, KMV_EFORMAT, "malformed header: it is empty");
 
     /* Up to NPY_MAX_HEADER: too big for the stack. */
     hbuf = kmv__malloc(a, hlen);
     if (hbuf == NULL)
-        return fail(err, err_len, path, KMV_ENOMEM, "out of memory (%zu bytes for the header)",
+        return kmv__file_error(err, err_len, path, KMV_ENOMEM, "out of memory (%zu bytes for the header)",
                     hlen);
     if (kmv__read_full(fd, hbuf, hlen, &got) != 0) {
-        rc = fail(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
+        rc = kmv__file_error(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
     } else if (got < hlen) {
-        rc = fail(err, err_len, path, KMV_EFORMAT,
+        rc = kmv__file_error(err, err_len, path, KMV_EFORMAT,
                   "truncated: header length %zu runs past the end of the file (%zu bytes)", hlen,
                   8 + lenbytes + got);
     } else {
         rc = parse_header(hbuf, hlen, &h, why, sizeof why);
-        if (rc != KMV_OK) rc = fail(err, err_len, path, rc, "%s", why);
+        if (rc != KMV_OK) rc = kmv__file_error(err, err_len, path, rc, "%s", why);
     }
     kmv__free(a, hbuf);
     if (rc != KMV_OK) return rc;
 
     if (!kmv__mul_size(h.shape[0], h.shape[1], &count) ||
         !kmv__mul_size(count, h.itemsize, &nbytes))
-        return fail(err, err_len, path, KMV_EOVERFLOW,
+        return kmv__file_error(err, err_len, path, KMV_EOVERFLOW,
                     "size of shape (%zu, %zu) with %zu-byte items overflows size_t", h.shape[0],
                     h.shape[1], h.itemsize);
     if (regular && fsize - hend < nbytes)
         return truncated_data(err, err_len, path, nbytes, fsize - hend);
     if (regular && fsize - hend > nbytes)
-        return fail(err, err_len, path, KMV_EFORMAT,
+        return kmv__file_error(err, err_len, path, KMV_EFORMAT,
                     "header says %zu bytes of data but file has %ju (trailing bytes)", nbytes,
                     fsize - hend);
 
     if (count > 0) {
         data = kmv__malloc_array(a, count, sizeof *data);
         if (data == NULL)
-            return fail(err, err_len, path, KMV_ENOMEM, "out of memory (%zu floats for the data)",
+            return kmv__file_error(err, err_len, path, KMV_ENOMEM, "out of memory (%zu floats for the data)",
                         count);
         if (h.itemsize == 4)
             rc = read_f4(fd, path, data, nbytes, err, err_len);
@@ -510,10 +490,10 @@ static int read_fd(int fd, const char *path, const kmv_allocator *a, kmv_array *
     /* Catches trailing bytes the size check cannot see: a pipe, or a file
      * that grew after fstat. */
     if (kmv__read_full(fd, &probe, 1, &got) != 0 || got != 0) {
-        rc = got != 0 ? fail(err, err_len, path, KMV_EFORMAT,
+        rc = got != 0 ? kmv__file_error(err, err_len, path, KMV_EFORMAT,
                              "header says %zu bytes of data but file has more (trailing bytes)",
                              nbytes)
-                      : fail(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
+                      : kmv__file_error(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
         kmv__free(a, data);
         return rc;
     }
@@ -533,17 +513,17 @@ int kmv_npy_read(const char *path, const kmv_allocator *alloc, kmv_array *out, c
 
     if (err != NULL && err_len > 0) err[0] = '\0';
     if (out != NULL) memset(out, 0, sizeof *out);
-    if (path == NULL) return fail(err, err_len, path, KMV_EINVAL, "path is NULL");
-    if (out == NULL) return fail(err, err_len, path, KMV_EINVAL, "out is NULL");
+    if (path == NULL) return kmv__file_error(err, err_len, path, KMV_EINVAL, "path is NULL");
+    if (out == NULL) return kmv__file_error(err, err_len, path, KMV_EINVAL, "out is NULL");
     if (kmv__allocator_resolve(alloc, &a) != KMV_OK)
-        return fail(err, err_len, path, KMV_EINVAL,
+        return kmv__file_error(err, err_len, path, KMV_EINVAL,
                     "allocator must set both alloc and free, or neither");
     /* O_CLOEXEC: a host that forks and execs concurrently must not leak the
      * descriptor into the child. */
     do {
         fd = open(path, O_RDONLY | O_CLOEXEC);
     } while (fd < 0 && errno == EINTR);
-    if (fd < 0) return fail(err, err_len, path, KMV_EIO, "cannot open: %s", strerror(errno));
+    if (fd < 0) return kmv__file_error(err, err_len, path, KMV_EIO, "cannot open: %s", strerror(errno));
     rc = read_fd(fd, path, &a, out, err, err_len);
     close(fd); /* read-only: a close error cannot lose data */
     return rc;
@@ -595,20 +575,20 @@ int kmv_npy_write(const char *path, const float *data, int ndim, size_t rows, si
     size_t count, nbytes, plen;
 
     if (err != NULL && err_len > 0) err[0] = '\0';
-    if (path == NULL) return fail(err, err_len, path, KMV_EINVAL, "path is NULL");
+    if (path == NULL) return kmv__file_error(err, err_len, path, KMV_EINVAL, "path is NULL");
     if (ndim != 1 && ndim != 2)
-        return fail(err, err_len, path, KMV_EINVAL, "ndim must be 1 or 2, not %d", ndim);
+        return kmv__file_error(err, err_len, path, KMV_EINVAL, "ndim must be 1 or 2, not %d", ndim);
     if (ndim == 1 && cols != 1)
-        return fail(err, err_len, path, KMV_EINVAL, "a 1-D array needs cols = 1, not %zu", cols);
+        return kmv__file_error(err, err_len, path, KMV_EINVAL, "a 1-D array needs cols = 1, not %zu", cols);
     if (!kmv__mul_size(rows, cols, &count) || !kmv__mul_size(count, sizeof(float), &nbytes))
-        return fail(err, err_len, path, KMV_EOVERFLOW, "shape (%zu, %zu) overflows size_t", rows,
+        return kmv__file_error(err, err_len, path, KMV_EOVERFLOW, "shape (%zu, %zu) overflows size_t", rows,
                     cols);
-    if (data == NULL && nbytes > 0) return fail(err, err_len, path, KMV_EINVAL, "data is NULL");
+    if (data == NULL && nbytes > 0) return kmv__file_error(err, err_len, path, KMV_EINVAL, "data is NULL");
     plen = npy_preamble(pre, sizeof pre, ndim, rows, cols);
     kmv__part parts[2] = {{pre, plen}, {data, nbytes}};
     const char *step;
     int errnum;
     if (kmv__write_atomic(path, parts, 2, &step, &errnum) != 0)
-        return fail(err, err_len, path, KMV_EIO, "%s: %s", step, strerror(errnum));
+        return kmv__file_error(err, err_len, path, KMV_EIO, "%s: %s", step, strerror(errnum));
     return KMV_OK;
 }

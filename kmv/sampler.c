@@ -7,6 +7,11 @@
 
 #define CHUNK 256
 
+int kmv__cmp_u32(const void *pa, const void *pb) {
+    uint32_t a = *(const uint32_t *)pa, b = *(const uint32_t *)pb;
+    return (a > b) - (a < b);
+}
+
 int kmv__contains(const uint32_t *ids, size_t len, uint32_t id) {
     size_t lo = 0, hi = len;
     while (lo < hi) {

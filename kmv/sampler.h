@@ -21,6 +21,7 @@
 #include <stdint.h>
 
 #include "kmv/keystore.h"
+#include "kmv/rng.h"
 
 /* Keys a window may use, beyond the heavy list: ids <= id_lim (a causal
  * row), and, when wp is not NULL, positions whose weight wp[p] is below whi
@@ -50,6 +51,17 @@ double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const flo
                    float inv2s2, float kappa, const uint32_t *heavy, size_t n_heavy,
                    const kmv__keymask *mask, size_t off, size_t s, float *scratch, double *acc,
                    double *est);
+
+/* Where row i's window starts in round `round`: a hash of the seed, the
+ * part's rng stream and the row, so that it does not depend on threads. */
+static inline size_t kmv__window_offset(uint64_t seed, uint64_t stream, uint64_t i, int round,
+                                        size_t n) {
+    uint64_t st = kmv__rng_stream(seed, stream) ^ kmv__mix64(i * 2 + (uint64_t)round);
+    return (size_t)kmv__rng_below(&st, n);
+}
+
+/* qsort's comparison of uint32_t ids, ascending. */
+int kmv__cmp_u32(const void *pa, const void *pb);
 
 /* Whether id is in the ascending list ids[0..len). */
 int kmv__contains(const uint32_t *ids, size_t len, uint32_t id);

@@ -84,16 +84,7 @@ int kmv__sketch_draw(kmv__sketch *sk, const kmv_allocator *a, const kmv__keystor
     sk->scale = 0.0;
     if (sk->ng == 0 || r == 0) return KMV_OK;
     double *cum = kmv__malloc_array(a, sk->ng, sizeof(double));
-    sk->rows = kmv__malloc_array(a, r, ks->d * sizeof(float));
-    sk->ids = kmv__malloc_array(a, r, sizeof(uint32_t));
-    if (cum == NULL || sk->rows == NULL || sk->ids == NULL) {
-        kmv__free(a, cum);
-        kmv__free(a, sk->rows);
-        kmv__free(a, sk->ids);
-        sk->rows = NULL;
-        sk->ids = NULL;
-        return KMV_ENOMEM;
-    }
+    if (cum == NULL) return KMV_ENOMEM;
     /* Recomputed here rather than trusting the running sum's rounding. */
     double total = 0.0;
     for (size_t b = 0; b < sk->ng; b++) {
@@ -101,13 +92,17 @@ int kmv__sketch_draw(kmv__sketch *sk, const kmv_allocator *a, const kmv__keystor
         if (gr->wround / exp(sk->log_base) < w_below) total += (double)gr->len * gr->wround;
         cum[b] = total;
     }
-    if (total <= 0.0) {
+    if (total > 0.0) {
+        sk->rows = kmv__malloc_array(a, r, ks->d * sizeof(float));
+        sk->ids = kmv__malloc_array(a, r, sizeof(uint32_t));
+    }
+    if (total <= 0.0 || sk->rows == NULL || sk->ids == NULL) {
         kmv__free(a, cum);
         kmv__free(a, sk->rows);
         kmv__free(a, sk->ids);
         sk->rows = NULL;
         sk->ids = NULL;
-        return KMV_OK;
+        return total <= 0.0 ? KMV_OK : KMV_ENOMEM;
     }
     uint64_t rng = kmv__rng_stream(seed, KMV__RNG_SKETCH);
     for (size_t t = 0; t < r; t++) {

@@ -23,13 +23,6 @@
 
 /* Below this many keys an exact row costs microseconds: no tables. */
 #define DECODE_MIN_KEYS 2048
-/* h: the largest x_j^2 / mean(x^2) left to sampling, as in approx.c. */
-#define WEIGHT_RATIO 16
-
-static int cmp_u32(const void *pa, const void *pb) {
-    uint32_t a = *(const uint32_t *)pa, b = *(const uint32_t *)pb;
-    return (a > b) - (a < b);
-}
 
 /* Scratch for one step, all taken before anything is computed. */
 typedef struct step {
@@ -61,11 +54,6 @@ static void exact_row(const kmv_stream *s, const float *q, float inv2s2, step *t
     const kmv__keystore *ks = &s->ix->ks;
     kmv__window(ks, s->xs, s->c, q, inv2s2, 2.0f, NULL, 0, NULL, 0, ks->n, t->chunk, t->acc,
                 t->est);
-}
-
-static size_t decode_offset(uint64_t seed, size_t n, int round) {
-    uint64_t st = kmv__rng_stream(seed, KMV__RNG_DECODE) ^ kmv__mix64((uint64_t)n * 2 + (uint64_t)round);
-    return (size_t)kmv__rng_below(&st, n);
 }
 
 /* One step; with no_plan (a plan that did not fit params.max_bytes), the
@@ -134,13 +122,7 @@ static int decode_once(kmv_stream *s, const float *q, float *y, kmv_stats *st, i
     /* Threshold and exact columns: approx.c's rules at m = 1. */
     double delta_s = 0.5 * pa->delta;
     double smin = (double)pa->min_samples;
-    double h = pow((double)n, pa->gamma);
-    if (h > WEIGHT_RATIO) h = WEIGHT_RATIO;
-    if (h < 1.0) h = 1.0;
-    double kappa = pow((double)n, -pa->alpha);
-    double kb = pa->eps * sqrt(smin / (16.0 * h));
-    if (kb < kappa) kappa = kb;
-    if (kappa < 0x1p-60) kappa = 0x1p-60;
+    double kappa = kmv__heavy_threshold(pa, n, 1);
     double tl = kmv__now();
     rc = kmv__index_ensure_lsh(ix, q, 1, kappa, delta_s, force ? INFINITY : 0.25 * exact_cost,
                                1.0);
@@ -161,10 +143,7 @@ static int decode_once(kmv_stream *s, const float *q, float *y, kmv_stats *st, i
     S.lsh_hash_len = lh->shape.k;
     S.lsh_width = lh->shape.w;
     double wbar = s->nx2 / (double)n;
-    double hi = pa->eps * pa->eps * smin / (16.0 * kappa * kappa);
-    if (hi > pow((double)n, pa->gamma)) hi = pow((double)n, pa->gamma);
-    if (hi < 1.0) hi = 1.0;
-    double whi = hi * wbar;
+    double whi = kmv__h1_ratio(pa, n, 1, kappa) * wbar;
 
     double th = kmv__now();
     /* H1, the keys at or above whi, from the sketch's top groups (only the
@@ -223,7 +202,7 @@ static int decode_once(kmv_stream *s, const float *q, float *y, kmv_stats *st, i
         if (len) memcpy(t.cand + nc, ids, len * sizeof(uint32_t));
         nc += len;
     }
-    qsort(t.cand, nc, sizeof(uint32_t), cmp_u32);
+    qsort(t.cand, nc, sizeof(uint32_t), kmv__cmp_u32);
     size_t uniq = 0;
     for (size_t u = 0; u < nc; u++)
         if (uniq == 0 || t.cand[u] != t.cand[uniq - 1]) t.cand[uniq++] = t.cand[u];
@@ -280,7 +259,7 @@ static int decode_once(kmv_stream *s, const float *q, float *y, kmv_stats *st, i
     kmv__keymask mask = {UINT32_MAX, s->ws, whi};
     size_t sn = (size_t)want;
     double v = kmv__window(ks, s->xs, c, q, inv2s2, fk, t.cand, nh, &mask,
-                           decode_offset(pa->seed, n, 0), sn, t.chunk, t.acc, t.est);
+                           kmv__window_offset(pa->seed, KMV__RNG_DECODE, n, 0, n), sn, t.chunk, t.acc, t.est);
     /* More variance than planned: a fresh window sized from what this one
      * showed (the first estimate is discarded, so the answer stays
      * unbiased), or the exact row when that would cost as much. */
@@ -292,7 +271,7 @@ static int decode_once(kmv_stream *s, const float *q, float *y, kmv_stats *st, i
         }
         sn = (size_t)more;
         v = kmv__window(ks, s->xs, c, q, inv2s2, fk, t.cand, nh, &mask,
-                        decode_offset(pa->seed, n, 1), sn, t.chunk, t.acc, t.est);
+                        kmv__window_offset(pa->seed, KMV__RNG_DECODE, n, 1, n), sn, t.chunk, t.acc, t.est);
         S.rows_resampled = 1;
     }
     S.samples = sn;

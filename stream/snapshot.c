@@ -12,7 +12,6 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <xxhash.h>
@@ -49,25 +48,10 @@ typedef struct snap_header {
     uint64_t keys_hashed, table_inserts, table_builds, sketch_inserts;
 } snap_header;
 
-static int fail(char *err, size_t err_len, const char *path, int code, const char *fmt, ...)
-    __attribute__((format(printf, 5, 6)));
-static int fail(char *err, size_t err_len, const char *path, int code, const char *fmt, ...) {
-    if (err != NULL && err_len > 0) {
-        int k = snprintf(err, err_len, "%s: ", path ? path : "(null)");
-        if (k >= 0 && (size_t)k < err_len) {
-            va_list ap;
-            va_start(ap, fmt);
-            vsnprintf(err + k, err_len - (size_t)k, fmt, ap);
-            va_end(ap);
-        }
-    }
-    return code;
-}
-
 int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err_len) {
     if (err != NULL && err_len > 0) err[0] = '\0';
-    if (path == NULL) return fail(err, err_len, path, KMV_EINVAL, "path is NULL");
-    if (s == NULL) return fail(err, err_len, path, KMV_EINVAL, "stream is NULL");
+    if (path == NULL) return kmv__file_error(err, err_len, path, KMV_EINVAL, "path is NULL");
+    if (s == NULL) return kmv__file_error(err, err_len, path, KMV_EINVAL, "stream is NULL");
     const kmv_index *ix = s->ix;
     const kmv_params *p = &ix->params;
     size_t n = ix->ks.n, d = s->d, c = s->c, m = s->m;
@@ -115,7 +99,7 @@ int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err
                           {s->q, m * d * sizeof(float)},
                           {NULL, sizeof(uint64_t)}};
     XXH3_state_t *xs = XXH3_createState();
-    if (xs == NULL) return fail(err, err_len, path, KMV_ENOMEM, "out of memory");
+    if (xs == NULL) return kmv__file_error(err, err_len, path, KMV_ENOMEM, "out of memory");
     XXH3_64bits_reset(xs);
     for (int u = 0; u < 5; u++)
         if (parts[u].len) XXH3_64bits_update(xs, parts[u].data, parts[u].len);
@@ -125,7 +109,7 @@ int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err
     const char *step;
     int errnum;
     if (kmv__write_atomic(path, parts, 6, &step, &errnum) != 0)
-        return fail(err, err_len, path, KMV_EIO, "%s: %s", step, strerror(errnum));
+        return kmv__file_error(err, err_len, path, KMV_EIO, "%s: %s", step, strerror(errnum));
     return KMV_OK;
 }
 
@@ -147,9 +131,8 @@ static size_t payload_bytes(const snap_header *h) {
     return total + dd + 8;
 }
 
-/* The parts of a checked file, rebuilt into a stream. */
-static int rebuild(const kmv_ctx *ctx, const snap_header *h, const unsigned char *body,
-                   kmv_stream **out) {
+/* ctx's params with the algorithm's taken from the file. */
+static kmv_params header_params(const kmv_ctx *ctx, const snap_header *h) {
     kmv_params p = ctx->params;
     p.sigma = h->sigma;
     p.eps = h->eps;
@@ -161,6 +144,13 @@ static int rebuild(const kmv_ctx *ctx, const snap_header *h, const unsigned char
     p.min_samples = h->min_samples;
     p.causal = h->causal;
     p.exact = h->exact;
+    return p;
+}
+
+/* The parts of a checked file, rebuilt into a stream. */
+static int rebuild(const kmv_ctx *ctx, const snap_header *h, const unsigned char *body,
+                   kmv_stream **out) {
+    kmv_params p = header_params(ctx, h);
     size_t n = (size_t)h->n, d = (size_t)h->d, c = (size_t)h->c, m = (size_t)h->m;
     const float *rows = (const float *)(const void *)body;
     const uint32_t *id_at = (const uint32_t *)(const void *)(body + n * d * 4);
@@ -197,25 +187,8 @@ static int rebuild(const kmv_ctx *ctx, const snap_header *h, const unsigned char
     }
     if (h->lsh_built) {
         kmv__lsh_shape sh = {h->lsh_k, h->lsh_L, h->lsh_w};
-        rc = kmv__lsh_init(&ix->lsh, &ix->alloc, d, sh, p.seed);
+        rc = kmv__index_fill_lsh(ix, sh);
         if (rc != KMV_OK) goto fail;
-        for (size_t j0 = 0; rc == KMV_OK && j0 < n; j0 += 8192) {
-            size_t bj = n - j0 < 8192 ? n - j0 : 8192;
-            float *blk = kmv__malloc_array(&ix->alloc, bj, d * sizeof(float));
-            if (blk == NULL) {
-                rc = KMV_ENOMEM;
-                break;
-            }
-            for (size_t u = 0; u < bj; u++)
-                memcpy(blk + u * d, kmv__keystore_row(ks, j0 + u), d * sizeof(float));
-            rc = kmv__lsh_append(&ix->lsh, &ix->alloc, blk, bj, kmv__threads(&p));
-            kmv__free(&ix->alloc, blk);
-        }
-        if (rc != KMV_OK) {
-            kmv__lsh_free(&ix->lsh, &ix->alloc);
-            goto fail;
-        }
-        ix->lsh_built = 1;
         ix->lsh_n = (size_t)h->lsh_n;
         ix->kappa = h->kappa;
         ix->plan.shape = sh;
@@ -241,14 +214,14 @@ int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char
                     size_t err_len) {
     if (err != NULL && err_len > 0) err[0] = '\0';
     if (out != NULL) *out = NULL;
-    if (path == NULL) return fail(err, err_len, path, KMV_EINVAL, "path is NULL");
-    if (ctx == NULL || out == NULL) return fail(err, err_len, path, KMV_EINVAL, "ctx or out is NULL");
+    if (path == NULL) return kmv__file_error(err, err_len, path, KMV_EINVAL, "path is NULL");
+    if (ctx == NULL || out == NULL) return kmv__file_error(err, err_len, path, KMV_EINVAL, "ctx or out is NULL");
     unsigned char *buf;
     size_t len;
     int r = kmv__read_whole(path, &ctx->alloc, SNAP_MAX, &buf, &len);
-    if (r == -1) return fail(err, err_len, path, KMV_EIO, "cannot read: %s", strerror(errno));
-    if (r == -2) return fail(err, err_len, path, KMV_EFORMAT, "larger than any stream snapshot");
-    if (r == -3) return fail(err, err_len, path, KMV_ENOMEM, "out of memory reading the file");
+    if (r == -1) return kmv__file_error(err, err_len, path, KMV_EIO, "cannot read: %s", strerror(errno));
+    if (r == -2) return kmv__file_error(err, err_len, path, KMV_EFORMAT, "larger than any stream snapshot");
+    if (r == -3) return kmv__file_error(err, err_len, path, KMV_ENOMEM, "out of memory reading the file");
     int rc = KMV_EFORMAT;
     snap_header h;
     memset(&h, 0, sizeof h);
@@ -274,14 +247,7 @@ int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char
     if (why == NULL) {
         /* The checksum held, but a file can be made to pass it: every field
          * is still checked before use. */
-        kmv_params p = ctx->params;
-        p.sigma = h.sigma;
-        p.eps = h.eps;
-        p.delta = h.delta;
-        p.alpha = h.alpha;
-        p.gamma = h.gamma;
-        p.sketch_size = h.sketch_size;
-        p.min_samples = h.min_samples;
+        kmv_params p = header_params(ctx, &h);
         size_t n = (size_t)h.n, d = (size_t)h.d, c = (size_t)h.c, m = (size_t)h.m;
         const unsigned char *body = buf + sizeof h;
         if (kmv_params_check(&p) != KMV_OK || (h.causal != 0 && h.causal != 1) ||
@@ -305,7 +271,7 @@ int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char
             unsigned char *seen = n ? kmv__malloc(&ctx->alloc, n) : NULL;
             if (n && seen == NULL) {
                 kmv__free(&ctx->alloc, buf);
-                return fail(err, err_len, path, KMV_ENOMEM, "out of memory");
+                return kmv__file_error(err, err_len, path, KMV_ENOMEM, "out of memory");
             }
             if (n) memset(seen, 0, n);
             const unsigned char *ids = body + n * d * 4;
@@ -323,10 +289,10 @@ int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char
             rc = rebuild(ctx, &h, body, out);
             kmv__free(&ctx->alloc, buf);
             if (rc != KMV_OK)
-                return fail(err, err_len, path, rc, "cannot rebuild the stream: %s", kmv_strerror(rc));
+                return kmv__file_error(err, err_len, path, rc, "cannot rebuild the stream: %s", kmv_strerror(rc));
             return KMV_OK;
         }
     }
     kmv__free(&ctx->alloc, buf);
-    return fail(err, err_len, path, rc, "%s", why);
+    return kmv__file_error(err, err_len, path, rc, "%s", why);
 }
