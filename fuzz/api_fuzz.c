@@ -6,7 +6,11 @@
  * one-shot product or attention, with shapes and values taken from the
  * following bytes (values include 0, NaN, infinities, huge and tiny
  * floats). Half the indexes skip the cost model's fallbacks, so that the
- * approximate engine's own paths run at sizes a fuzzer can afford.
+ * approximate engine's own paths run at sizes a fuzzer can afford. With
+ * bit 7 of the fourth byte set, the ops drive a stream instead: create,
+ * append keys with x, append queries, products (stored or fresh x),
+ * decoding steps, and save then load (the loaded stream must answer as the
+ * saved one, bit for bit).
  *
  * Checked beyond "no crash, no leak, no undefined behaviour": every code
  * returned is one kmv names; a refused append leaves the index's size as it
@@ -20,8 +24,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <unistd.h>
+
 #include "kmv/index.h"
 #include "kmv/kmv.h"
+#include "stream/stream.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -78,6 +85,105 @@ static void check_finite(int rc, const float *v, size_t count) {
 #define MAXD 6
 #define MAXC 3
 
+static void check_stream_held(const kmv_stream *s) {
+    kmv_stream_info info;
+    if (kmv_stream_info_get(s, &info) != KMV_OK) VIOLATED("info refused");
+    if (cap != 0 && info.bytes > cap) VIOLATED("stream held more than its cap");
+}
+
+static size_t stream_rows(const kmv_stream *s, int keys) {
+    kmv_stream_info info;
+    kmv_stream_info_get(s, &info);
+    return keys ? info.n_keys : info.n_queries;
+}
+
+/* The stream ops (see the top). Returns the stream to keep. */
+static kmv_stream *stream_op(input *in, const kmv_ctx *ctx, kmv_stream *s, size_t *d, size_t *c,
+                             float *k, float *q, float *x, float *y) {
+    unsigned op = byte(in) % 6;
+    int rc;
+    if (op == 0 || s == NULL) { /* a new stream */
+        kmv_stream_free(s);
+        s = NULL;
+        *d = 1 + byte(in) % MAXD;
+        *c = 1 + byte(in) % MAXC;
+        rc = kmv_stream_create(ctx, *d, *c, &s);
+        check_code(rc);
+        if (rc != KMV_OK) {
+            if (s != NULL) VIOLATED("failed create left a stream");
+            return NULL;
+        }
+        s->ix->force_approx = (int)(byte(in) & 1);
+    } else if (op == 1) { /* append keys with x */
+        size_t cnt = byte(in) % 17, before = stream_rows(s, 1);
+        fill(in, k, cnt * *d);
+        fill(in, x, cnt * *c);
+        rc = kmv_stream_append_keys(s, k, x, cnt);
+        check_code(rc);
+        if ((has_nonfinite(k, cnt * *d) || has_nonfinite(x, cnt * *c)) && rc != KMV_ENONFINITE)
+            VIOLATED("non-finite key or x taken");
+        if (rc != KMV_OK && stream_rows(s, 1) != before) VIOLATED("refused append changed size");
+    } else if (op == 2) { /* append queries */
+        size_t cnt = byte(in) % 9, before = stream_rows(s, 0);
+        fill(in, q, cnt * *d);
+        rc = kmv_stream_append_queries(s, q, cnt);
+        check_code(rc);
+        if (has_nonfinite(q, cnt * *d) && rc != KMV_ENONFINITE) VIOLATED("non-finite query taken");
+        if (rc != KMV_OK && stream_rows(s, 0) != before) VIOLATED("refused append changed size");
+    } else if (op == 3) { /* product over the prefix, stored or fresh x */
+        int fresh = (int)(byte(in) & 1);
+        size_t n = stream_rows(s, 1), m = stream_rows(s, 0);
+        if (fresh) fill(in, x, n * *c);
+        rc = kmv_stream_matvec(s, fresh ? x : NULL, y, NULL);
+        check_code(rc);
+        if (fresh && has_nonfinite(x, n * *c) && rc != KMV_ENONFINITE)
+            VIOLATED("non-finite fresh x taken");
+        check_finite(rc, y, m * *c);
+    } else if (op == 4) { /* decoding step */
+        fill(in, q, *d);
+        rc = kmv_stream_decode(s, q, y, NULL);
+        check_code(rc);
+        if (has_nonfinite(q, *d) && rc != KMV_ENONFINITE) VIOLATED("non-finite query taken");
+        check_finite(rc, y, *c);
+    } else { /* save, load: the loaded stream answers as the saved one */
+        char path[64], err[256];
+        snprintf(path, sizeof path, "/tmp/kmv-api-fuzz-%ld.kmvs", (long)getpid());
+        rc = kmv_stream_save(s, path, err, sizeof err);
+        check_code(rc);
+        if (rc != KMV_OK) return s;
+        kmv_stream *t = NULL;
+        rc = kmv_stream_load(ctx, path, &t, err, sizeof err);
+        unlink(path);
+        check_code(rc);
+        if (rc != KMV_OK) {
+            if (rc != KMV_ENOMEM && rc != KMV_ELIMIT) {
+                fprintf(stderr, "api_fuzz: %s\n", err);
+                VIOLATED("a saved stream did not load");
+            }
+            return s;
+        }
+        t->ix->force_approx = s->ix->force_approx;
+        fill(in, q, *d);
+        float ys[MAXC], yt[MAXC];
+        int rs = kmv_stream_decode(s, q, ys, NULL), rt = kmv_stream_decode(t, q, yt, NULL);
+        /* A loaded stream holds its arrays at their exact sizes, the saved
+         * one with room to grow: under a cap, one may be refused
+         * (KMV_ELIMIT) where the other is not. Answers given must agree. */
+        if (rs != rt && rs != KMV_ELIMIT && rt != KMV_ELIMIT)
+            VIOLATED("the loaded stream refuses differently");
+        if (rs == KMV_OK && rt == KMV_OK && memcmp(ys, yt, *c * sizeof(float)) != 0)
+            VIOLATED("the loaded stream answers differently");
+        kmv_stream_free(s);
+        s = t;
+    }
+    check_stream_held(s);
+    if (stream_rows(s, 1) > MAXN * 4 || stream_rows(s, 0) > MAXN) { /* keep the runs short */
+        kmv_stream_free(s);
+        s = NULL;
+    }
+    return s;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     input in = {data, size};
     static const double sigmas[] = {1.0, 0.5, 3.0, 0.0, -1.0, NAN, 1e-30, 1e30};
@@ -107,8 +213,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     float *k = malloc(MAXN * MAXD * sizeof(float)), *q = malloc(MAXN * MAXD * sizeof(float));
     float *x = malloc(4 * MAXN * MAXC * sizeof(float)), *y = malloc(MAXN * MAXC * sizeof(float));
     kmv_index *ix = NULL;
-    size_t d = 1;
+    kmv_stream *sm = NULL;
+    size_t d = 1, sd = 1, sc = 1;
     for (int ops = 0; ops < 24 && in.n > 0; ops++) {
+        if (t & 128) {
+            sm = stream_op(&in, ctx, sm, &sd, &sc, k, q, x, y);
+            continue;
+        }
         unsigned op = byte(&in) % 6;
         if (op == 0) { /* a new index */
             kmv_index_free(ix);
@@ -161,6 +272,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         }
     }
     kmv_index_free(ix);
+    kmv_stream_free(sm);
     kmv_ctx_free(ctx);
     free(k);
     free(q);

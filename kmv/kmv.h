@@ -417,6 +417,67 @@ KMV_API int kmv_attention(const kmv_ctx *ctx,
                           const float *v, size_t n_cols,
                           float *out, kmv_stats *stats);
 
+/* The reduction of attention to the Gaussian kernel: Lemma 4.1 of Indyk,
+ * Kapralov, Sheth and Wagner (2025), with the constants its printed
+ * statement drops. For alpha >= max_j ||k_j||^2, lift keys to
+ * k'_j = (k_j, sqrt(alpha - ||k_j||^2)) and queries to q'_i = (q_i, 0) in
+ * dimension dim + 1; then with sigma = 1 / sqrt(s),
+ *
+ *   exp(s <q_i, k_j>) = exp(s (||q_i||^2 + alpha) / 2)
+ *                       * exp(-||q'_i - k'_j||^2 / (2 sigma^2)).
+ *
+ * The first factor depends on the row only, so normalized attention is a
+ * ratio of two Gaussian products on the lifted points,
+ * D^{-1} A V = diag(K' 1)^{-1} K' V, and nothing is exponentiated that could
+ * overflow. alpha must cover every key the lifted kernel will see (for a
+ * growing context, a bound on the keys to come). A larger alpha scales
+ * every K'_ij by exp(-s (alpha - max ||k||^2) / 2), which shrinks the row
+ * sums against an additive eps ||x|| error: take the smallest bound known.
+ *
+ * @param rows    count x dim
+ * @param is_key  nonzero for keys, 0 for queries (extra coordinate 0)
+ * @param alpha   the bound on ||k||^2, finite and >= 0
+ * @param out     count x (dim + 1), written on success; may not overlap rows
+ *
+ * Errors: KMV_EINVAL (NULL with count > 0, dim = 0, alpha negative or not
+ * finite, a key with ||k||^2 > alpha, norms taken in double), KMV_ENONFINITE,
+ * KMV_EOVERFLOW. Thread-safe. */
+KMV_API int kmv_attention_lift(const float *rows, size_t count, size_t dim, int is_key,
+                               double alpha, float *out);
+
+/* max_j ||row_j||^2 over count rows of dimension dim, in double: the
+ * smallest alpha kmv_attention_lift() accepts for them. 0 for count = 0.
+ * Thread-safe. */
+KMV_API double kmv_max_sq_norm(const float *rows, size_t count, size_t dim);
+
+/* sigma = 1 / sqrt(s) of the lifted kernel for logit scale s (scale 0
+ * means 1/sqrt(dim), as params.attn_scale); 0 for dim = 0 or a scale that
+ * is negative or not finite. Thread-safe. */
+KMV_API double kmv_attention_sigma(double scale, size_t dim);
+
+/* The paper's Assumption A statistics (Section 4, experiments i and ii) of
+ * the n x n Gaussian kernel matrix K between queries 1..n and keys 1..n
+ * under ctx's sigma (for attention, of the lifted points, as the paper
+ * does). With a the sum of the n largest of its n^2 entries:
+ *   c            = (||K||_1 - a) / a   (Assumption A: bounded in n)
+ *   ratio_next   = n-th largest entry / (n+1)-th largest
+ *   ratio_double = n-th largest entry / 2n-th largest
+ * Entries are handled as logarithms, so matrices whose entries underflow
+ * still get exact statistics (all three are invariant to scaling K); a
+ * ratio past double's range is +infinity. Arithmetic is in double.
+ * Memory O(n (dim + threads)): the matrix is never held. Time O(n^2 dim).
+ * Errors: KMV_EINVAL (NULL argument, dim = 0), KMV_EEMPTY (n < 2),
+ * KMV_ENONFINITE, KMV_EOVERFLOW, KMV_ENOMEM, KMV_ELIMIT (params.max_bytes).
+ * Same thread-safety as kmv_matvec(). */
+typedef struct kmv_tail_stats {
+    double c;
+    double ratio_next;
+    double ratio_double;
+} kmv_tail_stats;
+
+KMV_API int kmv_tail_stats_get(const kmv_ctx *ctx, const float *queries, const float *keys,
+                               size_t n, size_t dim, kmv_tail_stats *out);
+
 /* ----------------------------------------------------------------- stream */
 
 /* A growing context: keys with their x rows (or V rows) and queries

@@ -7,9 +7,15 @@
 #include "kmv/alloc.h"
 #include "kmv/rng.h"
 
+/* Groups hold weights within a factor 1 + eps. For eps below 1e-6 the
+ * base stays at 1 + 1e-6: a spread that small is immaterial next to the
+ * sampling error, and a finer base would take the group index, log(w) over
+ * log(base), past int64 (the fuzzer found eps = 1e-300 doing it). */
+#define MIN_GROUP_SPREAD 1e-6
+
 void kmv__sketch_init(kmv__sketch *sk, double eps) {
     memset(sk, 0, sizeof *sk);
-    sk->log_base = log1p(eps);
+    sk->log_base = log1p(eps > MIN_GROUP_SPREAD ? eps : MIN_GROUP_SPREAD);
 }
 
 void kmv__sketch_free(kmv__sketch *sk, const kmv_allocator *a) {

@@ -173,8 +173,10 @@ static int rebuild(const kmv_ctx *ctx, const snap_header *h, const unsigned char
     kmv__free(&ix->alloc, kid);
     if (rc != KMV_OK) goto fail;
     kmv__keystore *ks = &ix->ks;
-    memcpy(ks->rows, rows, n * d * sizeof(float));
-    memcpy(ks->id_at, id_at, n * sizeof(uint32_t));
+    if (n > 0) { /* an empty stream's store has no arrays to copy into */
+        memcpy(ks->rows, rows, n * d * sizeof(float));
+        memcpy(ks->id_at, id_at, n * sizeof(uint32_t));
+    }
     for (size_t pos = 0; pos < n; pos++) ks->pos_of[id_at[pos]] = (uint32_t)pos;
     ks->rng = h->shuffle_rng;
     for (size_t pos = 0; pos < n; pos++) {
@@ -255,8 +257,11 @@ int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char
             why = "inconsistent: parameters out of range";
         else if (d == 0 || c == 0 || d > INT_MAX / 64 || c > INT_MAX || n > KMV__KEYS_MAX)
             why = "inconsistent: shape out of range";
+        /* Width 0 can come out of the planner (the api fuzzer found a
+         * saved stream holding it, over keys all equal): a load must take
+         * what a save writes. */
         else if (h.lsh_built && (h.lsh_k < 1 || h.lsh_k > 64 || h.lsh_L < 1 ||
-                                 h.lsh_L > KMV__LSH_MAX_TABLES || !(h.lsh_w > 0.0) ||
+                                 h.lsh_L > KMV__LSH_MAX_TABLES || !(h.lsh_w >= 0.0) ||
                                  !isfinite(h.lsh_w) || !(h.kappa > 0.0 && h.kappa <= 1.0) ||
                                  h.lsh_n > n))
             why = "inconsistent: table shape out of range";

@@ -71,6 +71,7 @@ static size_t next_cap(size_t cap, size_t need) {
 }
 
 int kmv__stream_append_keys(kmv_stream *s, const float *keys, const float *x, size_t count) {
+    if (count == 0) return KMV_OK; /* a loaded empty stream: no arrays yet */
     kmv_index *ix = s->ix;
     const kmv_allocator *a = &ix->alloc;
     size_t n0 = ix->ks.n, c = s->c;

@@ -131,9 +131,49 @@ if grep -q '"causal": true' "$T/so.json"; then ok; else bad "attention stats lac
 expect 0 "" -- $KMV attention --exact --q "$T/q.npy" --k "$T/k.npy" --v "$T/x.npy" --scale 0.5 --out "$T/o1.npy"
 expect 0 "^1 50 1 " -- $GEN stat "$T/o1.npy"
 
+# kmv prefix: usage errors, then a table checked against a brute force.
+PF=(prefix --queries "$T/q.npy" --keys "$T/k.npy")
+expect 0 "usage: kmv prefix.*--attention" -- $KMV prefix --help
+expect 2 "exactly one of --sigma and --attention" -- $KMV "${PF[@]}" --out "$T/p.csv"
+expect 2 "exactly one of --sigma and --attention" -- $KMV "${PF[@]}" --sigma 1 --attention --out "$T/p.csv"
+expect 2 "start must be >= 2" -- $KMV "${PF[@]}" --sigma 1 --start 1 --out "$T/p.csv"
+expect 2 "step must be >= 1" -- $KMV "${PF[@]}" --sigma 1 --step 0 --out "$T/p.csv"
+expect 2 "scale goes with --attention" -- $KMV "${PF[@]}" --sigma 1 --scale 2 --out "$T/p.csv"
+expect 2 "start 51 is past the 50 rows" -- $KMV "${PF[@]}" --sigma 1 --start 51 --out "$T/p.csv"
+expect 1 "x79.npy has 79 rows but there are 80 keys" -- $KMV "${PF[@]}" --sigma 1 --x "$T/x79.npy" --out "$T/p.csv"
+absent "$T/p.csv"
+# A plot that cannot be written leaves no table either.
+expect 1 "nodir/f.png" -- $KMV "${PF[@]}" --sigma 1 --start 10 --out "$T/p.csv" --plot "$T/nodir/f.png"
+absent "$T/p.csv"
+expect 0 "" -- $KMV "${PF[@]}" --sigma 0.7 --start 10 --step 15 --x "$T/v.npy" --out "$T/p.csv" --plot "$T/p.png"
+# Prefixes 10, 25, 40 and the last, 50 (min of 50 queries and 80 keys).
+out=$(awk -F, 'NR == 1 {print; next} {printf " %s", $1}' "$T/p.csv")
+if [ "$out" = "i,c,ratio_next,ratio_double,approx_seconds,exact_seconds,speedup,error,eps,mode
+ 10 25 40 50" ]; then ok; else bad "prefix table rows: $out"; fi
+if awk -F, 'NR > 1 && !($8 >= 0 && $8 <= $9) {exit 1}' "$T/p.csv"; then ok; else bad "prefix error above eps"; fi
+if [ "$(head -c 4 "$T/p.png" | od -An -c | tr -d ' ')" = "211PNG" ]; then ok; else bad "prefix plot is not a PNG"; fi
+# c and the ratios of K[:50, :50] by brute force: every entry, sorted.
+want=$( { $GEN dump "$T/q.npy"; echo; $GEN dump "$T/k.npy"; } | awk -v s=0.7 '
+    NF == 0 {part = 1; next}
+    part == 0 {nq++; for (t = 1; t <= NF; t++) q[nq, t] = $t; d = NF; next}
+    {nk++; for (t = 1; t <= NF; t++) k[nk, t] = $t}
+    END {for (i = 1; i <= 50; i++) for (j = 1; j <= 50; j++) {
+        d2 = 0; for (t = 1; t <= d; t++) d2 += (q[i, t] - k[j, t]) ^ 2
+        printf "%.17g\n", exp(-d2 / (2 * s * s)) }}' | sort -gr | awk '
+    {v[NR] = $1; all += $1; if (NR <= 50) a += $1}
+    END {printf "%.6g %.6g %.6g\n", (all - a) / a, v[50] / v[51], v[50] / v[100]}')
+got=$(awk -F, '$1 == 50 {printf "%.6g %.6g %.6g\n", $2, $3, $4}' "$T/p.csv")
+if [ "$got" = "$want" ]; then ok; else bad "prefix statistics at 50: got '$got', brute force '$want'"; fi
+expect 0 "" -- $KMV "${PF[@]}" --attention --start 20 --out "$T/pa.csv"
+if awk -F, 'NR > 1 && !($8 >= 0 && $8 <= $9) {exit 1} END {exit NR < 2}' "$T/pa.csv"; then ok; else bad "attention prefix error above eps"; fi
+
 # The demo runs on the shipped sample and reports its checks.
 expect 0 "error vs float64.*bound 1e-5" -- $KMV demo
 expect 0 "ms, mode (approx|fallback)" -- $KMV demo
+# Part 4: a row per doubling up to 65536 keys, the error within eps.
+out=$($KMV demo --threads 2 2>&1)
+if grep -Eq "^ +65536 +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+x " <<<"$out"; then ok; else bad "demo lacks the stream's 65536 row: $out"; fi
+if awk '/worst \|y - exact\|/ {found = 1; v = $(NF - 2); if (!(v <= 0.1)) exit 1} END {exit !found}' <<<"$out"; then ok; else bad "demo stream error above eps: $out"; fi
 
 echo "$pass passed, $failn failed"
 [ "$failn" -eq 0 ]

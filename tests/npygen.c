@@ -5,6 +5,7 @@
  *   npygen stat FILE        prints "ndim rows cols spread first": the max
  *                           |value - first| and the first value; fails on
  *                           NaN or infinity
+ *   npygen dump FILE        prints the values, one row per line
  */
 #include <math.h>
 #include <stdint.h>
@@ -64,9 +65,24 @@ static int stat_cmd(const char *path) {
     return 0;
 }
 
+static int dump_cmd(const char *path) {
+    kmv_array a;
+    char err[256];
+    if (kmv_npy_read(path, NULL, &a, err, sizeof err) != KMV_OK) {
+        fprintf(stderr, "npygen: %s\n", err);
+        return 1;
+    }
+    for (size_t i = 0; i < a.rows; i++)
+        for (size_t j = 0; j < a.cols; j++)
+            printf("%.9g%c", (double)a.data[i * a.cols + j], j + 1 < a.cols ? ' ' : '\n');
+    kmv_array_free(&a);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 3 && strcmp(argv[1], "write") == 0) return write_cmd(argc, argv);
     if (argc == 3 && strcmp(argv[1], "stat") == 0) return stat_cmd(argv[2]);
-    fprintf(stderr, "usage: npygen write OUT ROWS COLS SEED [...] | npygen stat FILE\n");
+    if (argc == 3 && strcmp(argv[1], "dump") == 0) return dump_cmd(argv[2]);
+    fprintf(stderr, "usage: npygen write OUT ROWS COLS SEED [...] | npygen stat|dump FILE\n");
     return 2;
 }

@@ -14,6 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -568,6 +571,225 @@ static void test_memory_cap(void **state) {
     free(x);
 }
 
+/* An empty stream, and one with queries but no keys, save and load (the
+ * fuzzers found the load of an empty one offsetting a NULL array), then
+ * take keys and answer like a stream never saved. */
+static void test_snapshot_empty(void **state) {
+    (void)state;
+    const size_t d = 5, n = 3000;
+    float *k = malloc(n * d * sizeof(float)), *q = malloc(4 * d * sizeof(float));
+    float *x = malloc(n * sizeof(float));
+    dg_clustered(k, n, q, 4, d, 16, 1.0, 81);
+    dg_x(x, n, DG_X_GAUSS, 82);
+    char path[512], err[256];
+    tmp_path(path, sizeof path, "empty.kmvs");
+    kmv_ctx *ctx = make_ctx(1.0, 9, 0, 0);
+    for (int with_queries = 0; with_queries < 2; with_queries++) {
+        kmv_stream *a = make_stream(ctx, d, 1, 1), *b = NULL;
+        if (with_queries) assert_int_equal(kmv_stream_append_queries(a, q, 4), KMV_OK);
+        assert_int_equal(kmv_stream_save(a, path, err, sizeof err), KMV_OK);
+        assert_int_equal(kmv_stream_load(ctx, path, &b, err, sizeof err), KMV_OK);
+        b->ix->force_approx = 1;
+        kmv_stream_info info;
+        assert_int_equal(kmv_stream_info_get(b, &info), KMV_OK);
+        assert_int_equal(info.n_keys, 0);
+        assert_int_equal(info.n_queries, with_queries ? 4 : 0);
+        float ya[4], yb[4];
+        /* No keys: an empty sum, as for kmv_matvec. */
+        assert_int_equal(kmv_stream_decode(b, q, yb, NULL), KMV_OK);
+        assert_true(yb[0] == 0.0f);
+        assert_int_equal(kmv_stream_append_keys(a, k, x, n), KMV_OK);
+        assert_int_equal(kmv_stream_append_keys(b, k, x, n), KMV_OK);
+        assert_int_equal(kmv_stream_decode(a, q, ya, NULL), KMV_OK);
+        assert_int_equal(kmv_stream_decode(b, q, yb, NULL), KMV_OK);
+        assert_memory_equal(ya, yb, sizeof(float));
+        if (with_queries) {
+            assert_int_equal(kmv_stream_matvec(a, NULL, ya, NULL), KMV_OK);
+            assert_int_equal(kmv_stream_matvec(b, NULL, yb, NULL), KMV_OK);
+            assert_memory_equal(ya, yb, sizeof ya);
+        }
+        kmv_stream_free(a);
+        kmv_stream_free(b);
+    }
+    unlink(path);
+    kmv_ctx_free(ctx);
+    free(k), free(q), free(x);
+}
+
+/* Every allocation of every stream call may fail. One stream's whole life
+ * (create, appends, products with the stored and a fresh x, decoding
+ * steps, save, load, free) runs with allocation k failing, for k = 1, 2,
+ * ... A call that fails must return KMV_ENOMEM with its output untouched;
+ * it is then retried with the allocator healed, and the life's answers must
+ * equal, bit for bit, those of a life where nothing failed: a failed call
+ * leaves the stream as it was. Nothing may leak. */
+/* answers: h + 1 before the second append, 2 N after it, 1 + N after load */
+enum { LIFE_N = 400, LIFE_D = 6, LIFE_ANSWERS = 3 * LIFE_N + LIFE_N / 2 + 2 };
+
+typedef struct life {
+    const float *k, *q, *x, *x2;
+    tu_alloc_state *st;
+    int failures;
+} life;
+
+/* Run one call; on ENOMEM check y untouched, heal and run it again. */
+#define LIFE_CALL(L, y, ylen, call)                                                    \
+    do {                                                                               \
+        size_t n_ = (ylen);                                                            \
+        for (size_t i_ = 0; i_ < n_; i_++) (y)[i_] = 42.0f;                            \
+        int rc_ = (call);                                                              \
+        if (rc_ == KMV_ENOMEM) {                                                       \
+            (L)->failures++;                                                           \
+            for (size_t i_ = 0; i_ < n_; i_++)                                         \
+                if ((y)[i_] != 42.0f) fail_msg("%s wrote its output and failed", #call); \
+            (L)->st->fail_at = 0;                                                      \
+            rc_ = (call);                                                              \
+        }                                                                              \
+        if (rc_ != KMV_OK) fail_msg("%s: %s", #call, kmv_errname(rc_));                \
+    } while (0)
+
+static void stream_life(life *L, const char *path, float *ans) {
+    kmv_params p;
+    kmv_params_init(&p);
+    p.seed = 5;
+    p.n_threads = 1; /* the counting allocator is not thread-safe */
+    p.allocator = tu_allocator(L->st);
+    kmv_ctx *ctx = NULL;
+    kmv_stream *s = NULL, *t = NULL;
+    char err[256];
+    float none[1]; /* the output of calls that have none */
+    LIFE_CALL(L, none, 0, kmv_ctx_create(&p, &ctx));
+    LIFE_CALL(L, none, 0, kmv_stream_create(ctx, LIFE_D, 1, &s));
+    s->ix->force_approx = 1;
+    size_t h = LIFE_N / 2;
+    LIFE_CALL(L, none, 0, kmv_stream_append_keys(s, L->k, L->x, h));
+    LIFE_CALL(L, none, 0, kmv_stream_append_queries(s, L->q, h));
+    LIFE_CALL(L, ans, h, kmv_stream_matvec(s, NULL, ans, NULL));
+    LIFE_CALL(L, ans + h, 1, kmv_stream_decode(s, L->q + h * LIFE_D, ans + h, NULL));
+    LIFE_CALL(L, none, 0,
+              kmv_stream_append_keys(s, L->k + h * LIFE_D, L->x + h, LIFE_N - h));
+    LIFE_CALL(L, none, 0,
+              kmv_stream_append_queries(s, L->q + h * LIFE_D, LIFE_N - h));
+    float *a2 = ans + h + 1;
+    LIFE_CALL(L, a2, LIFE_N, kmv_stream_matvec(s, NULL, a2, NULL));
+    LIFE_CALL(L, a2 + LIFE_N, LIFE_N, kmv_stream_matvec(s, L->x2, a2 + LIFE_N, NULL));
+    LIFE_CALL(L, none, 0, kmv_stream_save(s, path, err, sizeof err));
+    LIFE_CALL(L, none, 0, kmv_stream_load(ctx, path, &t, err, sizeof err));
+    t->ix->force_approx = 1;
+    float *a3 = a2 + 2 * LIFE_N;
+    LIFE_CALL(L, a3, 1, kmv_stream_decode(t, L->q, a3, NULL));
+    LIFE_CALL(L, a3 + 1, LIFE_N, kmv_stream_matvec(t, NULL, a3 + 1, NULL));
+    kmv_stream_free(s);
+    kmv_stream_free(t);
+    kmv_ctx_free(ctx);
+}
+
+static void test_alloc_failures(void **state) {
+    (void)state;
+    float *k = malloc(LIFE_N * LIFE_D * sizeof(float)), *q = malloc(LIFE_N * LIFE_D * sizeof(float));
+    float *x = malloc(LIFE_N * sizeof(float)), *x2 = malloc(LIFE_N * sizeof(float));
+    dg_clustered(k, LIFE_N, q, LIFE_N, LIFE_D, 16, 1.0, 61);
+    dg_x(x, LIFE_N, DG_X_GAUSS, 62);
+    dg_x(x2, LIFE_N, DG_X_HUGE, 63);
+    char path[512];
+    tmp_path(path, sizeof path, "life.kmvs");
+    float *want = malloc(LIFE_ANSWERS * sizeof(float)), *got = malloc(LIFE_ANSWERS * sizeof(float));
+    tu_alloc_state st = {0, 0, 0};
+    life L = {k, q, x, x2, &st, 0};
+    stream_life(&L, path, want);
+    assert_int_equal(st.live, 0);
+    long total = st.calls;
+    assert_true(total > 20);
+    for (long at = 1; at <= total; at++) {
+        tu_alloc_state fs = {0, 0, at};
+        life F = {k, q, x, x2, &fs, 0};
+        stream_life(&F, path, got);
+        if (fs.live != 0) fail_msg("allocation %ld failing leaks %ld blocks", at, fs.live);
+        if (F.failures != 1) fail_msg("allocation %ld: %d calls failed, want 1", at, F.failures);
+        if (memcmp(want, got, LIFE_ANSWERS * sizeof(float)) != 0)
+            fail_msg("allocation %ld failing changed a later answer", at);
+    }
+    unlink(path);
+    free(k), free(q), free(x), free(x2), free(want), free(got);
+}
+
+/* SIGKILL while saving: children save a bigger stream over a snapshot in a
+ * loop and are killed at random moments; the file must then load, whole,
+ * as the old stream or the new one, never fail or answer otherwise. A
+ * killed save may leave its temporary (path.tmp.XXXXXX) behind: removed
+ * here, documented in the README. */
+static void test_kill_during_save(void **state) {
+    (void)state;
+    const size_t n0 = 20000, n1 = 40000, d = 16;
+    float *k = malloc(n1 * d * sizeof(float)), *q = malloc(d * sizeof(float));
+    float *x = malloc(n1 * sizeof(float));
+    dg_clustered(k, n1, q, 1, d, 16, 1.0, 71);
+    dg_x(x, n1, DG_X_GAUSS, 72);
+    kmv_ctx *ctx = make_ctx(1.0, 7, 1, 0);
+    kmv_stream *a = make_stream(ctx, d, 1, 0), *b = make_stream(ctx, d, 1, 0);
+    assert_int_equal(kmv_stream_append_keys(a, k, x, n0), KMV_OK);
+    assert_int_equal(kmv_stream_append_keys(b, k, x, n1), KMV_OK);
+    float ya, yb;
+    assert_int_equal(kmv_stream_decode(a, q, &ya, NULL), KMV_OK);
+    assert_int_equal(kmv_stream_decode(b, q, &yb, NULL), KMV_OK);
+    assert_true(ya != yb);
+    char path[512], err[256];
+    tmp_path(path, sizeof path, "killed.kmvs");
+    /* How long one save of the new stream takes, to spread the kills
+     * over it. */
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(kmv_stream_save(b, path, err, sizeof err), KMV_OK);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    long save_us = (t1.tv_sec - t0.tv_sec) * 1000000L + (t1.tv_nsec - t0.tv_nsec) / 1000L;
+    uint64_t rng = 73;
+    int old = 0, young = 0;
+    for (int trial = 0; trial < 40; trial++) {
+        assert_int_equal(kmv_stream_save(a, path, err, sizeof err), KMV_OK);
+        fflush(NULL);
+        pid_t pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+            for (;;) kmv_stream_save(b, path, err, sizeof err);
+        }
+        /* Up to three saves' time: kills land before the first rename,
+         * during later saves, and between them. */
+        long wait = (long)(tu_next(&rng) % (uint64_t)(3 * save_us + 1));
+        struct timespec nap = {wait / 1000000L, (wait % 1000000L) * 1000L};
+        nanosleep(&nap, NULL);
+        kill(pid, SIGKILL);
+        int status;
+        assert_int_equal(waitpid(pid, &status, 0), pid);
+        assert_true(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+        kmv_stream *c = NULL;
+        int rc = kmv_stream_load(ctx, path, &c, err, sizeof err);
+        if (rc != KMV_OK) fail_msg("trial %d (kill after %ld us): %s", trial, wait, err);
+        kmv_stream_info info;
+        assert_int_equal(kmv_stream_info_get(c, &info), KMV_OK);
+        float y;
+        assert_int_equal(kmv_stream_decode(c, q, &y, NULL), KMV_OK);
+        if (info.n_keys == n0 && y == ya) {
+            old++;
+        } else if (info.n_keys == n1 && y == yb) {
+            young++;
+        } else {
+            fail_msg("trial %d: loaded %zu keys answering %g", trial, info.n_keys, (double)y);
+        }
+        kmv_stream_free(c);
+    }
+    printf("kill during save (one save %ld us): %d trials found the old file, %d the new\n",
+           save_us, old, young);
+    /* Both outcomes happened: the kills did land around the rename. */
+    assert_true(old > 0 && young > 0);
+    char cmd[2 * sizeof path + 32];
+    snprintf(cmd, sizeof cmd, "rm -f '%s' '%s'.tmp.*", path, path);
+    assert_int_equal(system(cmd), 0);
+    kmv_stream_free(a);
+    kmv_stream_free(b);
+    kmv_ctx_free(ctx);
+    free(k), free(q), free(x);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bad_input),
@@ -578,6 +800,9 @@ int main(void) {
         cmocka_unit_test(test_snapshot_continue),
         cmocka_unit_test(test_snapshot_damage),
         cmocka_unit_test(test_memory_cap),
+        cmocka_unit_test(test_snapshot_empty),
+        cmocka_unit_test(test_alloc_failures),
+        cmocka_unit_test(test_kill_during_save),
         cmocka_unit_test(test_guarantee_clustered),
         cmocka_unit_test(test_guarantee_clustered_columns),
         cmocka_unit_test(test_guarantee_causal),
