@@ -13,6 +13,29 @@ opt *args_get(opt *opts, size_t n, const char *name) {
     return NULL;
 }
 
+int args_common_params(const char *cmd, opt *opts, size_t n, kmv_params *p) {
+    opt *v;
+    if ((v = args_get(opts, n, "eps")) != NULL && v->seen) p->eps = v->d;
+    if ((v = args_get(opts, n, "delta")) != NULL && v->seen) p->delta = v->d;
+    if ((v = args_get(opts, n, "seed")) != NULL && v->seen) p->seed = v->u;
+    if ((v = args_get(opts, n, "threads")) != NULL && v->seen) {
+        if (v->i < 0 || v->i > 4096) {
+            fprintf(stderr, "kmv %s: --threads must be in [0, 4096]\n", cmd);
+            return EXIT_USAGE;
+        }
+        p->n_threads = (int)v->i;
+    }
+    if (!(p->eps > 0 && p->eps < 1)) {
+        fprintf(stderr, "kmv %s: --eps must be in (0, 1)\n", cmd);
+        return EXIT_USAGE;
+    }
+    if (!(p->delta > 0 && p->delta < 1)) {
+        fprintf(stderr, "kmv %s: --delta must be in (0, 1)\n", cmd);
+        return EXIT_USAGE;
+    }
+    return EXIT_OK;
+}
+
 void args_help(const char *cmd, const char *summary, const opt *opts, size_t n) {
     printf("usage: kmv %s", cmd);
     for (size_t i = 0; i < n; i++) {

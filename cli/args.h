@@ -6,6 +6,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kmv/kmv.h"
+
 /* Exit statuses of the tool. */
 enum { EXIT_OK = 0, EXIT_FAIL = 1, EXIT_USAGE = 2 };
 
@@ -37,5 +39,11 @@ void args_help(const char *cmd, const char *summary, const opt *opts, size_t n);
 
 /* The option called name; it must exist in the table. */
 opt *args_get(opt *opts, size_t n, const char *name);
+
+/* Set p's eps, delta, seed and n_threads from whichever of --eps, --delta,
+ * --seed and --threads the table holds and the user gave, and check eps,
+ * delta and the thread count. Returns EXIT_OK, or EXIT_USAGE after a
+ * message naming the option. */
+int args_common_params(const char *cmd, opt *opts, size_t n, kmv_params *p);
 
 #endif /* KMV_CLI_ARGS_H */

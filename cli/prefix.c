@@ -200,24 +200,7 @@ int cmd_prefix(int argc, char **argv) {
         }
         p.attn_scale = v->d;
     }
-    if ((v = args_get(o, no, "eps"))->seen) p.eps = v->d;
-    if ((v = args_get(o, no, "delta"))->seen) p.delta = v->d;
-    if ((v = args_get(o, no, "seed"))->seen) p.seed = v->u;
-    if ((v = args_get(o, no, "threads"))->seen) {
-        if (v->i < 0 || v->i > 4096) {
-            fprintf(stderr, "kmv " CMD ": --threads must be in [0, 4096]\n");
-            return EXIT_USAGE;
-        }
-        p.n_threads = (int)v->i;
-    }
-    if (!(p.eps > 0 && p.eps < 1)) {
-        fprintf(stderr, "kmv " CMD ": --eps must be in (0, 1)\n");
-        return EXIT_USAGE;
-    }
-    if (!(p.delta > 0 && p.delta < 1)) {
-        fprintf(stderr, "kmv " CMD ": --delta must be in (0, 1)\n");
-        return EXIT_USAGE;
-    }
+    if (args_common_params(CMD, o, no, &p) != EXIT_OK) return EXIT_USAGE;
     long long start = 50, step = 0;
     if ((v = args_get(o, no, "start"))->seen) start = v->i;
     if ((v = args_get(o, no, "step"))->seen) {

@@ -153,7 +153,6 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
             fprintf(stderr, "kmv %s: --sigma must be in [1e-150, 1e150]\n", cmd);
             return EXIT_USAGE;
         }
-        if ((v = args_get(o, no, "delta"))->seen) p.delta = v->d;
         p.measure_error = args_get(o, no, "measure-error")->seen;
     } else {
         if ((v = args_get(o, no, "scale"))->seen) {
@@ -165,16 +164,8 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
         }
     }
     if ((v = args_get(o, no, "causal")) != NULL) p.causal = v->seen;
-    if ((v = args_get(o, no, "eps"))->seen) p.eps = v->d;
-    if ((v = args_get(o, no, "seed"))->seen) p.seed = v->u;
     p.exact = args_get(o, no, "exact")->seen;
-    if ((v = args_get(o, no, "threads"))->seen) {
-        if (v->i < 0 || v->i > 4096) {
-            fprintf(stderr, "kmv %s: --threads must be in [0, 4096]\n", cmd);
-            return EXIT_USAGE;
-        }
-        p.n_threads = (int)v->i;
-    }
+    if (args_common_params(cmd, o, no, &p) != EXIT_OK) return EXIT_USAGE;
     if ((v = args_get(o, no, "max-mb"))->seen) {
         if (!(v->d > 0 && v->d <= 1e12)) {
             fprintf(stderr, "kmv %s: --max-mb must be in (0, 1e12]\n", cmd);
@@ -182,14 +173,6 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
         }
         p.max_bytes = (size_t)(v->d * 1048576.0);
         if (p.max_bytes == 0) p.max_bytes = 1; /* 0 would mean no cap */
-    }
-    if (!(p.eps > 0 && p.eps < 1)) {
-        fprintf(stderr, "kmv %s: --eps must be in (0, 1)\n", cmd);
-        return EXIT_USAGE;
-    }
-    if (!(p.delta > 0 && p.delta < 1)) {
-        fprintf(stderr, "kmv %s: --delta must be in (0, 1)\n", cmd);
-        return EXIT_USAGE;
     }
 
     const char *qn = attn ? "q" : "queries", *kn = attn ? "k" : "keys", *xn = attn ? "v" : "x";
