@@ -61,7 +61,7 @@ static void *meter_alloc(void *opaque, size_t size) {
     size_t cur = atomic_load_explicit(&m->live, memory_order_relaxed);
     do {
         if (m->cap != 0 && (total > m->cap || cur > m->cap - total)) {
-            atomic_store(&m->refused, 1);
+            atomic_fetch_add(&m->refused, 1);
             return NULL;
         }
     } while (!atomic_compare_exchange_weak(&m->live, &cur, cur + total));
@@ -98,7 +98,9 @@ kmv_allocator kmv__meter_allocator(kmv__meter *m) {
 }
 
 int kmv__meter_code(kmv__meter *m, int rc) {
-    return rc == KMV_ENOMEM && atomic_load(&m->refused) ? KMV_ELIMIT : rc;
+    return rc == KMV_ENOMEM && atomic_load(&m->refused) != 0 ? KMV_ELIMIT : rc;
 }
 
 void kmv__meter_reset(kmv__meter *m) { atomic_store(&m->refused, 0); }
+
+unsigned long kmv__meter_refusals(kmv__meter *m) { return atomic_load(&m->refused); }

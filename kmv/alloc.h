@@ -34,7 +34,7 @@ typedef struct kmv__meter {
     size_t cap;             /* 0: no cap */
     _Atomic size_t live;    /* bytes held now, headers included */
     _Atomic size_t peak;
-    _Atomic int refused;    /* the cap refused an allocation */
+    _Atomic unsigned long refused; /* allocations the cap refused */
 } kmv__meter;
 
 void kmv__meter_init(kmv__meter *m, const kmv_allocator *base, size_t cap);
@@ -48,6 +48,11 @@ int kmv__meter_code(kmv__meter *m, int rc);
 
 /* Forget earlier refusals (at the start of each API call). */
 void kmv__meter_reset(kmv__meter *m);
+
+/* Allocations refused so far: calls that may overlap on one meter (the
+ * stream's decoding steps) compare this before and after, rather than
+ * resetting what another call is still to read. */
+unsigned long kmv__meter_refusals(kmv__meter *m);
 
 /* *out = a * b; returns 0 on overflow, 1 otherwise. */
 int kmv__mul_size(size_t a, size_t b, size_t *out);

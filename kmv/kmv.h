@@ -35,8 +35,9 @@
  *    creation); kmv_ctx_free only when none is running.
  *  - On one index: one call at a time, whichever (products update its
  *    tables). Distinct indexes are independent, even from one context.
- *  - On one stream: one call at a time, whichever (decoding steps update
- *    its tables and cached draws). Distinct streams are independent.
+ *  - On one stream: any number of kmv_stream_decode calls at once; every
+ *    other call on it (appends, products, save, info, free) alone, with
+ *    no step running. Distinct streams are independent.
  *  - Each call may run its own OpenMP team (params.n_threads), and calls
  *    the allocator hook from those threads: the hook must be thread-safe.
  *    The progress hook runs only on the calling thread.
@@ -496,8 +497,10 @@ KMV_API int kmv_tail_stats_get(const kmv_ctx *ctx, const float *queries, const f
  *    step of a decoding loop, in time sublinear in the keys.
  * Same seed, same calls, same answers; how keys were split into blocks
  * does not change any answer (see kmv_stream_append_keys()).
- * One stream is used by one thread at a time; distinct streams are
- * independent. The Gaussian kernel only in this version. */
+ * Decoding steps may run from several threads at once on one stream (see
+ * kmv_stream_decode()); every other call needs the stream to itself.
+ * Distinct streams are independent. The Gaussian kernel only in this
+ * version. */
 typedef struct kmv_stream kmv_stream;
 
 /* An empty stream of dim-dimensional keys and queries whose keys carry
@@ -541,6 +544,13 @@ KMV_API int kmv_stream_matvec(kmv_stream *s, const float *x_fresh, float *y, kmv
  * candidates dim + (sketch_size + samples) dim), independent of the keys
  * held, once the tables exist; building them (at the first approximate
  * step, and when the keys double) is O(keys tables k dim).
+ * Threads: steps may overlap one another on one stream (not any other
+ * call on it). The first step at a new size plans the tables (its query
+ * samples the cost) and draws the sketch while the others wait; the rest
+ * only read. So a step's answer is that of the same steps run one at a
+ * time in the order they took the stream; once one step has run at the
+ * current size, every later step there answers exactly as it would alone,
+ * whatever runs beside it. The allocator hook must then be thread-safe.
  * Errors: KMV_EINVAL, KMV_ENONFINITE, KMV_ENOMEM, KMV_ELIMIT,
  * KMV_EOVERFLOW (as kmv_matvec()). On error y is untouched. */
 KMV_API int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_stats *stats);

@@ -56,11 +56,75 @@ static void exact_row(const kmv_stream *s, const float *q, float inv2s2, step *t
                 t->est);
 }
 
-/* One step; with no_plan (a plan that did not fit params.max_bytes), the
- * exact row. */
-static int decode_once(kmv_stream *s, const float *q, float *y, kmv_stats *st, int no_plan) {
+/* Exact-row cost in the cost model's units, for the plan's caps. */
+static double row_cost(const kmv_stream *s) {
+    return (double)s->ix->ks.n * kmv__cost_window((double)s->d) * (1.0 + 0.1 * (double)(s->c - 1));
+}
+
+/* Why a step at the stream's size computes the exact row without looking
+ * at the tables (a kmv_fallback, or -1 under params.exact), or 0 when it
+ * takes the approximate path. */
+static int exact_rule(const kmv_stream *s) {
+    const kmv_index *ix = s->ix;
+    size_t n = ix->ks.n;
+    if (ix->params.exact) return -1;
+    if (ix->force_approx) return 0; /* tests: measure the approximate path */
+    if (n < DECODE_MIN_KEYS) return KMV_FALLBACK_SMALL;
+    /* A refused plan is retried once the keys have doubled. */
+    if (s->decode_refused_n && n < 2 * s->decode_refused_n) return KMV_FALLBACK_LSH;
+    return 0;
+}
+
+/* Where H1 starts, for the tables held. */
+static double h1_weight(const kmv_stream *s) {
+    const kmv_index *ix = s->ix;
+    size_t n = ix->ks.n;
+    return kmv__h1_ratio(&ix->params, n, 1, ix->kappa) * (s->nx2 / (double)n);
+}
+
+/* Whether the shared state must change before a step at the stream's size
+ * can run: tables that do not serve this size's threshold, or draws made
+ * at another size. Decided without the query, so every step at one size
+ * reads the same state, whichever thread prepared it. */
+static int needs_prep(const kmv_stream *s) {
+    const kmv_index *ix = s->ix;
+    size_t n = ix->ks.n;
+    if (n == 0 || s->nx2 <= 0.0 || exact_rule(s) != 0) return 0;
+    double kappa = kmv__heavy_threshold(&ix->params, n, 1);
+    if (!ix->lsh_built || kappa < 0.5 * ix->kappa || n > 2 * ix->lsh_n) return 1;
+    return s->drawn_n != n || s->drawn_w != h1_weight(s);
+}
+
+/* Plan and fill the tables for this size (q samples the queries for the
+ * plan's cost) and draw the sketch's rows below H1; or record a refused
+ * plan. The only writer of the state steps share. */
+static int prepare(kmv_stream *s, const float *q, double *seconds) {
     double t0 = kmv__now();
     kmv_index *ix = s->ix;
+    const kmv_params *pa = &ix->params;
+    size_t n = ix->ks.n;
+    int rc = kmv__index_ensure_lsh(ix, q, 1, kmv__heavy_threshold(pa, n, 1), 0.5 * pa->delta,
+                                   ix->force_approx ? INFINITY : 0.25 * row_cost(s), 1.0);
+    if (rc == 1) {
+        s->decode_refused_n = n;
+        rc = KMV_OK;
+    } else if (rc == KMV_OK) {
+        double whi = h1_weight(s);
+        rc = kmv__sketch_draw(&s->sk, &ix->alloc, &ix->ks, (size_t)pa->sketch_size, pa->seed, whi);
+        s->drawn_n = rc == KMV_OK ? n : 0;
+        s->drawn_w = whi;
+    }
+    *seconds += kmv__now() - t0;
+    return rc;
+}
+
+/* One step on prepared state, reading the stream only; with no_plan (a
+ * plan that did not fit params.max_bytes), the exact row. prep: seconds
+ * this call spent preparing. */
+static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats *st, int no_plan,
+                       double prep) {
+    double t0 = kmv__now() - prep;
+    const kmv_index *ix = s->ix;
     const kmv_params *pa = &ix->params;
     const kmv_allocator *a = &ix->alloc;
     const kmv__keystore *ks = &ix->ks;
@@ -76,7 +140,7 @@ static int decode_once(kmv_stream *s, const float *q, float *y, kmv_stats *st, i
     S.n_threads = 1;
     S.error_bound = pa->eps;
     S.error_measured = -1.0;
-    kmv__meter_reset(&ix->meter);
+    S.seconds_lsh = prep;
 
     step t;
     memset(&t, 0, sizeof t);
@@ -102,19 +166,13 @@ static int decode_once(kmv_stream *s, const float *q, float *y, kmv_stats *st, i
         memcpy(ye, t.est, c * sizeof(double));
     }
 
-    double exact_cost = (double)n * kmv__cost_window((double)d) * (1.0 + 0.1 * (double)(c - 1));
-    if (pa->exact) goto exact;
-    if (no_plan) {
-        S.fallback_reason = KMV_FALLBACK_MEMORY;
-        goto exact;
-    }
-    if (n < DECODE_MIN_KEYS && !ix->force_approx) {
-        S.fallback_reason = KMV_FALLBACK_SMALL;
-        goto exact;
-    }
-    /* A refused plan is retried once the keys have doubled. */
-    int force = ix->force_approx; /* tests: measure the approximate path */
-    if (s->decode_refused_n && n < 2 * s->decode_refused_n && !force) {
+    double exact_cost = row_cost(s);
+    int force = ix->force_approx;
+    int rule = exact_rule(s);
+    if (rule == -1) goto exact;
+    S.fallback_reason = no_plan ? KMV_FALLBACK_MEMORY : rule;
+    if (no_plan || rule != 0) goto exact;
+    if (!ix->lsh_built || needs_prep(s)) { /* the state moved under us */
         S.fallback_reason = KMV_FALLBACK_LSH;
         goto exact;
     }
@@ -122,19 +180,7 @@ static int decode_once(kmv_stream *s, const float *q, float *y, kmv_stats *st, i
     /* Threshold and exact columns: approx.c's rules at m = 1. */
     double delta_s = 0.5 * pa->delta;
     double smin = (double)pa->min_samples;
-    double kappa = kmv__heavy_threshold(pa, n, 1);
-    double tl = kmv__now();
-    rc = kmv__index_ensure_lsh(ix, q, 1, kappa, delta_s, force ? INFINITY : 0.25 * exact_cost,
-                               1.0);
-    S.seconds_lsh = kmv__now() - tl;
-    if (rc == 1) {
-        s->decode_refused_n = n;
-        S.fallback_reason = KMV_FALLBACK_LSH;
-        rc = KMV_OK;
-        goto exact;
-    }
-    if (rc != KMV_OK) goto out;
-    kappa = ix->kappa;
+    double kappa = ix->kappa;
     float fk = (float)kappa;
     const kmv__lsh *lh = &ix->lsh;
     int L = lh->shape.L;
@@ -142,8 +188,7 @@ static int decode_once(kmv_stream *s, const float *q, float *y, kmv_stats *st, i
     S.lsh_tables = L;
     S.lsh_hash_len = lh->shape.k;
     S.lsh_width = lh->shape.w;
-    double wbar = s->nx2 / (double)n;
-    double whi = kmv__h1_ratio(pa, n, 1, kappa) * wbar;
+    double whi = h1_weight(s);
 
     double th = kmv__now();
     /* H1, the keys at or above whi, from the sketch's top groups (only the
@@ -221,18 +266,9 @@ static int decode_once(kmv_stream *s, const float *q, float *y, kmv_stats *st, i
     S.heavy_pairs = nh;
     S.seconds_heavy = kmv__now() - th;
 
-    /* The light part's density from the sketch's draws (kept until keys
-     * arrive or the exact columns move). */
+    /* The light part's density from the sketch's draws (made by prepare()
+     * for this size). */
     double ts = kmv__now();
-    if (s->drawn_n != n || s->drawn_w != whi) {
-        rc = kmv__sketch_draw(&s->sk, a, ks, (size_t)pa->sketch_size, pa->seed, whi);
-        if (rc != KMV_OK) {
-            s->drawn_n = 0;
-            goto out;
-        }
-        s->drawn_n = n;
-        s->drawn_w = whi;
-    }
     double W = 0.0;
     if (s->sk.r) {
         kmv__sqdist_rows(q, s->sk.rows, s->sk.r, d, t.skd);
@@ -307,21 +343,53 @@ answer:
 out:
     step_free(a, &t);
     kmv__free(a, ye);
-    return kmv__meter_code(&ix->meter, rc);
+    return rc;
 }
 
+/* rc, or KMV_ELIMIT for an allocation failure while the cap refused one
+ * (since refusals0 was read). */
+static int limit_code(kmv_index *ix, int rc, unsigned long refusals0) {
+    return rc == KMV_ENOMEM && kmv__meter_refusals(&ix->meter) != refusals0 ? KMV_ELIMIT : rc;
+}
+
+/* Steps share the stream under its read lock; the rare writes (planning
+ * at a new size, dropping the tables at the memory cap) take the write
+ * lock, so they wait for the steps reading what they change. */
 int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st) {
-    int rc = decode_once(s, q, y, st, 0);
     kmv_index *ix = s->ix;
+    unsigned long r0 = kmv__meter_refusals(&ix->meter);
+    double prep = 0.0;
+    int rc = KMV_OK;
+    if (pthread_rwlock_rdlock(&s->lock) != 0) return KMV_EINVAL;
+    /* Another step's cap fallback may drop what this one prepared: try
+     * again a few times, then decode_once() goes exact. */
+    for (int tries = 0; tries < 4 && needs_prep(s); tries++) {
+        pthread_rwlock_unlock(&s->lock);
+        pthread_rwlock_wrlock(&s->lock);
+        if (needs_prep(s)) rc = prepare(s, q, &prep);
+        pthread_rwlock_unlock(&s->lock);
+        if (rc != KMV_OK) break;
+        pthread_rwlock_rdlock(&s->lock);
+    }
+    if (rc == KMV_OK) {
+        rc = decode_once(s, q, y, st, 0, prep);
+        pthread_rwlock_unlock(&s->lock);
+    }
+    rc = limit_code(ix, rc, r0);
     /* Past the cap the tables (a cache) go, and the row is exact, as the
      * index's products do; the plan is tried again when the keys double. */
     if (rc == KMV_ELIMIT && !ix->params.exact) {
+        pthread_rwlock_wrlock(&s->lock);
         if (ix->lsh_built) {
             kmv__lsh_free(&ix->lsh, &ix->alloc);
             ix->lsh_built = 0;
         }
         s->decode_refused_n = ix->ks.n;
-        rc = decode_once(s, q, y, st, 1);
+        pthread_rwlock_unlock(&s->lock);
+        pthread_rwlock_rdlock(&s->lock);
+        r0 = kmv__meter_refusals(&ix->meter);
+        rc = limit_code(ix, decode_once(s, q, y, st, 1, prep), r0);
+        pthread_rwlock_unlock(&s->lock);
     }
     return rc;
 }

@@ -22,6 +22,11 @@ int kmv__stream_new(const kmv_ctx *ctx, const kmv_params *params, size_t dim, si
         return rc;
     }
     memset(s, 0, sizeof *s);
+    if (pthread_rwlock_init(&s->lock, NULL) != 0) {
+        kmv__free(&ix->alloc, s);
+        kmv_index_free(ix);
+        return KMV_ENOMEM;
+    }
     s->ix = ix;
     s->d = dim;
     s->c = n_cols;
@@ -48,6 +53,7 @@ void kmv_stream_free(kmv_stream *s) {
     kmv__free(a, s->wid);
     kmv__free(a, s->q);
     kmv__sketch_free(&s->sk, a);
+    pthread_rwlock_destroy(&s->lock);
     kmv__free(a, s);
     kmv_index_free(ix);
 }

@@ -3,6 +3,7 @@
 #ifndef KMV_STREAM_H
 #define KMV_STREAM_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -30,6 +31,9 @@ struct kmv_stream {
     float *q;
     size_t m, qcap;
     size_t decode_refused_n; /* keys when decode's plan was last refused */
+    /* Decoding steps read under it and write (tables, draws, refusals)
+     * under its write side; every other call has the stream to itself. */
+    pthread_rwlock_t lock;
 };
 
 /* Append keys or queries past validation (snapshot.c rebuilds through

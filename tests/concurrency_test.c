@@ -1,8 +1,8 @@
 /* What kmv.h promises about threads, hammered from several threads at once:
  * concurrent kmv_matvec() and kmv_attention() calls on one context (exact
  * and approximate engines, each call running its own OpenMP team and, on
- * the capped context, its own memory meter), and distinct indexes used
- * from distinct threads. Every answer must equal,
+ * the capped context, its own memory meter), distinct indexes used from
+ * distinct threads, and concurrent decoding steps on one stream. Every answer must equal,
  * bit for bit, the one computed alone beforehand. Run under the `tsan`
  * configuration (.bazelrc), ThreadSanitizer checks that nothing races;
  * under the others it checks the answers.
@@ -25,6 +25,7 @@
 
 #include "kmv/index.h"
 #include "kmv/kmv.h"
+#include "stream/stream.h"
 #include "tests/datagen.h"
 
 #define THREADS 4
@@ -171,6 +172,113 @@ static void test_concurrent_calls(void **state) {
     kmv_ctx_free(sh.exact);
 }
 
+/* Decoding steps on one stream, THREADS at once, between exclusive
+ * appends: each round appends a block (so the first step of the round
+ * finds the tables or draws stale and prepares them under the write lock
+ * while the others wait or read), then every thread decodes its share of
+ * the queries. Afterwards each query is decoded again alone: the state a
+ * step reads at one size does not depend on which step prepared it, so the
+ * answers must agree bit for bit. */
+#define STREAM_COLS 2
+#define STREAM_ROUNDS 4
+#define STEPS 24 /* per thread and round */
+
+typedef struct stepper {
+    kmv_stream *s;
+    int id;
+    float *out; /* STEPS x STREAM_COLS */
+    int mode[STEPS];
+    int errors;
+} stepper;
+
+static const float *step_query(int id, int u) {
+    return queries + (size_t)((id * STEPS + u) % M) * D;
+}
+
+static void *steps(void *arg) {
+    stepper *w = arg;
+    for (int u = 0; u < STEPS; u++) {
+        kmv_stats st;
+        if (kmv_stream_decode(w->s, step_query(w->id, u), w->out + u * STREAM_COLS, &st) != KMV_OK)
+            w->errors++;
+        w->mode[u] = st.mode;
+    }
+    return NULL;
+}
+
+/* The keys in rounds blocks, each followed by the steps; every step's mode
+ * must be want_mode. */
+static void decode_rounds(kmv_stream *s, int rounds, int want_mode) {
+    size_t block = N / (size_t)rounds;
+    for (int r = 0; r < rounds; r++) {
+        assert_int_equal(kmv_stream_append_keys(s, keys + (size_t)r * block * D,
+                                                v + (size_t)r * block * STREAM_COLS, block),
+                         KMV_OK);
+        pthread_t th[THREADS];
+        stepper w[THREADS];
+        for (int t = 0; t < THREADS; t++) {
+            w[t] = (stepper){s, t, malloc(STEPS * STREAM_COLS * sizeof(float)), {0}, 0};
+            assert_int_equal(pthread_create(&th[t], NULL, steps, &w[t]), 0);
+        }
+        for (int t = 0; t < THREADS; t++) assert_int_equal(pthread_join(th[t], NULL), 0);
+        for (int t = 0; t < THREADS; t++) {
+            assert_int_equal(w[t].errors, 0);
+            for (int u = 0; u < STEPS; u++) {
+                assert_int_equal(w[t].mode[u], want_mode);
+                float alone[STREAM_COLS];
+                kmv_stats st;
+                assert_int_equal(kmv_stream_decode(s, step_query(t, u), alone, &st), KMV_OK);
+                if (memcmp(alone, w[t].out + u * STREAM_COLS, sizeof alone) != 0)
+                    fail_msg("round %d, thread %d, step %d: %g differs from %g alone", r, t, u,
+                             (double)w[t].out[u * STREAM_COLS], (double)alone[0]);
+            }
+            free(w[t].out);
+        }
+    }
+}
+
+static kmv_stream *make_stream(size_t max_bytes) {
+    kmv_ctx *ctx = make_ctx(0, max_bytes);
+    kmv_stream *s;
+    assert_int_equal(kmv_stream_create(ctx, D, STREAM_COLS, &s), KMV_OK);
+    kmv_ctx_free(ctx);
+    return s;
+}
+
+static void test_concurrent_decoding(void **state) {
+    (void)state;
+    /* The approximate path at every size (too small for the cost model to
+     * choose it), so that the tables and draws are planned concurrently. */
+    kmv_stream *s = make_stream(0);
+    s->ix->force_approx = 1;
+    decode_rounds(s, STREAM_ROUNDS, KMV_MODE_APPROX);
+    kmv_stream_info info;
+    assert_int_equal(kmv_stream_info_get(s, &info), KMV_OK);
+    assert_true(info.lsh_tables > 0);
+    kmv_stream_free(s);
+}
+
+static void test_concurrent_decoding_at_cap(void **state) {
+    (void)state;
+    /* A cap that holds the keys and a step's scratch but only half the
+     * tables: the first step is refused its plan and drops the tables
+     * under the write lock; every step answers with the exact row. */
+    kmv_stream *probe = make_stream(0);
+    probe->ix->force_approx = 1;
+    assert_int_equal(kmv_stream_append_keys(probe, keys, v, N), KMV_OK);
+    kmv_stream_info bare, planned;
+    assert_int_equal(kmv_stream_info_get(probe, &bare), KMV_OK);
+    float y[STREAM_COLS];
+    assert_int_equal(kmv_stream_decode(probe, queries, y, NULL), KMV_OK);
+    assert_int_equal(kmv_stream_info_get(probe, &planned), KMV_OK);
+    kmv_stream_free(probe);
+    assert_true(planned.bytes > bare.bytes + ((size_t)64 << 10));
+    kmv_stream *s = make_stream(bare.bytes + (planned.bytes - bare.bytes) / 2);
+    s->ix->force_approx = 1;
+    decode_rounds(s, 1, KMV_MODE_FALLBACK);
+    kmv_stream_free(s);
+}
+
 /* The stateless helpers are callable from any thread. */
 static void *helpers(void *arg) {
     int *bad = arg;
@@ -200,6 +308,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_concurrent_helpers),
         cmocka_unit_test(test_concurrent_calls),
+        cmocka_unit_test(test_concurrent_decoding),
+        cmocka_unit_test(test_concurrent_decoding_at_cap),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
