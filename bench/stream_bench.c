@@ -124,7 +124,7 @@ static void decoding(const char *name, const float *k, size_t n, const float *qs
     double tb = now();
     check(kmv_stream_decode(sa, qs, &y, &st), "decode"); /* builds the tables */
     tb = now() - tb;
-    double ta = 0.0, te = 0.0, worst = 0.0, cands = 0.0, samples = 0.0;
+    double ta = 0.0, te = 0.0, worst = 0.0, cands = 0.0, samples = 0.0, th = 0.0, ts = 0.0;
     int approx = 0;
     for (size_t i = 0; i < steps; i++) {
         const float *q = qs + i * d;
@@ -138,12 +138,15 @@ static void decoding(const char *name, const float *k, size_t n, const float *qs
         approx += st.mode == KMV_MODE_APPROX;
         cands += (double)st.lsh_candidates;
         samples += (double)st.samples;
+        th += st.seconds_heavy;
+        ts += st.seconds_sample;
         double e = fabs((double)y - ye) / sqrt(x2);
         worst = e > worst ? e : worst;
     }
-    printf("%s,%zu,%zu,%.1f,%.1f,%.2f,%.5f,%d/%zu,%.0f,%.0f,%.3f,%d\n", name, n, d, 1e6 * ta / (double)steps,
-           1e6 * te / (double)steps, te / ta, worst, approx, steps, cands / (double)steps,
-           samples / (double)steps, tb, st.lsh_tables);
+    printf("%s,%zu,%zu,%.1f,%.1f,%.2f,%.5f,%d/%zu,%.0f,%.0f,%.1f,%.1f,%.3f,%d\n", name, n, d,
+           1e6 * ta / (double)steps, 1e6 * te / (double)steps, te / ta, worst, approx, steps,
+           cands / (double)steps, samples / (double)steps, 1e6 * th / (double)steps,
+           1e6 * ts / (double)steps, tb, st.lsh_tables);
     kmv_stream_free(sa);
     kmv_stream_free(se);
     kmv_ctx_free(ca);
@@ -199,18 +202,22 @@ static void streamed_vs_batch(void) {
 int main(int argc, char **argv) {
     const char *glove = "../shared/data/glove100d_first65536.npy";
     size_t steps = 200;
+    int decode_only = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--glove") && i + 1 < argc) glove = argv[++i];
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = (size_t)strtoull(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--decode-only")) decode_only = 1;
         else {
-            fprintf(stderr, "usage: stream_bench [--glove PATH] [--steps N]\n");
+            fprintf(stderr, "usage: stream_bench [--glove PATH] [--steps N] [--decode-only]\n");
             return 2;
         }
     }
-    appending(0);
-    appending(1);
+    if (!decode_only) {
+        appending(0);
+        appending(1);
+    }
     printf("# decoding steps, eps = 0.1 (tables built at the first step, build_s)\n");
-    printf("data,n,d,approx_us,exact_us,speedup,worst_err,approx_steps,cands,samples,build_s,tables\n");
+    printf("data,n,d,approx_us,exact_us,speedup,worst_err,approx_steps,cands,samples,heavy_us,sample_us,build_s,tables\n");
     const size_t n = 65536;
     {
         const size_t d = 64;
@@ -236,6 +243,6 @@ int main(int argc, char **argv) {
     } else {
         printf("# GloVe rows skipped: %s\n", err);
     }
-    streamed_vs_batch();
+    if (!decode_only) streamed_vs_batch();
     return 0;
 }

@@ -153,3 +153,28 @@ void kmv__sqdist_rows(const float *q, const float *rows, size_t count, size_t d,
         out[j] = acc;
     }
 }
+
+KMV_CLONES
+void kmv__project(const float *v, const float *P, size_t d, size_t cols, size_t ld, float *out) {
+    for (size_t u = 0; u < cols; u++) out[u] = 0.0f;
+    for (size_t i = 0; i < d; i++) {
+        const float *row = P + i * ld;
+        float vi = v[i];
+#pragma omp simd
+        for (size_t u = 0; u < cols; u++) out[u] += vi * row[u];
+    }
+}
+
+KMV_CLONES
+void kmv__lsh_cells(const float *p, const float *offs, size_t len, int32_t *cell) {
+#pragma omp simd
+    for (size_t u = 0; u < len; u++) {
+        /* Huge keys (finite, accepted) project past int32; they share the
+         * end cells, which verification sorts out. NaN (infinite
+         * projections cancelling) goes there too. */
+        float f = __builtin_floorf(p[u] + offs[u]);
+        cell[u] = f >= -2147483648.0f && f < 2147483648.0f ? (int32_t)f
+                  : f > 0.0f                              ? INT32_MAX
+                                                          : INT32_MIN;
+    }
+}

@@ -8,6 +8,7 @@
 #define KMV_KERNEL_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* exp(x) for x <= 0 to within 2 ulp; x < -87.3 (where expf is subnormal or
  * zero) gives 0. Scalar version of what the row functions compute. */
@@ -43,5 +44,14 @@ float kmv__sqdist(const float *a, const float *b, size_t d);
 
 /* out[j] = ||q - rows_j||^2 for count contiguous rows of dimension d. */
 void kmv__sqdist_rows(const float *q, const float *rows, size_t count, size_t d, float *out);
+
+/* out[u] = sum_i v_i P[i ld + u] for u < cols (P: d rows of stride ld),
+ * summed over i in order: one vector against many projections, where a
+ * one-row BLAS call would pack all of P first. */
+void kmv__project(const float *v, const float *P, size_t d, size_t cols, size_t ld, float *out);
+
+/* cell[u] = floor(p[u] + offs[u]) as int32 for u < len, with values past
+ * the int32 range (and NaN) clamped to its ends: the cells of an LSH hash. */
+void kmv__lsh_cells(const float *p, const float *offs, size_t len, int32_t *cell);
 
 #endif /* KMV_KERNEL_H */

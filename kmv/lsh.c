@@ -11,6 +11,7 @@
 #endif
 
 #include "kmv/alloc.h"
+#include "kmv/kernel.h"
 #include "kmv/rng.h"
 
 double kmv__lsh_collision(double u) {
@@ -55,31 +56,32 @@ void kmv__lsh_free(kmv__lsh *h, const kmv_allocator *a) {
     memset(h, 0, sizeof *h);
 }
 
-void kmv__lsh_codes(const kmv__lsh *h, const float *v, size_t count, int ntab, float *scratch,
-                    uint64_t *codes) {
+/* Codes from projections p (count rows of k ntab). */
+static void hash_cells(const kmv__lsh *h, const float *p, size_t count, int ntab, uint64_t *codes) {
     int k = h->shape.k, L = ntab;
-    int kl = k * L;
-    /* The first ntab tables' projections are the first k ntab columns. */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)count, kl, (int)h->d, 1.0f, v,
-                (int)h->d, h->proj, k * h->shape.L, 0.0f, scratch, kl);
     int32_t cell[64];
-    for (size_t i = 0; i < count; i++) {
-        const float *p = scratch + i * (size_t)kl;
+    for (size_t i = 0; i < count; i++, p += (size_t)k * (size_t)L) {
         for (int t = 0; t < L; t++) {
-            for (int u = 0; u < k; u++) {
-                int idx = t * k + u;
-                /* Huge keys (finite, accepted) project past int32; they
-                 * share the end cells, which verification sorts out. NaN
-                 * (infinite projections cancelling) goes there too. */
-                float f = floorf(p[idx] + h->offs[idx]);
-                cell[u] = f >= -2147483648.0f && f < 2147483648.0f ? (int32_t)f
-                          : f > 0.0f                              ? INT32_MAX
-                                                                  : INT32_MIN;
-            }
+            kmv__lsh_cells(p + t * k, h->offs + t * k, (size_t)k, cell);
             uint64_t c = XXH3_64bits_withSeed(cell, (size_t)k * sizeof(int32_t), (uint64_t)t + 1);
             codes[i * (size_t)L + (size_t)t] = c ? c : 1; /* 0 marks empty slots */
         }
     }
+}
+
+void kmv__lsh_codes(const kmv__lsh *h, const float *v, size_t count, int ntab, float *scratch,
+                    uint64_t *codes) {
+    int kl = h->shape.k * ntab;
+    /* The first ntab tables' projections are the first k ntab columns. */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)count, kl, (int)h->d, 1.0f, v,
+                (int)h->d, h->proj, h->shape.k * h->shape.L, 0.0f, scratch, kl);
+    hash_cells(h, scratch, count, ntab, codes);
+}
+
+void kmv__lsh_query_codes(const kmv__lsh *h, const float *v, float *scratch, uint64_t *codes) {
+    size_t kl = (size_t)h->shape.k * (size_t)h->shape.L;
+    kmv__project(v, h->proj, h->d, kl, kl, scratch);
+    hash_cells(h, scratch, 1, h->shape.L, codes);
 }
 
 static size_t slot_of(const kmv__lsh_slot *slot, size_t slots, uint64_t code) {

@@ -71,6 +71,11 @@ int kmv__lsh_append(kmv__lsh *h, const kmv_allocator *a, const float *k, size_t 
 void kmv__lsh_codes(const kmv__lsh *h, const float *v, size_t count, int ntab, float *scratch,
                     uint64_t *codes);
 
+/* One query's codes in every table (scratch: k L floats), for lookups
+ * only: the projections may differ from kmv__lsh_codes()' in the last bit,
+ * so what is inserted must be hashed by that. Thread-safe (reads only). */
+void kmv__lsh_query_codes(const kmv__lsh *h, const float *v, float *scratch, uint64_t *codes);
+
 /* Where table t's lookup of code starts: prefetching it before a batch
  * of lookups overlaps their cache misses. */
 static inline void kmv__lsh_prefetch(const kmv__lsh *h, int t, uint64_t code) {

@@ -24,11 +24,26 @@
 /* Below this many keys an exact row costs microseconds: no tables. */
 #define DECODE_MIN_KEYS 2048
 
-/* Scratch for one step, all taken before anything is computed. */
+/* A heavy key and its kernel value. */
+typedef struct heavy_key {
+    uint32_t id;
+    float kv;
+} heavy_key;
+
+static int cmp_heavy(const void *a, const void *b) {
+    uint32_t x = ((const heavy_key *)a)->id, y = ((const heavy_key *)b)->id;
+    return (x > y) - (x < y);
+}
+
+/* Scratch for one step. */
 typedef struct step {
     uint32_t *cand;  /* candidates, then heavy ids */
     float *kv;
+    uint32_t *set;   /* the candidates' dedup set */
+    heavy_key *heavy;
     uint64_t *codes;
+    const uint32_t **bucket; /* the query's bucket in each table */
+    size_t *blen;
     float *proj;
     float *chunk;    /* 256 */
     double *acc;     /* 2 c */
@@ -40,7 +55,11 @@ typedef struct step {
 static void step_free(const kmv_allocator *a, step *t) {
     kmv__free(a, t->cand);
     kmv__free(a, t->kv);
+    kmv__free(a, t->set);
+    kmv__free(a, t->heavy);
     kmv__free(a, t->codes);
+    kmv__free(a, (void *)t->bucket);
+    kmv__free(a, t->blen);
     kmv__free(a, t->proj);
     kmv__free(a, t->chunk);
     kmv__free(a, t->acc);
@@ -214,19 +233,26 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
         goto exact;
     }
 
-    /* Heavy keys: the query's buckets, deduplicated by sorting. */
+    /* Heavy keys: the query's buckets, deduplicated through an open-
+     * addressed set of twice their entries (sorting every entry cost more
+     * than the rest of the step); only the heavy few are sorted. */
     t.codes = kmv__malloc_array(a, (size_t)L, sizeof(uint64_t));
     t.proj = kmv__malloc_array(a, (size_t)L * (size_t)lh->shape.k, sizeof(float));
-    if (!t.codes || !t.proj) {
+    t.bucket = kmv__malloc_array(a, (size_t)L, sizeof(const uint32_t *));
+    t.blen = kmv__malloc_array(a, (size_t)L, sizeof(size_t));
+    if (!t.codes || !t.proj || !t.bucket || !t.blen) {
         rc = KMV_ENOMEM;
         goto out;
     }
-    kmv__lsh_codes(lh, q, 1, L, t.proj, t.codes);
+    kmv__lsh_query_codes(lh, q, t.proj, t.codes);
+    /* Each table is a cache miss or two: ask for every slot, then every
+     * bucket, before reading any. */
+    for (int tb = 0; tb < L; tb++) kmv__lsh_prefetch(lh, tb, t.codes[tb]);
     size_t steps = 0;
     for (int tb = 0; tb < L; tb++) {
-        size_t len;
-        (void)kmv__lsh_bucket(lh, tb, t.codes[tb], &len);
-        steps += len;
+        t.bucket[tb] = kmv__lsh_bucket(lh, tb, t.codes[tb], &t.blen[tb]);
+        if (t.blen[tb]) __builtin_prefetch(t.bucket[tb]);
+        steps += t.blen[tb];
     }
     S.lsh_steps = steps;
     if ((double)steps * (KMV__COST_STEP + kmv__cost_cand((double)d)) > 0.25 * exact_cost &&
@@ -234,34 +260,54 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
         S.fallback_reason = KMV_FALLBACK_HEAVY;
         goto exact;
     }
+    int bits = 4;
+    while (((size_t)1 << bits) < 2 * steps) bits++;
+    size_t smask = ((size_t)1 << bits) - 1;
     t.cand = kmv__malloc_array(a, steps ? steps : 1, sizeof(uint32_t));
     t.kv = kmv__malloc_array(a, steps ? steps : 1, sizeof(float));
-    if (!t.cand || !t.kv) {
+    t.set = kmv__malloc_array(a, smask + 1, sizeof(uint32_t));
+    t.heavy = kmv__malloc_array(a, steps ? steps : 1, sizeof(heavy_key));
+    if (!t.cand || !t.kv || !t.set || !t.heavy) {
         rc = KMV_ENOMEM;
         goto out;
     }
+    memset(t.set, 0xff, (smask + 1) * sizeof(uint32_t)); /* ids stop below UINT32_MAX */
     size_t nc = 0;
     for (int tb = 0; tb < L; tb++) {
-        size_t len;
-        const uint32_t *ids = kmv__lsh_bucket(lh, tb, t.codes[tb], &len);
-        if (len) memcpy(t.cand + nc, ids, len * sizeof(uint32_t));
-        nc += len;
+        size_t len = t.blen[tb];
+        const uint32_t *ids = t.bucket[tb];
+        for (size_t u = 0; u < len; u++) {
+            uint32_t j = ids[u];
+            size_t h = (size_t)(((uint64_t)j * 0x9E3779B97F4A7C15u) >> (64 - bits));
+            while (t.set[h] != UINT32_MAX && t.set[h] != j) h = (h + 1) & smask;
+            if (t.set[h] == j) continue;
+            t.set[h] = j;
+            t.cand[nc++] = j;
+            __builtin_prefetch(&ks->pos_of[j]); /* where its row is, read below */
+        }
     }
-    qsort(t.cand, nc, sizeof(uint32_t), kmv__cmp_u32);
-    size_t uniq = 0;
-    for (size_t u = 0; u < nc; u++)
-        if (uniq == 0 || t.cand[u] != t.cand[uniq - 1]) t.cand[uniq++] = t.cand[u];
-    nc = uniq;
     S.lsh_candidates = nc;
-    for (size_t u = 0; u < nc; u++) t.kv[u] = kmv__sqdist(q, kmv__keystore_row(ks, t.cand[u]), d);
+    for (size_t u = 0; u < nc; u++) {
+        /* The rows are scattered: fetch a few ahead. */
+        if (u + 8 < nc) {
+            const float *r = kmv__keystore_row(ks, t.cand[u + 8]);
+            for (size_t o = 0; o < d; o += 16) __builtin_prefetch(r + o);
+        }
+        t.kv[u] = kmv__sqdist(q, kmv__keystore_row(ks, t.cand[u]), d);
+    }
     if (nc) kmv__gauss_row_dist(t.kv, nc, inv2s2, NULL);
     size_t nh = 0;
-    for (size_t u = 0; u < nc; u++) {
-        if (t.kv[u] < fk) continue;
-        uint32_t j = t.cand[u];
-        t.cand[nh++] = j; /* ascending, as the window's lookup needs */
+    for (size_t u = 0; u < nc; u++)
+        if (t.kv[u] >= fk) t.heavy[nh++] = (heavy_key){t.cand[u], t.kv[u]};
+    /* Ascending ids: the window's lookup needs them, and the sum's order
+     * is then that of the keys, whatever the buckets' order. */
+    qsort(t.heavy, nh, sizeof(heavy_key), cmp_heavy);
+    for (size_t u = 0; u < nh; u++) {
+        uint32_t j = t.heavy[u].id;
+        t.cand[u] = j;
         if (s->wid[j] >= whi) continue; /* summed with H1 */
-        for (size_t col = 0; col < c; col++) t.sum[col] += (double)t.kv[u] * s->x[(size_t)j * c + col];
+        for (size_t col = 0; col < c; col++)
+            t.sum[col] += (double)t.heavy[u].kv * s->x[(size_t)j * c + col];
     }
     S.heavy_pairs = nh;
     S.seconds_heavy = kmv__now() - th;
