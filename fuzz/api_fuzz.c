@@ -7,10 +7,11 @@
  * following bytes (values include 0, NaN, infinities, huge and tiny
  * floats). Half the indexes skip the cost model's fallbacks, so that the
  * approximate engine's own paths run at sizes a fuzzer can afford. With
- * bit 7 of the fourth byte set, the ops drive a stream instead: create,
- * append keys with x, append queries, products (stored or fresh x),
- * decoding steps, and save then load (the loaded stream must answer as the
- * saved one, bit for bit).
+ * bit 7 of the fourth byte set, the ops drive a stream instead: create
+ * (Gaussian or attention), append keys with x, append queries, products
+ * (stored or fresh x), decoding steps, and save then load (the loaded
+ * stream must answer as the saved one, bit for bit; an attention stream
+ * must refuse queries, batch products and saving).
  *
  * Checked beyond "no crash, no leak, no undefined behaviour": every code
  * returned is one kmv names; a refused append leaves the index's size as it
@@ -97,6 +98,11 @@ static size_t stream_rows(const kmv_stream *s, int keys) {
     return keys ? info.n_keys : info.n_queries;
 }
 
+static int is_attention(const kmv_stream *s) {
+    kmv_stream_info info;
+    return kmv_stream_info_get(s, &info) == KMV_OK && info.attention;
+}
+
 /* The stream ops (see the top). Returns the stream to keep. */
 static kmv_stream *stream_op(input *in, const kmv_ctx *ctx, kmv_stream *s, size_t *d, size_t *c,
                              float *k, float *q, float *x, float *y) {
@@ -107,13 +113,15 @@ static kmv_stream *stream_op(input *in, const kmv_ctx *ctx, kmv_stream *s, size_
         s = NULL;
         *d = 1 + byte(in) % MAXD;
         *c = 1 + byte(in) % MAXC;
-        rc = kmv_stream_create(ctx, *d, *c, &s);
+        unsigned how = byte(in);
+        rc = how & 2 ? kmv_stream_attention_create(ctx, *d, *c, &s)
+                     : kmv_stream_create(ctx, *d, *c, &s);
         check_code(rc);
         if (rc != KMV_OK) {
             if (s != NULL) VIOLATED("failed create left a stream");
             return NULL;
         }
-        s->ix->force_approx = (int)(byte(in) & 1);
+        s->ix->force_approx = (int)(how & 1);
     } else if (op == 1) { /* append keys with x */
         size_t cnt = byte(in) % 17, before = stream_rows(s, 1);
         fill(in, k, cnt * *d);
@@ -128,7 +136,10 @@ static kmv_stream *stream_op(input *in, const kmv_ctx *ctx, kmv_stream *s, size_
         fill(in, q, cnt * *d);
         rc = kmv_stream_append_queries(s, q, cnt);
         check_code(rc);
-        if (has_nonfinite(q, cnt * *d) && rc != KMV_ENONFINITE) VIOLATED("non-finite query taken");
+        if (is_attention(s) && cnt > 0 && rc != KMV_EUNSUPPORTED)
+            VIOLATED("an attention stream took queries");
+        if (!is_attention(s) && has_nonfinite(q, cnt * *d) && rc != KMV_ENONFINITE)
+            VIOLATED("non-finite query taken");
         if (rc != KMV_OK && stream_rows(s, 0) != before) VIOLATED("refused append changed size");
     } else if (op == 3) { /* product over the prefix, stored or fresh x */
         int fresh = (int)(byte(in) & 1);
@@ -136,13 +147,16 @@ static kmv_stream *stream_op(input *in, const kmv_ctx *ctx, kmv_stream *s, size_
         if (fresh) fill(in, x, n * *c);
         rc = kmv_stream_matvec(s, fresh ? x : NULL, y, NULL);
         check_code(rc);
-        if (fresh && has_nonfinite(x, n * *c) && rc != KMV_ENONFINITE)
+        if (is_attention(s) && rc == KMV_OK) VIOLATED("an attention stream ran a batch product");
+        if (!is_attention(s) && fresh && has_nonfinite(x, n * *c) && rc != KMV_ENONFINITE)
             VIOLATED("non-finite fresh x taken");
         check_finite(rc, y, m * *c);
     } else if (op == 4) { /* decoding step */
         fill(in, q, *d);
         rc = kmv_stream_decode(s, q, y, NULL);
         check_code(rc);
+        if (is_attention(s) && stream_rows(s, 1) == 0 && !has_nonfinite(q, *d) && rc != KMV_EEMPTY)
+            VIOLATED("attention over no keys answered");
         if (has_nonfinite(q, *d) && rc != KMV_ENONFINITE) VIOLATED("non-finite query taken");
         check_finite(rc, y, *c);
     } else { /* save, load: the loaded stream answers as the saved one */
@@ -150,6 +164,7 @@ static kmv_stream *stream_op(input *in, const kmv_ctx *ctx, kmv_stream *s, size_
         snprintf(path, sizeof path, "/tmp/kmv-api-fuzz-%ld.kmvs", (long)getpid());
         rc = kmv_stream_save(s, path, err, sizeof err);
         check_code(rc);
+        if (is_attention(s) && rc != KMV_EUNSUPPORTED) VIOLATED("an attention stream was saved");
         if (rc != KMV_OK) return s;
         kmv_stream *t = NULL;
         rc = kmv_stream_load(ctx, path, &t, err, sizeof err);

@@ -555,6 +555,40 @@ KMV_API int kmv_stream_matvec(kmv_stream *s, const float *x_fresh, float *y, kmv
  * KMV_EOVERFLOW (as kmv_matvec()). On error y is untouched. */
 KMV_API int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_stats *stats);
 
+/* An attention stream: the decoding step of softmax attention,
+ * out = sum_j softmax_j(s <query, k_j>) v_j over every key so far, with s
+ * from params.attn_scale (0: 1/sqrt(dim)). Keys are kept lifted by Lemma
+ * 4.1 (see kmv_attention_lift()) to dim + 1 dimensions with sigma =
+ * 1/sqrt(s), beside the values [v_j, 1], so that one approximate row gives
+ * both sum_j K'_j v_j and the row sum sum_j K'_j. The lift's bound alpha is
+ * the largest ||k||^2 appended so far; a key past it raises the bound,
+ * and the keys already held are lifted again and their tables dropped
+ * (planned again at the next step). For keys of independent, identically
+ * distributed norms that happens about ln n times over n keys, so a key
+ * still costs O(tables) amortized up to a log factor.
+ *
+ * Guarantee per decoding step: the additive bound of the Gaussian stream
+ * would be eps ||[V, 1]|| against row sums that, lifted, can be far
+ * smaller. An attention step instead budgets its samples against the
+ * part of the row sum it has computed exactly (heavy keys and exactly
+ * summed columns), L: the error of [sum K' v, sum K'] is at most eps L
+ * with probability >= 1 - delta, which gives the normalized output
+ *   ||out - exact||_2 <= eps sqrt(1 + R^2) / (1 - eps),  R = max_j ||v_j||,
+ * reported as stats.error_bound (stats.error_measured: the same norm when
+ * params.measure_error). Where L is too small for a sample to meet that
+ * (attention spread thin, no heavy key found) the step computes the
+ * exact softmax row instead, as it does below 2048 keys and under
+ * params.exact; the exact row is taken with the running maximum
+ * subtracted and never overflows.
+ *
+ * kmv_stream_append_keys() takes keys (count x dim) and V (count x
+ * n_cols); kmv_stream_decode() writes n_cols outputs. Decoding steps only
+ * in this version: kmv_stream_append_queries(), kmv_stream_matvec() and
+ * kmv_stream_save() return KMV_EUNSUPPORTED on an attention stream (for
+ * a batch, kmv_attention()). Errors: as kmv_stream_create(). */
+KMV_API int kmv_stream_attention_create(const kmv_ctx *ctx, size_t dim, size_t n_cols,
+                                        kmv_stream **out);
+
 /* What a stream holds and the work it has done, all time. */
 typedef struct kmv_stream_info {
     size_t n_keys, n_queries, dim, n_cols;
@@ -564,6 +598,10 @@ typedef struct kmv_stream_info {
     uint64_t table_builds;   /* times the tables were planned and filled */
     uint64_t sketch_inserts; /* keys added to the density sketch */
     int lsh_tables;          /* tables held now (0: none yet) */
+    int attention;           /* 1 for kmv_stream_attention_create() */
+    double key_bound;        /* attention: the lift's bound, max ||k||^2 */
+    uint64_t relifts;        /* attention: times the bound rose and the
+                                keys held were lifted again */
 } kmv_stream_info;
 
 /* Fill *info. Errors: KMV_EINVAL (NULL argument). */

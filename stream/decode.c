@@ -75,6 +75,53 @@ static void exact_row(const kmv_stream *s, const float *q, float inv2s2, step *t
                 t->est);
 }
 
+/* An attention stream's exact row: softmax(s <q, k_j>) over the store
+ * (the lifted coordinate meets the query's 0), in chunks of 256 with the
+ * running maximum subtracted, so nothing overflows or underflows to an
+ * empty sum. est[c - 1] = 1: already normalized. */
+static void attn_exact_row(const kmv_stream *s, const float *q, step *t) {
+    const kmv__keystore *ks = &s->ix->ks;
+    size_t n = ks->n, d = s->d, dim = d - 1, c = s->c;
+    float fs = (float)s->scale;
+    double mx = -INFINITY, z = 0.0;
+    for (size_t col = 0; col < c; col++) t->acc[col] = 0.0;
+    for (size_t p0 = 0; p0 < n; p0 += 256) {
+        size_t len = n - p0 < 256 ? n - p0 : 256;
+        float cmx = -INFINITY;
+        for (size_t u = 0; u < len; u++) {
+            const float *r = ks->rows + (p0 + u) * d;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (size_t i = 0; i < dim; i++) dot += q[i] * r[i];
+            t->chunk[u] = fs * dot;
+            cmx = t->chunk[u] > cmx ? t->chunk[u] : cmx;
+        }
+        if (cmx > mx) { /* rescale what is summed to the new maximum */
+            double f = exp(mx - cmx);
+            z *= f;
+            for (size_t col = 0; col < c; col++) t->acc[col] *= f;
+            mx = cmx;
+        }
+        float fm = (float)mx;
+        for (size_t u = 0; u < len; u++) t->chunk[u] = fm - t->chunk[u];
+        kmv__gauss_row_dist(t->chunk, len, 1.0f, NULL); /* exp(l - max) */
+        for (size_t u = 0; u < len; u++) {
+            double e = t->chunk[u];
+            z += e;
+            const float *xr = s->xs + (p0 + u) * c;
+            for (size_t col = 0; col + 1 < c; col++) t->acc[col] += e * xr[col];
+        }
+    }
+    for (size_t col = 0; col + 1 < c; col++) t->est[col] = t->acc[col] / z;
+    t->est[c - 1] = 1.0;
+}
+
+/* The stream's exact row, normalized for attention. */
+static void exact_answer(const kmv_stream *s, const float *q, float inv2s2, step *t) {
+    if (s->attn) attn_exact_row(s, q, t);
+    else exact_row(s, q, inv2s2, t);
+}
+
 /* Exact-row cost in the cost model's units, for the plan's caps. */
 static double row_cost(const kmv_stream *s) {
     return (double)s->ix->ks.n * kmv__cost_window((double)s->d) * (1.0 + 0.1 * (double)(s->c - 1));
@@ -181,7 +228,7 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
         goto answer;
     }
     if (ye != NULL) {
-        exact_row(s, q, inv2s2, &t);
+        exact_answer(s, q, inv2s2, &t);
         memcpy(ye, t.est, c * sizeof(double));
     }
 
@@ -329,8 +376,15 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
         W *= s->sk.scale;
     }
     S.sketch_evals = s->sk.r;
-    /* One row's share of the budget: approx.c's allocation at m = 1. */
-    double bs2 = pa->eps * pa->eps * s->nx2;
+    /* One row's share of the budget: approx.c's allocation at m = 1; for
+     * attention, relative to the row sum found exactly so far (see
+     * kmv_stream_attention_create()). */
+    double lsum = t.sum[c - 1];
+    if (s->attn && !(lsum > 0.0)) {
+        S.fallback_reason = KMV_FALLBACK_SAMPLES;
+        goto exact;
+    }
+    double bs2 = pa->eps * pa->eps * (s->attn ? lsum * lsum : s->nx2);
     double V = bs2 / (1.0 + sqrt(2.0 / delta_s));
     double want = ceil((double)n * W / V);
     if (!(want >= smin)) want = smin;
@@ -361,10 +415,16 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
     for (size_t col = 0; col < c; col++) t.est[col] += t.sum[col];
     S.error_estimate = sqrt(v / s->nx2);
     S.kernel_evals = nc + S.sketch_evals + sn + n_h1;
+    if (s->attn) {
+        double z = t.est[c - 1], e = sqrt(v) / lsum;
+        for (size_t col = 0; col + 1 < c; col++) t.est[col] /= z;
+        t.est[c - 1] = 1.0;
+        S.error_estimate = e < 1.0 ? e * sqrt(s->wmax) / (1.0 - e) : INFINITY;
+    }
     goto answer;
 
 exact:
-    exact_row(s, q, inv2s2, &t);
+    exact_answer(s, q, inv2s2, &t);
     S.mode = pa->exact ? KMV_MODE_EXACT : KMV_MODE_FALLBACK;
     S.rows_exact = 1;
     S.kernel_evals = n;
@@ -380,7 +440,12 @@ answer:
     if (ye != NULL) {
         double e2 = 0.0;
         for (size_t col = 0; col < c; col++) e2 += (t.est[col] - ye[col]) * (t.est[col] - ye[col]);
-        S.error_measured = s->nx2 > 0.0 ? sqrt(e2 / s->nx2) : sqrt(e2);
+        S.error_measured = s->nx2 > 0.0 && !s->attn ? sqrt(e2 / s->nx2) : sqrt(e2);
+    }
+    if (s->attn) { /* the caller's shapes, and the normalized bound */
+        S.dim = d - 1;
+        S.n_cols = c - 1;
+        S.error_bound = pa->eps * sqrt(s->wmax) / (1.0 - pa->eps);
     }
     for (size_t col = 0; col < c; col++) y[col] = (float)t.est[col];
     S.seconds = kmv__now() - t0;

@@ -52,6 +52,9 @@ int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err
     if (err != NULL && err_len > 0) err[0] = '\0';
     if (path == NULL) return kmv__file_error(err, err_len, path, KMV_EINVAL, "path is NULL");
     if (s == NULL) return kmv__file_error(err, err_len, path, KMV_EINVAL, "stream is NULL");
+    if (s->attn)
+        return kmv__file_error(err, err_len, path, KMV_EUNSUPPORTED,
+                               "attention streams cannot be saved in this version");
     const kmv_index *ix = s->ix;
     const kmv_params *p = &ix->params;
     size_t n = ix->ks.n, d = s->d, c = s->c, m = s->m;

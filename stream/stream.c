@@ -43,6 +43,22 @@ int kmv_stream_create(const kmv_ctx *ctx, size_t dim, size_t n_cols, kmv_stream 
     return kmv__stream_new(ctx, &ctx->params, dim, n_cols, out);
 }
 
+int kmv_stream_attention_create(const kmv_ctx *ctx, size_t dim, size_t n_cols, kmv_stream **out) {
+    if (out == NULL) return KMV_EINVAL;
+    *out = NULL;
+    if (ctx == NULL || dim == 0 || n_cols == 0) return KMV_EINVAL;
+    if (n_cols >= INT_MAX || dim >= INT_MAX / 64) return KMV_EOVERFLOW;
+    kmv_params p = ctx->params;
+    double scale = p.attn_scale > 0.0 ? p.attn_scale : 1.0 / sqrt((double)dim);
+    p.sigma = kmv_attention_sigma(scale, dim);
+    p.causal = 0; /* a step sees every key so far */
+    int rc = kmv__stream_new(ctx, &p, dim + 1, n_cols + 1, out);
+    if (rc != KMV_OK) return rc;
+    (*out)->attn = 1;
+    (*out)->scale = scale;
+    return KMV_OK;
+}
+
 void kmv_stream_free(kmv_stream *s) {
     if (s == NULL) return;
     kmv_index *ix = s->ix;
@@ -52,6 +68,7 @@ void kmv_stream_free(kmv_stream *s) {
     kmv__free(a, s->ws);
     kmv__free(a, s->wid);
     kmv__free(a, s->q);
+    kmv__free(a, s->kn2);
     kmv__sketch_free(&s->sk, a);
     pthread_rwlock_destroy(&s->lock);
     kmv__free(a, s);
@@ -117,7 +134,10 @@ int kmv__stream_append_keys(kmv_stream *s, const float *keys, const float *x, si
         return kmv__meter_code(&ix->meter, rc);
     }
     memcpy(s->x + n0 * c, x, count * c * sizeof(float));
-    for (size_t u = 0; u < count; u++) s->nx2 += s->wid[n0 + u];
+    for (size_t u = 0; u < count; u++) {
+        s->nx2 += s->wid[n0 + u];
+        s->wmax = s->wid[n0 + u] > s->wmax ? s->wid[n0 + u] : s->wmax;
+    }
     s->sketch_inserts += added;
     /* The shuffle moved keys only into the block's new positions and out
      * of the positions the block's keys now hold: mirror those. */
@@ -134,14 +154,78 @@ int kmv__stream_append_keys(kmv_stream *s, const float *keys, const float *x, si
 int kmv_stream_append_keys(kmv_stream *s, const float *keys, const float *x, size_t count) {
     if (s == NULL || ((keys == NULL || x == NULL) && count > 0)) return KMV_EINVAL;
     if (count == 0) return KMV_OK;
-    size_t prod;
+    size_t prod, dim = s->d - (size_t)s->attn, nc = s->c - (size_t)s->attn;
     if (count > KMV__KEYS_MAX - s->ix->ks.n) return KMV_EOVERFLOW;
     if (!kmv__mul_size(count, s->d, &prod) || !kmv__mul_size(count, s->c, &prod))
         return KMV_EOVERFLOW;
-    if (kmv_find_nonfinite(keys, count * s->d, NULL) != KMV_OK ||
-        kmv_find_nonfinite(x, count * s->c, NULL) != KMV_OK)
+    if (kmv_find_nonfinite(keys, count * dim, NULL) != KMV_OK ||
+        kmv_find_nonfinite(x, count * nc, NULL) != KMV_OK)
         return KMV_ENONFINITE;
+    if (s->attn) return kmv__stream_attn_append(s, keys, x, count);
     return kmv__stream_append_keys(s, keys, x, count);
+}
+
+static double sq_norm(const float *v, size_t d) {
+    double r = 0.0;
+    for (size_t t = 0; t < d; t++) r += (double)v[t] * v[t]; /* kmv_attention_lift's order */
+    return r;
+}
+
+/* The keys held, lifted again under a raised bound; their tables and
+ * draws described the old geometry. Allocates nothing. */
+static void relift(kmv_stream *s, double bound, size_t n_old) {
+    kmv_index *ix = s->ix;
+    kmv__keystore *ks = &ix->ks;
+    size_t dim = s->d - 1;
+    for (size_t id = 0; id < n_old; id++)
+        ks->rows[(size_t)ks->pos_of[id] * s->d + dim] = (float)sqrt(bound - s->kn2[id]);
+    if (ix->lsh_built) {
+        kmv__lsh_free(&ix->lsh, &ix->alloc);
+        ix->lsh_built = 0;
+    }
+    s->drawn_n = 0;
+    s->decode_refused_n = 0;
+    s->relifts++;
+}
+
+int kmv__stream_attn_append(kmv_stream *s, const float *keys, const float *v, size_t count) {
+    kmv_index *ix = s->ix;
+    const kmv_allocator *a = &ix->alloc;
+    size_t dim = s->d - 1, nc = s->c - 1, n0 = ix->ks.n;
+    kmv__meter_reset(&ix->meter);
+    if (n0 + count > s->kn2cap) {
+        size_t cap = next_cap(s->kn2cap, n0 + count);
+        int rc = grow(a, (void **)&s->kn2, n0, s->kn2cap, cap, sizeof(double));
+        if (rc != KMV_OK) return kmv__meter_code(&ix->meter, rc);
+        s->kn2cap = cap;
+    }
+    double *norms = kmv__malloc_array(a, count, sizeof(double));
+    float *kl = kmv__malloc_array(a, count, s->d * sizeof(float));
+    float *xv = kmv__malloc_array(a, count, s->c * sizeof(float));
+    int rc = KMV_ENOMEM;
+    if (norms && kl && xv) {
+        double bound = s->key_bound;
+        for (size_t u = 0; u < count; u++) {
+            norms[u] = sq_norm(keys + u * dim, dim);
+            bound = norms[u] > bound ? norms[u] : bound;
+        }
+        rc = kmv_attention_lift(keys, count, dim, 1, bound, kl);
+        for (size_t u = 0; u < count && rc == KMV_OK; u++) {
+            memcpy(xv + u * s->c, v + u * nc, nc * sizeof(float));
+            xv[u * s->c + nc] = 1.0f;
+        }
+        /* Only the append can fail; the keys held move after it. */
+        if (rc == KMV_OK) rc = kmv__stream_append_keys(s, kl, xv, count);
+        if (rc == KMV_OK) {
+            memcpy(s->kn2 + n0, norms, count * sizeof(double));
+            if (bound > s->key_bound && n0 > 0) relift(s, bound, n0);
+            s->key_bound = bound;
+        }
+    }
+    kmv__free(a, norms);
+    kmv__free(a, kl);
+    kmv__free(a, xv);
+    return kmv__meter_code(&ix->meter, rc);
 }
 
 int kmv__stream_append_queries(kmv_stream *s, const float *q, size_t count) {
@@ -161,6 +245,7 @@ int kmv__stream_append_queries(kmv_stream *s, const float *q, size_t count) {
 
 int kmv_stream_append_queries(kmv_stream *s, const float *q, size_t count) {
     if (s == NULL || (q == NULL && count > 0)) return KMV_EINVAL;
+    if (s->attn) return KMV_EUNSUPPORTED;
     if (count == 0) return KMV_OK;
     size_t prod;
     if (count > SIZE_MAX / 64 - s->m || !kmv__mul_size(count, s->d, &prod))
@@ -171,6 +256,7 @@ int kmv_stream_append_queries(kmv_stream *s, const float *q, size_t count) {
 
 int kmv_stream_matvec(kmv_stream *s, const float *x_fresh, float *y, kmv_stats *stats) {
     if (s == NULL || (y == NULL && s->m > 0)) return KMV_EINVAL;
+    if (s->attn) return KMV_EUNSUPPORTED;
     if (x_fresh != NULL && kmv_find_nonfinite(x_fresh, s->ix->ks.n * s->c, NULL) != KMV_OK)
         return KMV_ENONFINITE;
     const float *x = x_fresh != NULL ? x_fresh : s->x;
@@ -182,8 +268,26 @@ int kmv_stream_matvec(kmv_stream *s, const float *x_fresh, float *y, kmv_stats *
 
 int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_stats *stats) {
     if (s == NULL || query == NULL || y == NULL) return KMV_EINVAL;
-    if (kmv_find_nonfinite(query, s->d, NULL) != KMV_OK) return KMV_ENONFINITE;
-    return kmv__stream_decode(s, query, y, stats);
+    if (kmv_find_nonfinite(query, s->d - (size_t)s->attn, NULL) != KMV_OK) return KMV_ENONFINITE;
+    if (!s->attn) return kmv__stream_decode(s, query, y, stats);
+    if (s->ix->ks.n == 0) return KMV_EEMPTY; /* a softmax over nothing */
+    /* The lifted query (extra coordinate 0) and the row with its ones
+     * column; steps may run concurrently, so the scratch is the call's. */
+    kmv_index *ix = s->ix;
+    unsigned long r0 = kmv__meter_refusals(&ix->meter);
+    float *ql = kmv__malloc_array(&ix->alloc, s->d, sizeof(float));
+    float *yl = kmv__malloc_array(&ix->alloc, s->c, sizeof(float));
+    int rc = KMV_ENOMEM;
+    if (ql && yl) {
+        memcpy(ql, query, (s->d - 1) * sizeof(float));
+        ql[s->d - 1] = 0.0f;
+        rc = kmv__stream_decode(s, ql, yl, stats);
+        if (rc == KMV_OK) memcpy(y, yl, (s->c - 1) * sizeof(float));
+    }
+    kmv__free(&ix->alloc, ql);
+    kmv__free(&ix->alloc, yl);
+    if (rc == KMV_ENOMEM && kmv__meter_refusals(&ix->meter) != r0) rc = KMV_ELIMIT;
+    return rc;
 }
 
 int kmv_stream_info_get(const kmv_stream *s, kmv_stream_info *info) {
@@ -200,5 +304,12 @@ int kmv_stream_info_get(const kmv_stream *s, kmv_stream_info *info) {
     info->table_builds = ix->table_builds;
     info->sketch_inserts = s->sketch_inserts;
     info->lsh_tables = ix->lsh_built ? ix->lsh.shape.L : 0;
+    if (s->attn) {
+        info->dim = s->d - 1;
+        info->n_cols = s->c - 1;
+        info->attention = 1;
+        info->key_bound = s->key_bound;
+        info->relifts = s->relifts;
+    }
     return KMV_OK;
 }

@@ -31,6 +31,15 @@ struct kmv_stream {
     float *q;
     size_t m, qcap;
     size_t decode_refused_n; /* keys when decode's plan was last refused */
+    /* Attention streams (kmv_stream_attention_create): d and c above are
+     * the lifted dim + 1 and n_cols + 1 (x holds [v, 1]). */
+    int attn;
+    double scale;     /* logit scale s; sigma = 1 / sqrt(s) */
+    double key_bound; /* the lift's alpha: max ||k||^2 so far */
+    double *kn2;      /* kn2cap, id order: ||k||^2 of each key before lifting */
+    size_t kn2cap;
+    double wmax;      /* max ||x_j||^2 = 1 + R^2 */
+    uint64_t relifts;
     /* Decoding steps read under it and write (tables, draws, refusals)
      * under its write side; every other call has the stream to itself. */
     pthread_rwlock_t lock;
@@ -41,7 +50,12 @@ struct kmv_stream {
 int kmv__stream_append_keys(kmv_stream *s, const float *keys, const float *x, size_t count);
 int kmv__stream_append_queries(kmv_stream *s, const float *q, size_t count);
 
-/* kmv_stream_decode() past validation. */
+/* Attention keys (count x (d - 1)) with V (count x (c - 1)), lifted;
+ * kmv_stream_append_keys() past validation. */
+int kmv__stream_attn_append(kmv_stream *s, const float *keys, const float *v, size_t count);
+
+/* kmv_stream_decode() past validation; for an attention stream, q is
+ * lifted and y (c) comes out normalized, with y[c - 1] = 1. */
 int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st);
 
 /* A stream for dim x n_cols under params (already checked). */

@@ -1,0 +1,298 @@
+/* Attention streams (kmv_stream_attention_create): decoding steps of
+ * softmax attention against a growing context, checked against a float64
+ * softmax; the lift's bound rising as longer keys arrive; the relative
+ * guarantee of an approximate step and its exact fallback; block splits;
+ * refused calls and failed appends. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "stream/stream.h"
+#include "tests/datagen.h"
+#include "tests/testutil.h"
+
+#define D 16
+#define C 3
+
+static kmv_ctx *ctx_with(int exact, int measure, kmv_allocator *a) {
+    kmv_params p;
+    kmv_params_init(&p);
+    p.exact = exact;
+    p.measure_error = measure;
+    p.seed = 17;
+    p.n_threads = 1;
+    if (a != NULL) p.allocator = *a;
+    kmv_ctx *ctx;
+    assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
+    return ctx;
+}
+
+/* Clustered points on the sphere of radius r: self-attention where a
+ * query's cluster mates dominate its row. */
+static void sphere(float *k, size_t n, float *q, size_t m, double r, uint64_t seed) {
+    dg_clustered(k, n, q, m, D, 16, 1.0, seed);
+    float *rows[2] = {k, q};
+    size_t cnt[2] = {n, m};
+    for (int w = 0; w < 2; w++)
+        for (size_t i = 0; i < cnt[w]; i++) {
+            double s = 0.0;
+            for (size_t t = 0; t < D; t++) s += (double)rows[w][i * D + t] * rows[w][i * D + t];
+            for (size_t t = 0; t < D; t++) rows[w][i * D + t] = (float)(rows[w][i * D + t] * r / sqrt(s));
+        }
+}
+
+static double ref_err(const float *out, const float *q, const float *k, size_t n, const float *v) {
+    double o[C], oa[C], e2 = 0.0;
+    tu_ref_attn(q, 1, k, n, D, v, C, 1.0 / sqrt((double)D), 0, o, oa);
+    for (int col = 0; col < C; col++) e2 += (out[col] - o[col]) * (out[col] - o[col]);
+    return sqrt(e2);
+}
+
+/* Keys arrive in blocks of uneven sizes, some longer than any before (the
+ * bound rises and the keys held are lifted again); every step matches the
+ * float64 softmax. */
+static void exact_steps_as_keys_grow(void **state) {
+    (void)state;
+    const size_t n = 700;
+    float *k = tu_random(n * D, 3, 1.0f), *q = tu_random(40 * D, 4, 1.0f), *v = tu_random(n * C, 5, 2.0f);
+    for (size_t j = 0; j < n; j++) /* norms that set records now and then */
+        for (size_t t = 0; t < D; t++) k[j * D + t] *= (float)(1.0 + 3.0 * (double)(j % 97) / 97.0 + (double)j / 200.0);
+    kmv_ctx *ctx = ctx_with(0, 0, NULL);
+    kmv_stream *s;
+    assert_int_equal(kmv_stream_attention_create(ctx, D, C, &s), KMV_OK);
+    float out[C];
+    assert_int_equal(kmv_stream_decode(s, q, out, NULL), KMV_EEMPTY);
+    const size_t blocks[] = {1, 7, 50, 1, 1, 141, 300, 199};
+    size_t at = 0, qi = 0;
+    for (size_t b = 0; b < sizeof blocks / sizeof *blocks; b++) {
+        assert_int_equal(kmv_stream_append_keys(s, k + at * D, v + at * C, blocks[b]), KMV_OK);
+        at += blocks[b];
+        for (int u = 0; u < 5; u++, qi = (qi + 1) % 40) {
+            kmv_stats st;
+            assert_int_equal(kmv_stream_decode(s, q + qi * D, out, &st), KMV_OK);
+            assert_int_equal(st.n_cols, C);
+            assert_int_equal(st.dim, D);
+            assert_true(ref_err(out, q + qi * D, k, at, v) < 2e-5);
+        }
+    }
+    kmv_stream_info info;
+    assert_int_equal(kmv_stream_info_get(s, &info), KMV_OK);
+    assert_int_equal(info.attention, 1);
+    assert_int_equal(info.n_keys, n);
+    assert_int_equal(info.dim, D);
+    assert_int_equal(info.n_cols, C);
+    assert_true(info.relifts >= 3);
+    assert_true(info.key_bound == kmv_max_sq_norm(k, n, D));
+    kmv_stream_free(s);
+    kmv_ctx_free(ctx);
+    free(k);
+    free(q);
+    free(v);
+}
+
+/* With the approximate path forced, each step's normalized error is
+ * within the bound it reports (probability 1 - delta each: a few misses
+ * are allowed), and the steps that could not meet it ran exact. */
+static void approximate_steps_within_bound(void **state) {
+    (void)state;
+    const size_t n = 8192, m = 60;
+    float *k = malloc(n * D * sizeof(float)), *q = malloc(m * D * sizeof(float));
+    float *v = malloc(n * C * sizeof(float));
+    sphere(k, n, q, m, 4.0, 21);
+    dg_x(v, n * C, DG_X_GAUSS, 22);
+    kmv_ctx *ctx = ctx_with(0, 1, NULL);
+    kmv_stream *s;
+    assert_int_equal(kmv_stream_attention_create(ctx, D, C, &s), KMV_OK);
+    s->ix->force_approx = 1;
+    assert_int_equal(kmv_stream_append_keys(s, k, v, n), KMV_OK);
+    int approx = 0, misses = 0;
+    double worst = 0.0, bound = 0.0;
+    for (size_t i = 0; i < m; i++) {
+        float out[C];
+        kmv_stats st;
+        assert_int_equal(kmv_stream_decode(s, q + i * D, out, &st), KMV_OK);
+        double err = ref_err(out, q + i * D, k, n, v);
+        assert_true(fabs(err - st.error_measured) < 1e-5 + 1e-3 * err);
+        if (st.mode == KMV_MODE_APPROX) {
+            approx++;
+            assert_true(st.samples > 0 && st.heavy_pairs > 0);
+            misses += err > st.error_bound;
+            worst = err > worst ? err : worst;
+            bound = st.error_bound;
+        } else {
+            assert_int_equal(st.mode, KMV_MODE_FALLBACK);
+            assert_true(err < 2e-5);
+        }
+    }
+    print_message("%d of %zu steps approximate, %d beyond their bound; worst error %.2e, bound %.2e\n",
+                  approx, m, misses, worst, bound);
+    assert_true(approx >= (int)m / 2);
+    assert_true(misses <= 2);
+    kmv_stream_free(s);
+    kmv_ctx_free(ctx);
+    free(k);
+    free(q);
+    free(v);
+}
+
+/* A long query orthogonal to every key: attention spreads evenly, and
+ * the lifted kernel row is about exp(-s (||q||^2 + alpha) / 2), far below
+ * the heavy threshold, so no heavy key carries the row, a sample cannot
+ * meet the relative budget, and the step is exact. */
+static void spread_attention_runs_exact(void **state) {
+    (void)state;
+    const size_t n = 4096;
+    float *k = tu_random(n * D, 8, 1.0f), *q = tu_random(D, 9, 1.0f), *v = tu_random(n * C, 10, 1.0f);
+    for (size_t j = 0; j < n; j++)
+        for (size_t t = D / 2; t < D; t++) k[j * D + t] = 0.0f;
+    for (size_t t = 0; t < D / 2; t++) q[t] = 0.0f;
+    for (size_t t = D / 2; t < D; t++) q[t] *= 10.0f;
+    kmv_ctx *ctx = ctx_with(0, 0, NULL);
+    kmv_stream *s;
+    assert_int_equal(kmv_stream_attention_create(ctx, D, C, &s), KMV_OK);
+    s->ix->force_approx = 1;
+    assert_int_equal(kmv_stream_append_keys(s, k, v, n), KMV_OK);
+    float out[C];
+    kmv_stats st;
+    assert_int_equal(kmv_stream_decode(s, q, out, &st), KMV_OK);
+    assert_int_equal(st.mode, KMV_MODE_FALLBACK);
+    assert_true(ref_err(out, q, k, n, v) < 2e-5);
+    kmv_stream_free(s);
+    kmv_ctx_free(ctx);
+    free(k);
+    free(q);
+    free(v);
+}
+
+/* One block or many (with the bound rising in between): the same steps,
+ * bit for bit. */
+static void blocks_do_not_matter(void **state) {
+    (void)state;
+    const size_t n = 4096, m = 8;
+    float *k = malloc(n * D * sizeof(float)), *q = malloc(m * D * sizeof(float));
+    float *v = malloc(n * C * sizeof(float));
+    sphere(k, n, q, m, 4.0, 31);
+    for (size_t j = 0; j < n; j += 500) /* records along the way */
+        for (size_t t = 0; t < D; t++) k[j * D + t] *= (float)(1.0 + (double)j / 2000.0);
+    dg_x(v, n * C, DG_X_GAUSS, 32);
+    kmv_ctx *ctx = ctx_with(0, 0, NULL);
+    kmv_stream *one, *many;
+    assert_int_equal(kmv_stream_attention_create(ctx, D, C, &one), KMV_OK);
+    assert_int_equal(kmv_stream_attention_create(ctx, D, C, &many), KMV_OK);
+    one->ix->force_approx = many->ix->force_approx = 1;
+    assert_int_equal(kmv_stream_append_keys(one, k, v, n), KMV_OK);
+    for (size_t at = 0, b = 1; at < n; b = b * 3 + 1) {
+        size_t cnt = n - at < b ? n - at : b;
+        assert_int_equal(kmv_stream_append_keys(many, k + at * D, v + at * C, cnt), KMV_OK);
+        at += cnt;
+    }
+    kmv_stream_info info;
+    assert_int_equal(kmv_stream_info_get(many, &info), KMV_OK);
+    assert_true(info.relifts >= 2);
+    for (size_t i = 0; i < m; i++) {
+        float a[C], b[C];
+        kmv_stats sa, sb;
+        assert_int_equal(kmv_stream_decode(one, q + i * D, a, &sa), KMV_OK);
+        assert_int_equal(kmv_stream_decode(many, q + i * D, b, &sb), KMV_OK);
+        assert_memory_equal(a, b, sizeof a);
+        assert_int_equal(sa.mode, sb.mode);
+    }
+    kmv_stream_free(one);
+    kmv_stream_free(many);
+    kmv_ctx_free(ctx);
+    free(k);
+    free(q);
+    free(v);
+}
+
+/* What an attention stream refuses, with the code kmv.h names. */
+static void refusals(void **state) {
+    (void)state;
+    kmv_ctx *ctx = ctx_with(0, 0, NULL);
+    kmv_stream *s;
+    assert_int_equal(kmv_stream_attention_create(ctx, 0, C, &s), KMV_EINVAL);
+    assert_null(s);
+    assert_int_equal(kmv_stream_attention_create(ctx, D, 0, &s), KMV_EINVAL);
+    assert_int_equal(kmv_stream_attention_create(NULL, D, C, &s), KMV_EINVAL);
+    assert_int_equal(kmv_stream_attention_create(ctx, D, C, &s), KMV_OK);
+    float k[D] = {1}, v[C] = {1}, y[C] = {5, 5, 5};
+    assert_int_equal(kmv_stream_append_keys(s, k, v, 1), KMV_OK);
+    assert_int_equal(kmv_stream_append_queries(s, k, 1), KMV_EUNSUPPORTED);
+    assert_int_equal(kmv_stream_matvec(s, NULL, y, NULL), KMV_EUNSUPPORTED);
+    char err[256];
+    assert_int_equal(kmv_stream_save(s, "/tmp/kmv-attn-never", err, sizeof err), KMV_EUNSUPPORTED);
+    assert_non_null(strstr(err, "attention"));
+    k[3] = NAN;
+    assert_int_equal(kmv_stream_append_keys(s, k, v, 1), KMV_ENONFINITE);
+    assert_int_equal(kmv_stream_decode(s, k, y, NULL), KMV_ENONFINITE);
+    assert_true(y[0] == 5.0f);
+    k[3] = 0.0f;
+    v[1] = INFINITY;
+    assert_int_equal(kmv_stream_append_keys(s, k, v, 1), KMV_ENONFINITE);
+    kmv_stream_info info;
+    assert_int_equal(kmv_stream_info_get(s, &info), KMV_OK);
+    assert_int_equal(info.n_keys, 1);
+    kmv_stream_free(s);
+    kmv_ctx_free(ctx);
+}
+
+/* Every allocation of an append that raises the bound fails in turn: the
+ * stream is left as it was (keys, bound, answers), and nothing leaks. */
+static void failed_appends_change_nothing(void **state) {
+    (void)state;
+    const size_t n = 300;
+    float *k = tu_random(n * D, 41, 1.0f), *v = tu_random(n * C, 42, 1.0f), *q = tu_random(D, 43, 1.0f);
+    for (size_t t = 0; t < D; t++) k[(n - 1) * D + t] *= 5.0f; /* the last block sets a record */
+    tu_alloc_state as = {0, 0, 0};
+    kmv_allocator a = tu_allocator(&as);
+    kmv_ctx *ctx = ctx_with(0, 0, &a);
+    kmv_stream *s;
+    assert_int_equal(kmv_stream_attention_create(ctx, D, C, &s), KMV_OK);
+    assert_int_equal(kmv_stream_append_keys(s, k, v, n - 50), KMV_OK);
+    float before[C], after[C];
+    assert_int_equal(kmv_stream_decode(s, q, before, NULL), KMV_OK);
+    kmv_stream_info i0, i1;
+    assert_int_equal(kmv_stream_info_get(s, &i0), KMV_OK);
+    int failures = 0;
+    for (long f = 1;; f++) {
+        as.calls = 0;
+        as.fail_at = f;
+        int rc = kmv_stream_append_keys(s, k + (n - 50) * D, v + (n - 50) * C, 50);
+        as.fail_at = 0;
+        if (rc == KMV_OK) break;
+        failures++;
+        assert_int_equal(rc, KMV_ENOMEM);
+        assert_int_equal(kmv_stream_info_get(s, &i1), KMV_OK);
+        assert_int_equal(i1.n_keys, i0.n_keys);
+        assert_true(i1.key_bound == i0.key_bound);
+        assert_int_equal(i1.relifts, i0.relifts);
+        assert_int_equal(kmv_stream_decode(s, q, after, NULL), KMV_OK);
+        assert_memory_equal(before, after, sizeof before);
+    }
+    assert_true(failures >= 3);
+    assert_int_equal(kmv_stream_info_get(s, &i1), KMV_OK);
+    assert_int_equal(i1.relifts, i0.relifts + 1);
+    assert_int_equal(kmv_stream_decode(s, q, after, NULL), KMV_OK);
+    assert_true(ref_err(after, q, k, n, v) < 2e-5);
+    kmv_stream_free(s);
+    kmv_ctx_free(ctx);
+    assert_int_equal(as.live, 0);
+    free(k);
+    free(v);
+    free(q);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(exact_steps_as_keys_grow),
+        cmocka_unit_test(approximate_steps_within_bound),
+        cmocka_unit_test(spread_attention_runs_exact),
+        cmocka_unit_test(blocks_do_not_matter),
+        cmocka_unit_test(refusals),
+        cmocka_unit_test(failed_appends_change_nothing),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
