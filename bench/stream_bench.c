@@ -153,6 +153,51 @@ static void decoding(const char *name, const float *k, size_t n, const float *qs
     kmv_ctx_free(ce);
 }
 
+/* Attention decoding steps: `steps` queries (rows of k: self-attention,
+ * as the paper's appendix A.1.4 runs GloVe) against n keys with one
+ * value column, an attention stream at eps = 0.1 against one under
+ * params.exact. */
+static void attention_decoding(const char *name, const float *k, size_t n, size_t steps, size_t d,
+                               const float *v) {
+    kmv_params p;
+    kmv_params_init(&p);
+    p.eps = 0.1;
+    kmv_ctx *ca, *ce;
+    check(kmv_ctx_create(&p, &ca), "ctx");
+    p.exact = 1;
+    check(kmv_ctx_create(&p, &ce), "ctx");
+    kmv_stream *sa, *se;
+    check(kmv_stream_attention_create(ca, d, 1, &sa), "create");
+    check(kmv_stream_attention_create(ce, d, 1, &se), "create");
+    check(kmv_stream_append_keys(sa, k, v, n), "append");
+    check(kmv_stream_append_keys(se, k, v, n), "append");
+    float y, ye;
+    kmv_stats st;
+    check(kmv_stream_decode(sa, k, &y, &st), "decode"); /* builds the tables */
+    double ta = 0.0, te = 0.0, worst = 0.0, bound = 0.0;
+    int approx = 0;
+    for (size_t i = 0; i < steps; i++) {
+        const float *q = k + ((i * 7919) % n) * d;
+        double t0 = now();
+        check(kmv_stream_decode(sa, q, &y, &st), "decode");
+        double t1 = now();
+        check(kmv_stream_decode(se, q, &ye, NULL), "decode");
+        double t2 = now();
+        ta += t1 - t0;
+        te += t2 - t1;
+        approx += st.mode == KMV_MODE_APPROX;
+        double e = fabs((double)y - ye);
+        worst = e > worst ? e : worst;
+        bound = st.error_bound;
+    }
+    printf("%s,%zu,%zu,%.1f,%.1f,%.2f,%.5f,%.3f,%d/%zu\n", name, n, d, 1e6 * ta / (double)steps,
+           1e6 * te / (double)steps, te / ta, worst, bound, approx, steps);
+    kmv_stream_free(sa);
+    kmv_stream_free(se);
+    kmv_ctx_free(ca);
+    kmv_ctx_free(ce);
+}
+
 static void streamed_vs_batch(void) {
     const size_t n = 16384, d = 100, blocks = 64;
     float *k = malloc(n * d * sizeof(float)), *q = malloc(n * d * sizeof(float));
@@ -244,6 +289,11 @@ int main(int argc, char **argv) {
         size_t extra = g.rows - n;
         const float *qs = extra >= steps ? g.data + n * g.cols : g.data;
         decoding("glove", g.data, n, qs, steps, g.cols, 0.5, x);
+        printf("# attention decoding steps, eps = 0.1: queries are keys (self-attention, as in the\n"
+               "# paper's appendix A.1.4), one value column; error |out - exact|, bound from the stats\n");
+        printf("data,n,d,approx_us,exact_us,speedup,worst_err,bound,approx_steps\n");
+        for (size_t an = 4096; an <= n; an *= 4)
+            attention_decoding("glove", g.data, an, steps, g.cols, x);
         free(x);
         kmv_array_free(&g);
     } else {

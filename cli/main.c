@@ -18,6 +18,8 @@ static void usage(FILE *f) {
             "  attention   D^-1 A V with A_ij = exp(<q_i, k_j> / sqrt(d))\n"
             "  prefix      Assumption A statistics and approximate vs exact Kx over\n"
             "              growing prefixes, from one stream (CSV, optional plot)\n"
+            "  decode      run a llama2.c model token by token with kmv attention\n"
+            "              streams; compare against exact attention\n"
             "  demo        run both on the GloVe sample shipped with kmv\n"
             "\n"
             "kmv COMMAND --help describes a command; kmv --version prints the version.\n");
@@ -40,6 +42,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "matvec") == 0) return cmd_matvec(argc - 2, argv + 2);
     if (strcmp(cmd, "attention") == 0) return cmd_attention(argc - 2, argv + 2);
     if (strcmp(cmd, "prefix") == 0) return cmd_prefix(argc - 2, argv + 2);
+    if (strcmp(cmd, "decode") == 0) return cmd_decode(argc - 2, argv + 2);
     if (strcmp(cmd, "demo") == 0) return cmd_demo(argc - 2, argv + 2, argv[0]);
     fprintf(stderr, "kmv: unknown command '%s'\n\n", cmd);
     usage(stderr);

@@ -107,7 +107,7 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
         if (op == OP_ATTN) return KMV_EUNSUPPORTED;
         /* Too small to gain: no index built just to fall back; the exact
          * path below runs and the stats say why. */
-        if ((double)m * (double)n >= KMV__APPROX_MIN_ENTRIES)
+        if ((double)m * (double)n >= KMV__APPROX_MIN_ENTRIES || pa->force_approx)
             return approx_once(ctx, q, m, k, n, d, x, c, y, stats, t0);
     }
 

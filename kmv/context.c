@@ -39,6 +39,7 @@ int kmv_params_check(const kmv_params *p) {
     if (p->sketch_size < 16 || p->sketch_size > 65536) return KMV_EINVAL;
     if (p->min_samples < 8 || p->min_samples > 65536) return KMV_EINVAL;
     if (p->n_threads < 0) return KMV_EINVAL;
+    if (p->force_approx != 0 && p->force_approx != 1) return KMV_EINVAL;
     if ((p->allocator.alloc == NULL) != (p->allocator.free == NULL)) return KMV_EINVAL;
     return KMV_OK;
 }

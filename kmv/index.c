@@ -16,6 +16,7 @@ int kmv_index_create(const kmv_ctx *ctx, size_t dim, kmv_index **out) {
     if (ix == NULL) return KMV_ENOMEM;
     memset(ix, 0, sizeof *ix);
     ix->params = ctx->params;
+    ix->force_approx = ctx->params.force_approx;
     kmv__meter_init(&ix->meter, &ctx->alloc, ctx->params.max_bytes);
     ix->alloc = kmv__meter_allocator(&ix->meter);
     ix->d = dim;

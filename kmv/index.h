@@ -27,9 +27,10 @@ struct kmv_index {
     uint64_t keys_hashed;   /* keys projected into the LSH tables */
     uint64_t table_inserts; /* (key, table) inserts */
     uint64_t table_builds;  /* times the tables were planned and filled */
-    int force_approx;   /* tests only: skip every cost-model fallback, so
-                           the approximate path's guarantee can be measured
-                           on inputs where exact would be cheaper */
+    int force_approx;   /* params.force_approx (tests set it directly):
+                           skip every cost-model fallback, so the
+                           approximate path's guarantee can be measured on
+                           inputs where exact would be cheaper */
 };
 
 /* Below this many kernel entries (about 10 ms of exact work) planning and

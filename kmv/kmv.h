@@ -144,6 +144,12 @@ typedef struct kmv_params {
                           Default 0.                                        */
     int exact;         /* nonzero: always run the exact engine. Default 0,
                           which asks for the approximate engine.            */
+    int force_approx;  /* 1: skip the cost model's fallbacks to exact
+                          (inputs too small to gain, plans costing more
+                          than the exact product), so the approximate
+                          path runs and its behaviour can be measured
+                          where exact would be cheaper; the guarantee is
+                          unchanged. For experiments. 0 or 1; default 0.   */
     double eps;        /* target error: ||Kx - y||_2 <= eps ||x||_2.
                           In (0, 1). Default 0.1.                           */
     double delta;      /* failure probability of that bound, in (0, 1).

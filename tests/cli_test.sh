@@ -175,5 +175,36 @@ out=$($KMV demo --threads 2 2>&1)
 if grep -Eq "^ +65536 +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+x " <<<"$out"; then ok; else bad "demo lacks the stream's 65536 row: $out"; fi
 if awk '/worst \|y - exact\|/ {found = 1; v = $(NF - 2); if (!(v <= 0.1)) exit 1} END {exit !found}' <<<"$out"; then ok; else bad "demo stream error above eps: $out"; fi
 
+# kmv decode on the shipped stories260K. The exact path reproduces the
+# model's own greedy output: these are the first words llama2.c's run.c
+# prints for this checkpoint and prompt at temperature 0 (its README).
+M=(--model "${STORIES:-data/stories260K}/stories260K.bin" --tokenizer "${STORIES:-data/stories260K}/tok512.bin")
+out=$($KMV decode "${M[@]}" --prompt "Once upon a time" --steps 60 --exact 2>/dev/null)
+if [[ "$out" == "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball."* ]]; then ok; else bad "decode greedy output differs: $out"; fi
+# Both modes in one run: the comparison is reported (contexts this short
+# run exact, so the two agree everywhere).
+expect 0 "top-1 agreement with exact 1.0000, mean KL.* 0 nats" -- $KMV decode "${M[@]}" --prompt "Once upon a time" --steps 40
+printf 'The cat sat on the mat. It was a sunny day and the cat was happy.\n' > "$T/story.txt"
+expect 0 "[0-9]+ positions; exact attention: [0-9.]+% of forward time, mean log-loss [0-9.]+" -- $KMV decode "${M[@]}" --text-file "$T/story.txt" --exact
+expect 0 "steps approximate" -- $KMV decode "${M[@]}" --text-file "$T/story.txt" --force-approx --eps 0.3
+# --dump-qk: a ZIP of .npy files, q/k/v per layer, positions x heads x head size.
+expect 0 "" -- $KMV decode "${M[@]}" --prompt "Once upon a time" --steps 30 --exact --dump-qk "$T/qk.npz"
+if [ "$(head -c 4 "$T/qk.npz" | od -An -tx1 | tr -d ' ')" = 504b0304 ] &&
+    grep -aq "q_4.npy" "$T/qk.npz" && grep -aq "'shape': (30, 8, 8)" "$T/qk.npz" &&
+    grep -aq "'shape': (30, 4, 8)" "$T/qk.npz"; then ok; else bad "qk.npz is not the expected archive"; fi
+if command -v python3 >/dev/null; then
+    if python3 -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); sys.exit(z.testzip() is not None or len(z.namelist()) != 15)" "$T/qk.npz"; then ok; else bad "qk.npz fails zipfile's CRC check"; fi
+fi
+expect 1 "no tokens to dump|cannot" -- $KMV decode "${M[@]}" --prompt "a" --steps 1 --exact --dump-qk "$T/nodir/qk.npz"
+absent "$T/nodir/qk.npz"
+expect 2 "exactly one of --prompt and --text-file" -- $KMV decode "${M[@]}" --prompt a --text-file "$T/story.txt"
+expect 2 "steps must be >= 1" -- $KMV decode "${M[@]}" --prompt a --steps 0
+expect 1 "nope.bin: cannot open" -- $KMV decode --model "$T/nope.bin" --tokenizer "${STORIES:-data/stories260K}/tok512.bin" --prompt a
+head -c 100000 "${STORIES:-data/stories260K}/stories260K.bin" > "$T/short.bin"
+expect 1 "short.bin: 100000 bytes, but its header describes 1056540" -- $KMV decode --model "$T/short.bin" --tokenizer "${STORIES:-data/stories260K}/tok512.bin" --prompt a
+head -c 3000 "${STORIES:-data/stories260K}/tok512.bin" > "$T/tok.bin"
+expect 1 "tok.bin: token [0-9]+: truncated" -- $KMV decode "${M[0]}" "${M[1]}" --tokenizer "$T/tok.bin" --prompt a
+expect 1 "story.txt: not a llama2.c checkpoint|story.txt: [0-9]+ bytes, but" -- $KMV decode --model "$T/story.txt" --tokenizer "${STORIES:-data/stories260K}/tok512.bin" --prompt a
+
 echo "$pass passed, $failn failed"
 [ "$failn" -eq 0 ]

@@ -1,0 +1,65 @@
+/* A runner for llama2.c checkpoints (Karpathy's format: a 7-int header,
+ * then float32 weights), whose attention goes through kmv: one attention
+ * stream (kmv_stream_attention_create) per layer and key/value head. Each
+ * token appends its key and value to its streams and asks the decoding
+ * step for every query head's output. Uses only the public kmv.h.
+ *
+ * The forward pass follows llama2.c's run.c: RMSNorm, rotary position
+ * embedding on q and k, grouped-query attention, SwiGLU feed-forward, a
+ * classifier shared with the embedding unless the header's vocab_size is
+ * negative. */
+#ifndef KMV_LLAMA_H
+#define KMV_LLAMA_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+#include "kmv/kmv.h"
+
+typedef struct llm_config {
+    int dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len;
+} llm_config;
+
+typedef struct llm_model llm_model;
+
+/* Read a checkpoint. Every header field is checked against the file's
+ * size before any weight is used: a truncated, padded or foreign file is a
+ * clear error in err. Returns KMV_OK, KMV_EIO, KMV_EFORMAT or KMV_ENOMEM. */
+int llm_load(const char *path, llm_model **out, char *err, size_t err_len);
+void llm_free(llm_model *m);
+const llm_config *llm_config_of(const llm_model *m);
+
+/* One decoding session: the model's activations and its kmv streams,
+ * under ctx's params (params.exact for exact attention; the attention
+ * scale is set to 1/sqrt(head size) here). */
+typedef struct llm_session llm_session;
+
+int llm_session_create(const llm_model *m, const kmv_ctx *ctx, llm_session **out);
+void llm_session_free(llm_session *s);
+
+/* Logits (vocab_size) for token at position pos = the number of tokens
+ * fed before it. Errors: KMV_EINVAL (token out of range, pos not the next
+ * position or past seq_len) or what the streams return. */
+int llm_forward(llm_session *s, int token, const float **logits);
+
+/* Seconds spent in attention (the streams' appends and decoding steps) so
+ * far, and in the whole forward passes. */
+double llm_attention_seconds(const llm_session *s);
+double llm_forward_seconds(const llm_session *s);
+
+/* Every decoding step's stats, summed: steps, approximate steps, and the
+ * largest error bound reported. */
+typedef struct llm_attn_stats {
+    size_t steps, approx_steps;
+    size_t exact_why[8]; /* steps run exact, by kmv_fallback reason */
+    double worst_bound;
+} llm_attn_stats;
+llm_attn_stats llm_attention_stats(const llm_session *s);
+
+/* Per layer and head, the rotated q and k and the v of every token fed:
+ * [pos][head][head size], for --dump-qk. NULL before the first token. */
+const float *llm_dump_q(const llm_session *s, int layer);
+const float *llm_dump_k(const llm_session *s, int layer);
+const float *llm_dump_v(const llm_session *s, int layer);
+
+#endif /* KMV_LLAMA_H */

@@ -1,0 +1,136 @@
+/* The llama2.c runner's parts: the tokenizer's encode/decode round trip
+ * (byte fallback included), and the checkpoint loader's refusals. The
+ * forward pass is pinned end to end by cli_test (the model's own greedy
+ * output). */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "llama/llama.h"
+#include "llama/tokenizer.h"
+
+#define MODEL "data/stories260K/stories260K.bin"
+#define TOK "data/stories260K/tok512.bin"
+
+static void round_trip(void **state) {
+    (void)state;
+    llm_tokenizer *t;
+    char err[256];
+    assert_int_equal(llm_tokenizer_load(TOK, 512, &t, err, sizeof err), KMV_OK);
+    const char *texts[] = {"Once upon a time", "The cat sat on the mat.", "a", "  two  spaces",
+                           "naïve café — 東京 🙂", "Lily's mom said, \"Lily, let's go!\"\n"};
+    for (size_t u = 0; u < sizeof texts / sizeof *texts; u++) {
+        int *tok;
+        size_t n;
+        assert_int_equal(llm_encode(t, texts[u], 1, &tok, &n), KMV_OK);
+        assert_true(n >= 2);
+        assert_int_equal(tok[0], 1); /* BOS */
+        char out[256] = "";
+        for (size_t i = 1; i < n; i++) {
+            assert_true(tok[i] >= 0 && tok[i] < 512);
+            strcat(out, llm_decode(t, tok[i - 1], tok[i]));
+        }
+        assert_string_equal(out, texts[u]);
+        /* Merges happened: fewer tokens than bytes for plain English. */
+        if (u < 2) assert_true(n < strlen(texts[u]));
+        free(tok);
+    }
+    llm_tokenizer_free(t);
+}
+
+static void write_bytes(const char *path, const unsigned char *b, size_t n) {
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(b, 1, n, f), n);
+    fclose(f);
+}
+
+static void loader_refusals(void **state) {
+    (void)state;
+    FILE *f = fopen(MODEL, "rb");
+    assert_non_null(f);
+    unsigned char *b = malloc(1 << 21);
+    size_t n = fread(b, 1, 1 << 21, f);
+    fclose(f);
+    char path[256], err[512];
+    snprintf(path, sizeof path, "%s/m.bin", getenv("TEST_TMPDIR") ? getenv("TEST_TMPDIR") : "/tmp");
+    llm_model *m;
+    /* The real one loads, with the header README names. */
+    assert_int_equal(llm_load(MODEL, &m, err, sizeof err), KMV_OK);
+    const llm_config *c = llm_config_of(m);
+    assert_int_equal(c->dim, 64);
+    assert_int_equal(c->n_layers, 5);
+    assert_int_equal(c->n_heads, 8);
+    assert_int_equal(c->n_kv_heads, 4);
+    assert_int_equal(c->vocab_size, 512);
+    assert_int_equal(c->seq_len, 512);
+    llm_free(m);
+    /* Truncated, padded. */
+    write_bytes(path, b, n - 4);
+    assert_int_equal(llm_load(path, &m, err, sizeof err), KMV_EFORMAT);
+    assert_non_null(strstr(err, "truncated or not a checkpoint"));
+    assert_null(m);
+    unsigned char *pad = malloc(n + 4);
+    memcpy(pad, b, n);
+    memset(pad + n, 0, 4);
+    write_bytes(path, pad, n + 4);
+    assert_int_equal(llm_load(path, &m, err, sizeof err), KMV_EFORMAT);
+    free(pad);
+    /* Heads that do not divide the width. */
+    int32_t h7 = 7;
+    memcpy(b + 12, &h7, 4);
+    write_bytes(path, b, n);
+    assert_int_equal(llm_load(path, &m, err, sizeof err), KMV_EFORMAT);
+    assert_non_null(strstr(err, "not a llama2.c checkpoint"));
+    int32_t h8 = 8;
+    memcpy(b + 12, &h8, 4);
+    /* A NaN weight. */
+    float nan = NAN;
+    memcpy(b + 28 + 400, &nan, 4);
+    write_bytes(path, b, n);
+    assert_int_equal(llm_load(path, &m, err, sizeof err), KMV_EFORMAT);
+    assert_non_null(strstr(err, "NaN"));
+    assert_int_equal(llm_load("/nonexistent/m.bin", &m, err, sizeof err), KMV_EIO);
+    free(b);
+}
+
+static void forward_refusals(void **state) {
+    (void)state;
+    llm_model *m;
+    char err[256];
+    assert_int_equal(llm_load(MODEL, &m, err, sizeof err), KMV_OK);
+    kmv_params p;
+    kmv_params_init(&p);
+    p.exact = 1;
+    kmv_ctx *ctx;
+    assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
+    llm_session *s;
+    assert_int_equal(llm_session_create(m, ctx, &s), KMV_OK);
+    const float *lg;
+    assert_int_equal(llm_forward(s, -1, &lg), KMV_EINVAL);
+    assert_int_equal(llm_forward(s, 512, &lg), KMV_EINVAL);
+    for (int pos = 0; pos < 512; pos++) assert_int_equal(llm_forward(s, 1 + pos % 300, &lg), KMV_OK);
+    assert_int_equal(llm_forward(s, 1, &lg), KMV_EINVAL); /* past seq_len */
+    llm_attn_stats as = llm_attention_stats(s);
+    assert_int_equal(as.steps, (size_t)512 * 5 * 8);
+    assert_int_equal(as.approx_steps, 0);
+    llm_session_free(s);
+    kmv_ctx_free(ctx);
+    llm_free(m);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(round_trip),
+        cmocka_unit_test(loader_refusals),
+        cmocka_unit_test(forward_refusals),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
