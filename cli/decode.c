@@ -28,8 +28,10 @@ static int argmax(const float *v, int n) {
 
 /* log softmax of v into out (double). */
 static void log_softmax(const float *v, int n, double *out) {
-    double mx = v[argmax(v, n)], z = 0.0;
-    for (int i = 0; i < n; i++) z += exp((double)v[i] - mx);
+    int b = argmax(v, n);
+    double mx = v[b], z = 1.0; /* the maximum's own term */
+    for (int i = 0; i < n; i++)
+        if (i != b) z += exp((double)v[i] - mx);
     double lz = mx + log(z);
     for (int i = 0; i < n; i++) out[i] = (double)v[i] - lz;
 }
