@@ -216,11 +216,6 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
                    : kmv_matvec(ctx, Q.data, Q.rows, K.data, K.rows, K.cols, X.data, X.cols, y,
                                 &st);
     }
-    if (err == KMV_EUNSUPPORTED && !p.exact) {
-        fprintf(stderr, "kmv %s: the approximate engine of kmv %s does not do attention; pass --exact\n",
-                cmd, kmv_version_string());
-        goto done;
-    }
     if (err == KMV_EOVERFLOW && attn) {
         fprintf(stderr,
                 "kmv %s: logits could exceed float32's range (max |q| max |k| scale above "

@@ -7,27 +7,12 @@
 #include <string.h>
 
 #include "kmv/alloc.h"
+#include "kmv/attention.h"
 #include "kmv/context.h"
 #include "kmv/exact.h"
 #include "kmv/index.h"
 #include "kmv/timer.h"
 
-int kmv_find_nonfinite(const float *data, size_t count, size_t *where) {
-    if (count == 0) return KMV_OK;
-    /* A branch-free scan first: inputs are almost always clean, and the
-     * position is only needed when they are not. */
-    int bad = 0;
-#pragma omp simd reduction(| : bad)
-    for (size_t i = 0; i < count; i++) bad |= !isfinite(data[i]);
-    if (!bad) return KMV_OK;
-    for (size_t i = 0; i < count; i++) {
-        if (!isfinite(data[i])) {
-            if (where != NULL) *where = i;
-            break;
-        }
-    }
-    return KMV_ENONFINITE;
-}
 
 /* Every element count an engine forms (operands, copies, per-block scratch)
  * is a small multiple of these; a margin of 64 keeps all of them, times
@@ -103,12 +88,15 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
     double scale = pa->attn_scale > 0.0 ? pa->attn_scale : 1.0 / sqrt((double)d);
     if (op == OP_ATTN && !logits_fit(q, m, k, n, d, scale)) return KMV_EOVERFLOW;
     if (!pa->exact) {
-        /* The approximate attention is a later version's. */
-        if (op == OP_ATTN) return KMV_EUNSUPPORTED;
         /* Too small to gain: no index built just to fall back; the exact
          * path below runs and the stats say why. */
-        if ((double)m * (double)n >= KMV__APPROX_MIN_ENTRIES || pa->force_approx)
-            return approx_once(ctx, q, m, k, n, d, x, c, y, stats, t0);
+        if (((double)m * (double)n >= KMV__APPROX_MIN_ENTRIES || pa->force_approx) && m > 0 &&
+            c > 0) {
+            if (op == OP_GAUSS) return approx_once(ctx, q, m, k, n, d, x, c, y, stats, t0);
+            int rc = kmv__attention_approx(ctx, q, m, k, n, d, x, c, scale, y, stats);
+            if (rc == KMV_OK && stats != NULL) stats->seconds = kmv__now() - t0;
+            return rc;
+        }
     }
 
     kmv__problem p = {q, k, x, y, m, n, d, c, pa->causal, kmv__threads(pa), pa->progress,

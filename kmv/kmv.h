@@ -415,6 +415,18 @@ KMV_API int kmv_index_matvec(kmv_index *ix, const float *queries, size_t n_queri
  * @param out  n_queries x n_cols, written on success; may not overlap inputs
  * @param stats filled on success when not NULL
  *
+ * Without params.exact (and past the size where it can gain, as
+ * kmv_matvec(), or under params.force_approx) it runs an attention stream
+ * (kmv_stream_attention_create()) over the keys and one decoding step per
+ * query row, the keys entering row by row when causal: each row then
+ * carries the step's guarantee, ||o_i - exact_i|| <= eps sqrt(1 + R^2) /
+ * (1 - eps) with probability >= 1 - delta, R = max_j ||v_j|| (stats:
+ * error_bound that bound, rows_exact the rows computed exactly, mode
+ * KMV_MODE_APPROX when any row was approximated, error_measured
+ * ||O - exact||_F / ||V||_F under params.measure_error, as the paper's
+ * appendix A.1.4 reports it). When none of the first 32 rows can be
+ * approximated, the rest run on the exact engine.
+ *
  * n_queries = 0 or n_cols = 0 is an empty result; n_keys = 0 is KMV_EEMPTY
  * (a softmax over nothing is undefined). Other errors as kmv_matvec().
  * Same cost and thread-safety as kmv_matvec(). */
