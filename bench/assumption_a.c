@@ -82,7 +82,9 @@ int main(int argc, char **argv) {
     if (kmv_ctx_create(&p, &ctx) != KMV_OK) die("context");
     /* Per (layer, head): max c, and every prefix's ratios; per length: c. */
     double *cmax = calloc(L * H, sizeof(double));
-    size_t cap = 173 * MAXLEN + 16, *nr = calloc(L * H, sizeof(size_t));
+    /* Ratios per (layer, head), MAXLEN per paragraph at most: grown as
+     * paragraphs come. */
+    size_t cap = 256 * MAXLEN, *nr = calloc(L * H, sizeof(size_t));
     double *rn = malloc(L * H * cap * sizeof(double)), *rd = malloc(L * H * cap * sizeof(double));
     double csum[MAXLEN] = {0}, csq[MAXLEN] = {0};
     size_t ccount[MAXLEN] = {0}, npar[MAXLEN] = {0};
@@ -99,11 +101,25 @@ int main(int argc, char **argv) {
         if (llm_encode(tok, line, 1, &tk, &nt) != KMV_OK) die("out of memory");
         if (nt > T) nt = T;
         llm_session *s;
-        if (llm_session_create(m, ctx, &s) != KMV_OK) die("session");
+        if (llm_session_create(m, &p, 1, &s) != KMV_OK) die("session");
         const float *lg;
         for (size_t u = 0; u < nt; u++)
             if (llm_forward(s, tk[u], &lg) != KMV_OK) die("forward");
         pars++;
+        if (pars * MAXLEN > cap) { /* room for this paragraph's ratios */
+            size_t nc = 2 * cap;
+            double *a = malloc(L * H * nc * sizeof(double)), *b = malloc(L * H * nc * sizeof(double));
+            if (a == NULL || b == NULL) die("out of memory");
+            for (size_t u = 0; u < L * H; u++) {
+                memcpy(a + u * nc, rn + u * cap, nr[u] * sizeof(double));
+                memcpy(b + u * nc, rd + u * cap, nr[u] * sizeof(double));
+            }
+            free(rn);
+            free(rd);
+            rn = a;
+            rd = b;
+            cap = nc;
+        }
         for (size_t l = 0; l < L; l++) {
             const float *dq = llm_dump_q(s, (int)l), *dk = llm_dump_k(s, (int)l);
             for (size_t h = 0; h < H; h++) {
@@ -121,11 +137,9 @@ int main(int argc, char **argv) {
                         die("statistics");
                     size_t u = l * H + h;
                     if (ts.c > cmax[u]) cmax[u] = ts.c;
-                    if (nr[u] < cap) {
-                        rn[u * cap + nr[u]] = ts.ratio_next;
-                        rd[u * cap + nr[u]] = ts.ratio_double;
-                        nr[u]++;
-                    }
+                    rn[u * cap + nr[u]] = ts.ratio_next;
+                    rd[u * cap + nr[u]] = ts.ratio_double;
+                    nr[u]++;
                     csum[li] += ts.c;
                     csq[li] += ts.c * ts.c;
                     ccount[li]++;

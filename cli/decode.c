@@ -73,8 +73,10 @@ static int write_dump(const llm_session *s, const llm_config *c, size_t pos, con
                                {pos, (size_t)(w == 0 ? c->n_heads : c->n_kv_heads), hs, 0}, 3};
         }
     }
-    if (npz_build(e, 3 * L, &bytes, &len) != 0) {
-        fprintf(stderr, "kmv " CMD ": %s: out of memory\n", path);
+    int built = npz_build(e, 3 * L, &bytes, &len);
+    if (built != 0) {
+        fprintf(stderr, "kmv " CMD ": %s: %s\n", path,
+                built == -2 ? "past the .npz format's limits (4 GB, 65535 arrays)" : "out of memory");
         goto out;
     }
     char *staged = NULL;
@@ -131,7 +133,6 @@ int cmd_decode(int argc, char **argv) {
     llm_model *model = NULL;
     llm_tokenizer *tok = NULL;
     llm_session *sa = NULL, *se = NULL;
-    kmv_ctx *ca = NULL, *ce = NULL;
     int *tokens = NULL;
     size_t ntok = 0;
     char *text = NULL;
@@ -168,12 +169,13 @@ int cmd_decode(int argc, char **argv) {
     kmv_params pe = p;
     pe.exact = 1;
     pe.force_approx = 0;
-    if (kmv_ctx_create(&pe, &ce) != KMV_OK || llm_session_create(model, ce, &se) != KMV_OK) {
+    const char *dump = args_get(o, no, "dump-qk")->s;
+    if (llm_session_create(model, &pe, dump != NULL, &se) != KMV_OK) {
         fprintf(stderr, "kmv " CMD ": cannot create the exact session\n");
         goto done;
     }
     if (!exact_only) {
-        if (kmv_ctx_create(&p, &ca) != KMV_OK || llm_session_create(model, ca, &sa) != KMV_OK) {
+        if (llm_session_create(model, &p, 0, &sa) != KMV_OK) {
             fprintf(stderr, "kmv " CMD ": cannot create the approximate session\n");
             goto done;
         }
@@ -245,8 +247,7 @@ int cmd_decode(int argc, char **argv) {
                 as.worst_bound, compared ? (double)agree / (double)compared : 1.0,
                 compared ? kl / (double)compared : 0.0, nll_a / (double)scored);
     }
-    const char *dump = args_get(o, no, "dump-qk")->s;
-    if (dump != NULL && write_dump(se, c, pos, dump) != 0) goto done;
+    if (dump != NULL && write_dump(se, c, (size_t)llm_position(se), dump) != 0) goto done;
     status = EXIT_OK;
 done:
     free(la);
@@ -255,8 +256,6 @@ done:
     free(text);
     llm_session_free(sa);
     llm_session_free(se);
-    kmv_ctx_free(ca);
-    kmv_ctx_free(ce);
     llm_tokenizer_free(tok);
     llm_free(model);
     return status;

@@ -75,11 +75,14 @@ int npz_build(const npz_entry *e, size_t n, unsigned char **out, size_t *len) {
         size_t hl = npy_header(&e[i], h, sizeof h), count = 1;
         for (int u = 0; u < e[i].ndim; u++) count *= e[i].shape[u];
         size_t bytes = hl + count * sizeof(float);
-        if (hl == 0 || nl <= 0 || (size_t)nl >= sizeof name || bytes > 0xFFFFFFF0u ||
-            b.len > 0xFFFFFFF0u - bytes) {
+        /* Offsets and sizes are 32-bit: the whole archive, headers and
+         * directory included, must stay below 4 GB. */
+        size_t after = 30 + (size_t)nl + bytes + (46 + (size_t)nl) * (n - i) + 22;
+        if (hl == 0 || nl <= 0 || (size_t)nl >= sizeof name || n > 0xFFFF ||
+            after > 0xFFFFFFFFu - b.len - cd.len) {
             free(b.p);
             free(cd.p);
-            return -1;
+            return -2;
         }
         uLong crc = crc32(0L, Z_NULL, 0);
         crc = crc32(crc, (const Bytef *)h, (uInt)hl);

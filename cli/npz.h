@@ -12,8 +12,9 @@ typedef struct npz_entry {
     int ndim;            /* 1 to 4 */
 } npz_entry;
 
-/* The archive of n entries in *out (malloc'ed) and *len. Returns 0, or -1
- * when out of memory or an entry is past ZIP's 4 GB limits. */
+/* The archive of n entries in *out (malloc'ed) and *len. Returns 0, -1
+ * when out of memory, or -2 past the format's limits (4 GB, 65535
+ * entries, names of 255 bytes). */
 int npz_build(const npz_entry *e, size_t n, unsigned char **out, size_t *len);
 
 #endif /* KMV_CLI_NPZ_H */

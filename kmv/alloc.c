@@ -54,6 +54,8 @@ int kmv__mul_size(size_t a, size_t b, size_t *out) {
  * alignment so the block after it keeps that alignment. */
 #define METER_HDR (alignof(max_align_t) > sizeof(size_t) ? alignof(max_align_t) : sizeof(size_t))
 
+static _Thread_local unsigned long refused_here;
+
 static void *meter_alloc(void *opaque, size_t size) {
     kmv__meter *m = opaque;
     if (size > SIZE_MAX - METER_HDR) return NULL;
@@ -62,6 +64,7 @@ static void *meter_alloc(void *opaque, size_t size) {
     do {
         if (m->cap != 0 && (total > m->cap || cur > m->cap - total)) {
             atomic_fetch_add(&m->refused, 1);
+            refused_here++;
             return NULL;
         }
     } while (!atomic_compare_exchange_weak(&m->live, &cur, cur + total));
@@ -104,3 +107,5 @@ int kmv__meter_code(kmv__meter *m, int rc) {
 void kmv__meter_reset(kmv__meter *m) { atomic_store(&m->refused, 0); }
 
 unsigned long kmv__meter_refusals(kmv__meter *m) { return atomic_load(&m->refused); }
+
+unsigned long kmv__meter_refusals_here(void) { return refused_here; }

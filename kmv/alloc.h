@@ -54,6 +54,11 @@ void kmv__meter_reset(kmv__meter *m);
  * resetting what another call is still to read. */
 unsigned long kmv__meter_refusals(kmv__meter *m);
 
+/* Allocations any meter refused on the calling thread so far: a call
+ * that allocates only on its own thread tells its refusals from those of
+ * calls running beside it on the same meter. */
+unsigned long kmv__meter_refusals_here(void);
+
 /* *out = a * b; returns 0 on overflow, 1 otherwise. */
 int kmv__mul_size(size_t a, size_t b, size_t *out);
 

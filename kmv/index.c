@@ -56,10 +56,11 @@ int kmv__index_append_checked(kmv_index *ix, const float *keys, size_t n_keys) {
      * unchanged), then the store's part, which cannot fail once it has
      * room: a refused append changes no answer. */
     int rc = kmv__keystore_reserve(&ix->ks, &ix->alloc, n_keys);
-    if (rc == KMV_OK && ix->lsh_built)
+    int tables = ix->lsh_built && !ix->skip_tables;
+    if (rc == KMV_OK && tables)
         rc = kmv__lsh_append(&ix->lsh, &ix->alloc, keys, n_keys, kmv__threads(&ix->params));
     if (rc == KMV_OK) rc = kmv__keystore_append(&ix->ks, &ix->alloc, keys, n_keys);
-    if (rc == KMV_OK && ix->lsh_built) {
+    if (rc == KMV_OK && tables) {
         ix->keys_hashed += n_keys;
         ix->table_inserts += (uint64_t)n_keys * (uint64_t)ix->lsh.shape.L;
     }

@@ -27,6 +27,8 @@ struct kmv_index {
     uint64_t keys_hashed;   /* keys projected into the LSH tables */
     uint64_t table_inserts; /* (key, table) inserts */
     uint64_t table_builds;  /* times the tables were planned and filled */
+    int skip_tables;    /* appends leave the tables alone: the caller
+                           drops them once the append has succeeded */
     int force_approx;   /* params.force_approx (tests set it directly):
                            skip every cost-model fallback, so the
                            approximate path's guarantee can be measured on

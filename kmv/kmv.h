@@ -570,7 +570,10 @@ KMV_API int kmv_stream_matvec(kmv_stream *s, const float *x_fresh, float *y, kmv
  * current size, every later step there answers exactly as it would alone,
  * whatever runs beside it. The allocator hook must then be thread-safe.
  * Errors: KMV_EINVAL, KMV_ENONFINITE, KMV_ENOMEM, KMV_ELIMIT,
- * KMV_EOVERFLOW (as kmv_matvec()). On error y is untouched. */
+ * KMV_EOVERFLOW (as kmv_matvec()), and on an attention stream with no keys
+ * KMV_EEMPTY. On error y is untouched. A step whose own scratch passes
+ * params.max_bytes reruns as the exact row (which needs less) and keeps
+ * the tables; a plan that passes it drops them until the keys double. */
 KMV_API int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_stats *stats);
 
 /* An attention stream: the decoding step of softmax attention,
@@ -603,7 +606,8 @@ KMV_API int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_s
  * n_cols); kmv_stream_decode() writes n_cols outputs. Decoding steps only
  * in this version: kmv_stream_append_queries(), kmv_stream_matvec() and
  * kmv_stream_save() return KMV_EUNSUPPORTED on an attention stream (for
- * a batch, kmv_attention()). Errors: as kmv_stream_create(). */
+ * a batch, kmv_attention()); a step over no keys is KMV_EEMPTY (a
+ * softmax over nothing). Errors: as kmv_stream_create(). */
 KMV_API int kmv_stream_attention_create(const kmv_ctx *ctx, size_t dim, size_t n_cols,
                                         kmv_stream **out);
 

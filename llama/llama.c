@@ -35,7 +35,8 @@ int llm_load(const char *path, llm_model **out, char *err, size_t err_len) {
         fclose(f);
         return fail(err, err_len, KMV_EFORMAT, "%s: shorter than a llama2.c header", path);
     }
-    llm_config c = {h[0], h[1], h[2], h[3], h[4], h[5] < 0 ? -h[5] : h[5], h[6]};
+    /* INT32_MIN has no negation; it fails the range check as 0 does. */
+    llm_config c = {h[0], h[1], h[2], h[3], h[4], h[5] == INT32_MIN ? 0 : h[5] < 0 ? -h[5] : h[5], h[6]};
     int shared = h[5] > 0;
     /* Bounds far above any checkpoint this runner is for, so that every
      * size below fits comfortably in size_t. */
@@ -113,10 +114,12 @@ const llm_config *llm_config_of(const llm_model *m) { return &m->c; }
 
 struct llm_session {
     const llm_model *m;
+    kmv_ctx *ctx;    /* the caller's params with the model's attention scale */
     kmv_stream **st; /* n_layers x n_kv_heads */
     float *x, *xb, *xb2, *hb, *hb2, *q, *k, *v, *logits;
     float *dq, *dk, *dv; /* n_layers x seq_len x heads x head size */
     int pos;
+    int failed;      /* a stream call failed midway: positions are off */
     double t_attn, t_all;
     llm_attn_stats as;
 };
@@ -132,19 +135,28 @@ void llm_session_free(llm_session *s) {
     const llm_config *c = &s->m->c;
     for (int u = 0; s->st != NULL && u < c->n_layers * c->n_kv_heads; u++) kmv_stream_free(s->st[u]);
     free(s->st);
+    kmv_ctx_free(s->ctx);
     float *bufs[] = {s->x, s->xb, s->xb2, s->hb, s->hb2, s->q, s->k, s->v, s->logits, s->dq, s->dk, s->dv};
     for (size_t u = 0; u < sizeof bufs / sizeof *bufs; u++) free(bufs[u]);
     free(s);
 }
 
-int llm_session_create(const llm_model *m, const kmv_ctx *ctx, llm_session **out) {
+int llm_session_create(const llm_model *m, const kmv_params *params, int keep_qkv,
+                       llm_session **out) {
     *out = NULL;
     const llm_config *c = &m->c;
     size_t dim = (size_t)c->dim, hs = dim / (size_t)c->n_heads, kv = hs * (size_t)c->n_kv_heads;
     size_t per_layer = (size_t)c->seq_len * dim, dkv = (size_t)c->seq_len * kv;
+    kmv_params p = *params;
+    p.attn_scale = 1.0 / sqrt((double)hs); /* the model's, whatever the caller's */
     llm_session *s = calloc(1, sizeof *s);
     if (s == NULL) return KMV_ENOMEM;
     s->m = m;
+    int rc = kmv_ctx_create(&p, &s->ctx);
+    if (rc != KMV_OK) {
+        llm_session_free(s);
+        return rc;
+    }
     s->st = calloc((size_t)(c->n_layers * c->n_kv_heads), sizeof *s->st);
     s->x = malloc(dim * sizeof(float));
     s->xb = malloc(dim * sizeof(float));
@@ -155,16 +167,18 @@ int llm_session_create(const llm_model *m, const kmv_ctx *ctx, llm_session **out
     s->k = malloc(kv * sizeof(float));
     s->v = malloc(kv * sizeof(float));
     s->logits = malloc((size_t)c->vocab_size * sizeof(float));
-    s->dq = malloc((size_t)c->n_layers * per_layer * sizeof(float));
-    s->dk = malloc((size_t)c->n_layers * dkv * sizeof(float));
-    s->dv = malloc((size_t)c->n_layers * dkv * sizeof(float));
+    if (keep_qkv) {
+        s->dq = malloc((size_t)c->n_layers * per_layer * sizeof(float));
+        s->dk = malloc((size_t)c->n_layers * dkv * sizeof(float));
+        s->dv = malloc((size_t)c->n_layers * dkv * sizeof(float));
+    }
     if (!s->st || !s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->k || !s->v ||
-        !s->logits || !s->dq || !s->dk || !s->dv) {
+        !s->logits || (keep_qkv && (!s->dq || !s->dk || !s->dv))) {
         llm_session_free(s);
         return KMV_ENOMEM;
     }
     for (int u = 0; u < c->n_layers * c->n_kv_heads; u++) {
-        int rc = kmv_stream_attention_create(ctx, hs, hs, &s->st[u]);
+        rc = kmv_stream_attention_create(s->ctx, hs, hs, &s->st[u]);
         if (rc != KMV_OK) {
             llm_session_free(s);
             return rc;
@@ -195,7 +209,7 @@ static void matmul(float *o, const float *x, const float *w, size_t n, size_t d)
 int llm_forward(llm_session *s, int token, const float **logits) {
     const llm_model *m = s->m;
     const llm_config *c = &m->c;
-    if (token < 0 || token >= c->vocab_size || s->pos >= c->seq_len) return KMV_EINVAL;
+    if (s->failed || token < 0 || token >= c->vocab_size || s->pos >= c->seq_len) return KMV_EINVAL;
     double t0 = now();
     size_t dim = (size_t)c->dim, hid = (size_t)c->hidden_dim, hs = dim / (size_t)c->n_heads;
     size_t kv = hs * (size_t)c->n_kv_heads, kv_mul = (size_t)(c->n_heads / c->n_kv_heads);
@@ -219,9 +233,11 @@ int llm_forward(llm_session *s, int token, const float **logits) {
                 vec[i + 1] = v0 * fci + v1 * fcr;
             }
         }
-        memcpy(s->dq + (l * T + pos) * dim, s->q, dim * sizeof(float));
-        memcpy(s->dk + (l * T + pos) * kv, s->k, kv * sizeof(float));
-        memcpy(s->dv + (l * T + pos) * kv, s->v, kv * sizeof(float));
+        if (s->dq != NULL) {
+            memcpy(s->dq + (l * T + pos) * dim, s->q, dim * sizeof(float));
+            memcpy(s->dk + (l * T + pos) * kv, s->k, kv * sizeof(float));
+            memcpy(s->dv + (l * T + pos) * kv, s->v, kv * sizeof(float));
+        }
         double ta = now();
         for (size_t g = 0; g < (size_t)c->n_kv_heads; g++) {
             kmv_stream *st = s->st[l * (size_t)c->n_kv_heads + g];
@@ -229,6 +245,7 @@ int llm_forward(llm_session *s, int token, const float **logits) {
             for (size_t h = g * kv_mul; rc == KMV_OK && h < (g + 1) * kv_mul; h++) {
                 kmv_stats stats;
                 rc = kmv_stream_decode(st, s->q + h * hs, s->xb + h * hs, &stats);
+                if (rc != KMV_OK) break;
                 s->as.steps++;
                 if (stats.mode == KMV_MODE_FALLBACK && stats.fallback_reason >= 0 &&
                     stats.fallback_reason < 8)
@@ -238,7 +255,11 @@ int llm_forward(llm_session *s, int token, const float **logits) {
                     if (stats.error_bound > s->as.worst_bound) s->as.worst_bound = stats.error_bound;
                 }
             }
-            if (rc != KMV_OK) return rc;
+            if (rc != KMV_OK) {
+                /* Some streams hold this position's key, others not. */
+                s->failed = 1;
+                return rc;
+            }
         }
         s->t_attn += now() - ta;
         matmul(s->xb2, s->xb, m->wo + l * dim * dim, dim, dim);
@@ -264,16 +285,17 @@ int llm_forward(llm_session *s, int token, const float **logits) {
 double llm_attention_seconds(const llm_session *s) { return s->t_attn; }
 double llm_forward_seconds(const llm_session *s) { return s->t_all; }
 llm_attn_stats llm_attention_stats(const llm_session *s) { return s->as; }
+int llm_position(const llm_session *s) { return s->pos; }
 const float *llm_dump_q(const llm_session *s, int layer) {
-    return s->pos ? s->dq + (size_t)layer * (size_t)s->m->c.seq_len * (size_t)s->m->c.dim : NULL;
+    return s->pos && s->dq ? s->dq + (size_t)layer * (size_t)s->m->c.seq_len * (size_t)s->m->c.dim : NULL;
 }
 const float *llm_dump_k(const llm_session *s, int layer) {
     const llm_config *c = &s->m->c;
     size_t kv = (size_t)(c->dim / c->n_heads * c->n_kv_heads);
-    return s->pos ? s->dk + (size_t)layer * (size_t)c->seq_len * kv : NULL;
+    return s->pos && s->dk ? s->dk + (size_t)layer * (size_t)c->seq_len * kv : NULL;
 }
 const float *llm_dump_v(const llm_session *s, int layer) {
     const llm_config *c = &s->m->c;
     size_t kv = (size_t)(c->dim / c->n_heads * c->n_kv_heads);
-    return s->pos ? s->dv + (size_t)layer * (size_t)c->seq_len * kv : NULL;
+    return s->pos && s->dv ? s->dv + (size_t)layer * (size_t)c->seq_len * kv : NULL;
 }

@@ -30,17 +30,25 @@ void llm_free(llm_model *m);
 const llm_config *llm_config_of(const llm_model *m);
 
 /* One decoding session: the model's activations and its kmv streams,
- * under ctx's params (params.exact for exact attention; the attention
- * scale is set to 1/sqrt(head size) here). */
+ * under a copy of params (params.exact for exact attention) whose
+ * attention scale is set to the model's, 1/sqrt(head size). keep_qkv:
+ * keep every position's q, k and v for llm_dump_*() (n_layers x seq_len x
+ * dim floats each). Errors: as kmv_ctx_create() and
+ * kmv_stream_attention_create(). */
 typedef struct llm_session llm_session;
 
-int llm_session_create(const llm_model *m, const kmv_ctx *ctx, llm_session **out);
+int llm_session_create(const llm_model *m, const kmv_params *params, int keep_qkv,
+                       llm_session **out);
 void llm_session_free(llm_session *s);
 
-/* Logits (vocab_size) for token at position pos = the number of tokens
- * fed before it. Errors: KMV_EINVAL (token out of range, pos not the next
- * position or past seq_len) or what the streams return. */
+/* Logits (vocab_size) for token at the next position. Errors: KMV_EINVAL
+ * (token out of range, the context full, or a session that failed
+ * before) or what the streams return, after which the session refuses
+ * further tokens (its streams no longer agree on the positions). */
 int llm_forward(llm_session *s, int token, const float **logits);
+
+/* Tokens run so far. */
+int llm_position(const llm_session *s);
 
 /* Seconds spent in attention (the streams' appends and decoding steps) so
  * far, and in the whole forward passes. */
@@ -57,7 +65,8 @@ typedef struct llm_attn_stats {
 llm_attn_stats llm_attention_stats(const llm_session *s);
 
 /* Per layer and head, the rotated q and k and the v of every token fed:
- * [pos][head][head size], for --dump-qk. NULL before the first token. */
+ * [pos][head][head size], for --dump-qk. NULL before the first token or
+ * without keep_qkv. */
 const float *llm_dump_q(const llm_session *s, int layer);
 const float *llm_dump_k(const llm_session *s, int layer);
 const float *llm_dump_v(const llm_session *s, int layer);

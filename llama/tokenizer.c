@@ -50,6 +50,10 @@ void llm_tokenizer_free(llm_tokenizer *t) {
 int llm_tokenizer_load(const char *path, int vocab_size, llm_tokenizer **out, char *err,
                        size_t err_len) {
     *out = NULL;
+    /* Encoding falls back to byte tokens 3 .. 258. */
+    if (vocab_size < 259)
+        return fail(err, err_len, KMV_EFORMAT, "%s: a vocabulary of %d tokens has no byte tokens "
+                    "(llama2.c tokenizers have at least 259)", path, vocab_size);
     FILE *f = fopen(path, "rb");
     if (f == NULL) return fail(err, err_len, KMV_EIO, "%s: cannot open: %s", path, strerror(errno));
     llm_tokenizer *t = calloc(1, sizeof *t);

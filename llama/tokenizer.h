@@ -9,7 +9,8 @@
 typedef struct llm_tokenizer llm_tokenizer;
 
 /* Read vocab_size tokens from path. Returns KMV_OK, KMV_EIO, KMV_EFORMAT
- * (a short or malformed file) or KMV_ENOMEM, with a message in err. */
+ * (a short or malformed file, or vocab_size below the 259 that byte
+ * fallback needs) or KMV_ENOMEM, with a message in err. */
 int llm_tokenizer_load(const char *path, int vocab_size, llm_tokenizer **out, char *err,
                        size_t err_len);
 void llm_tokenizer_free(llm_tokenizer *t);

@@ -134,10 +134,14 @@ static int exact_rule(const kmv_stream *s) {
     const kmv_index *ix = s->ix;
     size_t n = ix->ks.n;
     if (ix->params.exact) return -1;
+    /* A refused plan is retried once the keys have doubled; one past the
+     * memory cap, even under force_approx (it would only be refused
+     * again). */
+    int refused = s->decode_refused_n && n < 2 * s->decode_refused_n;
+    if (refused && s->decode_refused_cap) return KMV_FALLBACK_MEMORY;
     if (ix->force_approx) return 0; /* tests: measure the approximate path */
     if (n < DECODE_MIN_KEYS) return KMV_FALLBACK_SMALL;
-    /* A refused plan is retried once the keys have doubled. */
-    if (s->decode_refused_n && n < 2 * s->decode_refused_n) return KMV_FALLBACK_LSH;
+    if (refused) return KMV_FALLBACK_LSH;
     return 0;
 }
 
@@ -173,6 +177,7 @@ static int prepare(kmv_stream *s, const float *q, double *seconds) {
                                    ix->force_approx ? INFINITY : 0.25 * row_cost(s), 1.0);
     if (rc == 1) {
         s->decode_refused_n = n;
+        s->decode_refused_cap = 0;
         rc = KMV_OK;
     } else if (rc == KMV_OK) {
         double whi = h1_weight(s);
@@ -457,50 +462,50 @@ out:
     return rc;
 }
 
-/* rc, or KMV_ELIMIT for an allocation failure while the cap refused one
- * (since refusals0 was read). */
-static int limit_code(kmv_index *ix, int rc, unsigned long refusals0) {
-    return rc == KMV_ENOMEM && kmv__meter_refusals(&ix->meter) != refusals0 ? KMV_ELIMIT : rc;
-}
-
 /* Steps share the stream under its read lock; the rare writes (planning
- * at a new size, dropping the tables at the memory cap) take the write
- * lock, so they wait for the steps reading what they change. */
+ * at a new size, dropping the tables when a plan passes the memory cap)
+ * take the write lock, so they wait for the steps reading what they
+ * change. A step's own scratch refused by the cap (the steps beside it
+ * hold theirs) costs that step only: it reruns as the exact row, which
+ * needs less, and the tables stay. */
 int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st) {
     kmv_index *ix = s->ix;
-    unsigned long r0 = kmv__meter_refusals(&ix->meter);
     double prep = 0.0;
     int rc = KMV_OK;
     if (pthread_rwlock_rdlock(&s->lock) != 0) return KMV_EINVAL;
-    /* Another step's cap fallback may drop what this one prepared: try
-     * again a few times, then decode_once() goes exact. */
+    /* Another step may drop what this one prepared: try again a few
+     * times, then decode_once() goes exact. */
     for (int tries = 0; tries < 4 && needs_prep(s); tries++) {
         pthread_rwlock_unlock(&s->lock);
         pthread_rwlock_wrlock(&s->lock);
-        if (needs_prep(s)) rc = prepare(s, q, &prep);
-        pthread_rwlock_unlock(&s->lock);
-        if (rc != KMV_OK) break;
-        pthread_rwlock_rdlock(&s->lock);
-    }
-    if (rc == KMV_OK) {
-        rc = decode_once(s, q, y, st, 0, prep);
-        pthread_rwlock_unlock(&s->lock);
-    }
-    rc = limit_code(ix, rc, r0);
-    /* Past the cap the tables (a cache) go, and the row is exact, as the
-     * index's products do; the plan is tried again when the keys double. */
-    if (rc == KMV_ELIMIT && !ix->params.exact) {
-        pthread_rwlock_wrlock(&s->lock);
-        if (ix->lsh_built) {
-            kmv__lsh_free(&ix->lsh, &ix->alloc);
-            ix->lsh_built = 0;
+        if (needs_prep(s)) {
+            /* Exclusive: the refusals counted meanwhile are this plan's. */
+            unsigned long r0 = kmv__meter_refusals(&ix->meter);
+            rc = prepare(s, q, &prep);
+            if (rc == KMV_ENOMEM && kmv__meter_refusals(&ix->meter) != r0) {
+                /* Past the cap the tables (a cache) go and the steps run
+                 * exact, as the index's products do, until the keys
+                 * double. */
+                if (ix->lsh_built) {
+                    kmv__lsh_free(&ix->lsh, &ix->alloc);
+                    ix->lsh_built = 0;
+                }
+                s->decode_refused_n = ix->ks.n;
+                s->decode_refused_cap = 1;
+                rc = KMV_OK;
+            }
         }
-        s->decode_refused_n = ix->ks.n;
         pthread_rwlock_unlock(&s->lock);
+        if (rc != KMV_OK) return rc;
         pthread_rwlock_rdlock(&s->lock);
-        r0 = kmv__meter_refusals(&ix->meter);
-        rc = limit_code(ix, decode_once(s, q, y, st, 1, prep), r0);
-        pthread_rwlock_unlock(&s->lock);
     }
+    unsigned long h0 = kmv__meter_refusals_here();
+    rc = decode_once(s, q, y, st, 0, prep);
+    if (rc == KMV_ENOMEM && kmv__meter_refusals_here() != h0 && !ix->params.exact) {
+        h0 = kmv__meter_refusals_here();
+        rc = decode_once(s, q, y, st, 1, prep);
+    }
+    pthread_rwlock_unlock(&s->lock);
+    if (rc == KMV_ENOMEM && kmv__meter_refusals_here() != h0) rc = KMV_ELIMIT;
     return rc;
 }

@@ -40,7 +40,7 @@ typedef struct snap_header {
     uint64_t seed;
     int32_t sketch_size, min_samples, causal, exact;
     uint64_t shuffle_rng;
-    int32_t lsh_built, lsh_k, lsh_L, pad0;
+    int32_t lsh_built, lsh_k, lsh_L, refused_cap; /* refused_cap: 0 in older files */
     double lsh_w, kappa;
     uint64_t lsh_n;
     double plan_steps, plan_cands, plan_cost;
@@ -91,6 +91,7 @@ int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err
     }
     h.refused_n = ix->refused_n;
     h.decode_refused_n = s->decode_refused_n;
+    h.refused_cap = s->decode_refused_cap;
     h.keys_hashed = ix->keys_hashed;
     h.table_inserts = ix->table_inserts;
     h.table_builds = ix->table_builds;
@@ -203,6 +204,7 @@ static int rebuild(const kmv_ctx *ctx, const snap_header *h, const unsigned char
     }
     ix->refused_n = (size_t)h->refused_n;
     s->decode_refused_n = (size_t)h->decode_refused_n;
+    s->decode_refused_cap = h->refused_cap;
     ix->keys_hashed = h->keys_hashed;
     ix->table_inserts = h->table_inserts;
     ix->table_builds = h->table_builds;
@@ -256,7 +258,7 @@ int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char
         size_t n = (size_t)h.n, d = (size_t)h.d, c = (size_t)h.c, m = (size_t)h.m;
         const unsigned char *body = buf + sizeof h;
         if (kmv_params_check(&p) != KMV_OK || (h.causal != 0 && h.causal != 1) ||
-            (h.exact != 0 && h.exact != 1))
+            (h.exact != 0 && h.exact != 1) || (h.refused_cap != 0 && h.refused_cap != 1))
             why = "inconsistent: parameters out of range";
         else if (d == 0 || c == 0 || d > INT_MAX / 64 || c > INT_MAX || n > KMV__KEYS_MAX)
             why = "inconsistent: shape out of range";

@@ -214,8 +214,11 @@ int kmv__stream_attn_append(kmv_stream *s, const float *keys, const float *v, si
             memcpy(xv + u * s->c, v + u * nc, nc * sizeof(float));
             xv[u * s->c + nc] = 1.0f;
         }
-        /* Only the append can fail; the keys held move after it. */
+        /* Only the append can fail; the keys held move after it. Tables
+         * about to be dropped take no inserts (which could only fail). */
+        ix->skip_tables = bound > s->key_bound && n0 > 0;
         if (rc == KMV_OK) rc = kmv__stream_append_keys(s, kl, xv, count);
+        ix->skip_tables = 0;
         if (rc == KMV_OK) {
             memcpy(s->kn2 + n0, norms, count * sizeof(double));
             if (bound > s->key_bound && n0 > 0) relift(s, bound, n0);

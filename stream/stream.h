@@ -31,6 +31,7 @@ struct kmv_stream {
     float *q;
     size_t m, qcap;
     size_t decode_refused_n; /* keys when decode's plan was last refused */
+    int decode_refused_cap;  /* ... because it did not fit params.max_bytes */
     /* Attention streams (kmv_stream_attention_create): d and c above are
      * the lifted dim + 1 and n_cols + 1 (x holds [v, 1]). */
     int attn;

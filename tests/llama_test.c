@@ -43,6 +43,10 @@ static void round_trip(void **state) {
         free(tok);
     }
     llm_tokenizer_free(t);
+    /* Too small a vocabulary for byte fallback. */
+    assert_int_equal(llm_tokenizer_load(TOK, 6, &t, err, sizeof err), KMV_EFORMAT);
+    assert_null(t);
+    assert_non_null(strstr(err, "no byte tokens"));
 }
 
 static void write_bytes(const char *path, const unsigned char *b, size_t n) {
@@ -109,10 +113,8 @@ static void forward_refusals(void **state) {
     kmv_params p;
     kmv_params_init(&p);
     p.exact = 1;
-    kmv_ctx *ctx;
-    assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
     llm_session *s;
-    assert_int_equal(llm_session_create(m, ctx, &s), KMV_OK);
+    assert_int_equal(llm_session_create(m, &p, 0, &s), KMV_OK);
     const float *lg;
     assert_int_equal(llm_forward(s, -1, &lg), KMV_EINVAL);
     assert_int_equal(llm_forward(s, 512, &lg), KMV_EINVAL);
@@ -121,8 +123,9 @@ static void forward_refusals(void **state) {
     llm_attn_stats as = llm_attention_stats(s);
     assert_int_equal(as.steps, (size_t)512 * 5 * 8);
     assert_int_equal(as.approx_steps, 0);
+    assert_null(llm_dump_q(s, 0)); /* not kept */
+    assert_int_equal(llm_position(s), 512);
     llm_session_free(s);
-    kmv_ctx_free(ctx);
     llm_free(m);
 }
 

@@ -516,6 +516,56 @@ static void test_bad_input(void **state) {
 
 /* A capped stream: a refused append is KMV_ELIMIT and leaves answers bit
  * for bit as they were. */
+/* A step whose own scratch passes the cap (as when the steps running
+ * beside it hold theirs) reruns as the exact row and keeps the tables:
+ * once room is back, the next step answers as a stream that never met
+ * the cap. */
+static void test_step_scratch_at_cap(void **state) {
+    (void)state;
+    const size_t n = 8192, d = 16;
+    float *k = malloc(n * d * sizeof(float)), *q = malloc(4 * d * sizeof(float));
+    float *x = malloc(n * sizeof(float));
+    dg_clustered(k, n, q, 4, d, 16, 1.0, 51);
+    dg_x(x, n, DG_X_GAUSS, 52);
+    kmv_ctx *ctx = make_ctx(1.0, 3, 0, 0);
+    kmv_stream *s = make_stream(ctx, d, 1, 1), *twin = make_stream(ctx, d, 1, 1);
+    assert_int_equal(kmv_stream_append_keys(s, k, x, n), KMV_OK);
+    assert_int_equal(kmv_stream_append_keys(twin, k, x, n), KMV_OK);
+    float y[1], yt[1], ye[1];
+    kmv_stats st;
+    assert_int_equal(kmv_stream_decode(s, q, y, &st), KMV_OK); /* plans the tables */
+    assert_int_equal(kmv_stream_decode(twin, q, yt, NULL), KMV_OK);
+    assert_int_equal(st.mode, KMV_MODE_APPROX);
+    kmv_stream_info before, after;
+    assert_int_equal(kmv_stream_info_get(s, &before), KMV_OK);
+    /* Room for the exact row's scratch (about 2 KB), not the search's. */
+    s->ix->meter.cap = before.bytes + (3u << 10);
+    assert_int_equal(kmv_stream_decode(s, q + d, y, &st), KMV_OK);
+    assert_int_equal(st.mode, KMV_MODE_FALLBACK);
+    assert_int_equal(st.fallback_reason, KMV_FALLBACK_MEMORY);
+    kmv_ctx *ce = make_ctx(1.0, 3, 1, 0);
+    kmv_stream *ex = make_stream(ce, d, 1, 0);
+    assert_int_equal(kmv_stream_append_keys(ex, k, x, n), KMV_OK);
+    assert_int_equal(kmv_stream_decode(ex, q + d, ye, NULL), KMV_OK);
+    assert_memory_equal(y, ye, sizeof y); /* the exact row, bit for bit */
+    assert_int_equal(kmv_stream_info_get(s, &after), KMV_OK);
+    assert_int_equal(after.lsh_tables, before.lsh_tables);
+    assert_int_equal(after.table_builds, before.table_builds);
+    s->ix->meter.cap = 0;
+    assert_int_equal(kmv_stream_decode(s, q + 2 * d, y, &st), KMV_OK);
+    assert_int_equal(kmv_stream_decode(twin, q + 2 * d, yt, NULL), KMV_OK);
+    assert_int_equal(st.mode, KMV_MODE_APPROX);
+    assert_memory_equal(y, yt, sizeof y);
+    kmv_stream_free(s);
+    kmv_stream_free(twin);
+    kmv_stream_free(ex);
+    kmv_ctx_free(ctx);
+    kmv_ctx_free(ce);
+    free(k);
+    free(q);
+    free(x);
+}
+
 static void test_memory_cap(void **state) {
     (void)state;
     const size_t n = 3000, d = 16;
@@ -800,6 +850,7 @@ int main(void) {
         cmocka_unit_test(test_snapshot_continue),
         cmocka_unit_test(test_snapshot_damage),
         cmocka_unit_test(test_memory_cap),
+        cmocka_unit_test(test_step_scratch_at_cap),
         cmocka_unit_test(test_snapshot_empty),
         cmocka_unit_test(test_alloc_failures),
         cmocka_unit_test(test_kill_during_save),
