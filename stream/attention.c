@@ -67,7 +67,13 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
         } else if (st.fallback_reason > 0 && st.fallback_reason < 8) {
             why[st.fallback_reason]++;
         }
-        if (i + 1 == PROBE_ROWS && approx == 0 && !pa->force_approx) break;
+        if (pa->force_approx || approx > 0) continue;
+        /* A refusal that holds for the whole size (no plan, the cap, too
+         * few keys) makes every row exact: stop probing at once. */
+        int size_wide = st.fallback_reason == KMV_FALLBACK_LSH ||
+                        st.fallback_reason == KMV_FALLBACK_MEMORY ||
+                        st.fallback_reason == KMV_FALLBACK_SMALL;
+        if (i + 1 == PROBE_ROWS || (size_wide && !pa->causal)) break;
     }
     if (rc != KMV_OK) goto out;
     int threads = 1;
