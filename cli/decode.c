@@ -189,7 +189,7 @@ int cmd_decode(int argc, char **argv) {
 
     /* The approximate session drives generation when it runs: its text is
      * what a user of it would get; the exact one follows the same tokens. */
-    int token = tokens[0], prev = 0;
+    int token = tokens[0];
     size_t pos = 0, agree = 0, compared = 0;
     double kl = 0.0, nll_a = 0.0, nll_e = 0.0;
     while (pos < steps) {
@@ -221,10 +221,8 @@ int cmd_decode(int argc, char **argv) {
             fputs(llm_decode(tok, token, next), stdout);
             fflush(stdout);
         }
-        prev = token;
         token = next;
     }
-    (void)prev;
     if (prompt != NULL) fputc('\n', stdout);
     size_t scored = pos > 0 ? pos : 1;
     fprintf(stderr, "kmv " CMD ": %zu positions; exact attention: %.1f%% of forward time, "
