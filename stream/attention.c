@@ -30,12 +30,8 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
     p.attn_scale = scale;
     p.measure_error = 0; /* measured here, on the whole output */
     kmv_stream *s;
-    int rc = kmv__stream_new(ctx, &p, d + 1, c + 1, &s);
+    int rc = kmv__stream_attention_new(ctx, &p, d, c, &s);
     if (rc != KMV_OK) return rc;
-    s->attn = 1;
-    s->scale = scale;
-    s->ix->params.sigma = kmv_attention_sigma(scale, d);
-    s->ix->params.causal = 0;
     const kmv_allocator *a = &s->ix->alloc;
     float *res = kmv__malloc_array(a, m, c * sizeof(float));
     float *ye = NULL;

@@ -43,12 +43,9 @@ int kmv_stream_create(const kmv_ctx *ctx, size_t dim, size_t n_cols, kmv_stream 
     return kmv__stream_new(ctx, &ctx->params, dim, n_cols, out);
 }
 
-int kmv_stream_attention_create(const kmv_ctx *ctx, size_t dim, size_t n_cols, kmv_stream **out) {
-    if (out == NULL) return KMV_EINVAL;
-    *out = NULL;
-    if (ctx == NULL || dim == 0 || n_cols == 0) return KMV_EINVAL;
-    if (n_cols >= INT_MAX || dim >= INT_MAX / 64) return KMV_EOVERFLOW;
-    kmv_params p = ctx->params;
+int kmv__stream_attention_new(const kmv_ctx *ctx, const kmv_params *params, size_t dim,
+                              size_t n_cols, kmv_stream **out) {
+    kmv_params p = *params;
     double scale = p.attn_scale > 0.0 ? p.attn_scale : 1.0 / sqrt((double)dim);
     p.sigma = kmv_attention_sigma(scale, dim);
     p.causal = 0; /* a step sees every key so far */
@@ -57,6 +54,14 @@ int kmv_stream_attention_create(const kmv_ctx *ctx, size_t dim, size_t n_cols, k
     (*out)->attn = 1;
     (*out)->scale = scale;
     return KMV_OK;
+}
+
+int kmv_stream_attention_create(const kmv_ctx *ctx, size_t dim, size_t n_cols, kmv_stream **out) {
+    if (out == NULL) return KMV_EINVAL;
+    *out = NULL;
+    if (ctx == NULL || dim == 0 || n_cols == 0) return KMV_EINVAL;
+    if (n_cols >= INT_MAX || dim >= INT_MAX / 64) return KMV_EOVERFLOW;
+    return kmv__stream_attention_new(ctx, &ctx->params, dim, n_cols, out);
 }
 
 void kmv_stream_free(kmv_stream *s) {
@@ -165,12 +170,6 @@ int kmv_stream_append_keys(kmv_stream *s, const float *keys, const float *x, siz
     return kmv__stream_append_keys(s, keys, x, count);
 }
 
-static double sq_norm(const float *v, size_t d) {
-    double r = 0.0;
-    for (size_t t = 0; t < d; t++) r += (double)v[t] * v[t]; /* kmv_attention_lift's order */
-    return r;
-}
-
 /* The keys held, lifted again under a raised bound; their tables and
  * draws described the old geometry. Allocates nothing. */
 static void relift(kmv_stream *s, double bound, size_t n_old) {
@@ -206,7 +205,9 @@ int kmv__stream_attn_append(kmv_stream *s, const float *keys, const float *v, si
     if (norms && kl && xv) {
         double bound = s->key_bound;
         for (size_t u = 0; u < count; u++) {
-            norms[u] = sq_norm(keys + u * dim, dim);
+            /* In double and kmv_attention_lift's order: its check of
+             * the bound and the lifted coordinates agree with these. */
+            norms[u] = kmv_max_sq_norm(keys + u * dim, 1, dim);
             bound = norms[u] > bound ? norms[u] : bound;
         }
         rc = kmv_attention_lift(keys, count, dim, 1, bound, kl);
@@ -277,7 +278,7 @@ int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_stats *st
     /* The lifted query (extra coordinate 0) and the row with its ones
      * column; steps may run concurrently, so the scratch is the call's. */
     kmv_index *ix = s->ix;
-    unsigned long r0 = kmv__meter_refusals(&ix->meter);
+    unsigned long r0 = kmv__meter_refusals_here(); /* steps beside this one refuse their own */
     float *ql = kmv__malloc_array(&ix->alloc, s->d, sizeof(float));
     float *yl = kmv__malloc_array(&ix->alloc, s->c, sizeof(float));
     int rc = KMV_ENOMEM;
@@ -289,7 +290,7 @@ int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_stats *st
     }
     kmv__free(&ix->alloc, ql);
     kmv__free(&ix->alloc, yl);
-    if (rc == KMV_ENOMEM && kmv__meter_refusals(&ix->meter) != r0) rc = KMV_ELIMIT;
+    if (rc == KMV_ENOMEM && kmv__meter_refusals_here() != r0) rc = KMV_ELIMIT;
     return rc;
 }
 

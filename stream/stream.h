@@ -51,6 +51,11 @@ struct kmv_stream {
 int kmv__stream_append_keys(kmv_stream *s, const float *keys, const float *x, size_t count);
 int kmv__stream_append_queries(kmv_stream *s, const float *q, size_t count);
 
+/* An attention stream of dim-dimensional keys and n_cols values under
+ * params (checked), past kmv_stream_attention_create()'s checks. */
+int kmv__stream_attention_new(const kmv_ctx *ctx, const kmv_params *params, size_t dim,
+                              size_t n_cols, kmv_stream **out);
+
 /* Attention keys (count x (d - 1)) with V (count x (c - 1)), lifted;
  * kmv_stream_append_keys() past validation. */
 int kmv__stream_attn_append(kmv_stream *s, const float *keys, const float *v, size_t count);
