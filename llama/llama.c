@@ -3,11 +3,12 @@
 
 #include <errno.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include "llama/fail.h"
 
 struct llm_model {
     llm_config c;
@@ -16,24 +17,14 @@ struct llm_model {
     const float *emb, *rms_att, *wq, *wk, *wv, *wo, *rms_ffn, *w1, *w2, *w3, *rms_final, *wcls;
 };
 
-static int fail(char *err, size_t len, int rc, const char *fmt, ...) {
-    if (err != NULL && len > 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, len, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
-
 int llm_load(const char *path, llm_model **out, char *err, size_t err_len) {
     *out = NULL;
     FILE *f = fopen(path, "rb");
-    if (f == NULL) return fail(err, err_len, KMV_EIO, "%s: cannot open: %s", path, strerror(errno));
+    if (f == NULL) return llm__fail(err, err_len, KMV_EIO, "%s: cannot open: %s", path, strerror(errno));
     int32_t h[7];
     if (fread(h, sizeof h, 1, f) != 1) {
         fclose(f);
-        return fail(err, err_len, KMV_EFORMAT, "%s: shorter than a llama2.c header", path);
+        return llm__fail(err, err_len, KMV_EFORMAT, "%s: shorter than a llama2.c header", path);
     }
     /* INT32_MIN has no negation; it fails the range check as 0 does. */
     llm_config c = {h[0], h[1], h[2], h[3], h[4], h[5] == INT32_MIN ? 0 : h[5] < 0 ? -h[5] : h[5], h[6]};
@@ -46,7 +37,7 @@ int llm_load(const char *path, llm_model **out, char *err, size_t err_len) {
         (c.dim / c.n_heads) % 2 != 0 || c.vocab_size <= 0 || c.vocab_size > 1 << 20 ||
         c.seq_len <= 0 || c.seq_len > 1 << 20) {
         fclose(f);
-        return fail(err, err_len, KMV_EFORMAT,
+        return llm__fail(err, err_len, KMV_EFORMAT,
                     "%s: not a llama2.c checkpoint this runner reads (header dim %d, hidden %d, "
                     "layers %d, heads %d, kv heads %d, vocab %d, seq_len %d)",
                     path, h[0], h[1], h[2], h[3], h[4], h[5], h[6]);
@@ -58,12 +49,12 @@ int llm_load(const char *path, llm_model **out, char *err, size_t err_len) {
                   3 * L * dim * hid + dim + T * hs + (shared ? 0 : V * dim);
     if (fseek(f, 0, SEEK_END) != 0) {
         fclose(f);
-        return fail(err, err_len, KMV_EIO, "%s: cannot seek", path);
+        return llm__fail(err, err_len, KMV_EIO, "%s: cannot seek", path);
     }
     long size = ftell(f);
     if (size < 0 || (size_t)size != sizeof h + want * sizeof(float)) {
         fclose(f);
-        return fail(err, err_len, KMV_EFORMAT,
+        return llm__fail(err, err_len, KMV_EFORMAT,
                     "%s: %ld bytes, but its header describes %zu (truncated or not a checkpoint)",
                     path, size, sizeof h + want * sizeof(float));
     }
@@ -75,14 +66,14 @@ int llm_load(const char *path, llm_model **out, char *err, size_t err_len) {
         free(m);
         free(data);
         fclose(f);
-        return nomem ? fail(err, err_len, KMV_ENOMEM, "%s: out of memory", path)
-                     : fail(err, err_len, KMV_EIO, "%s: read failed", path);
+        return nomem ? llm__fail(err, err_len, KMV_ENOMEM, "%s: out of memory", path)
+                     : llm__fail(err, err_len, KMV_EIO, "%s: read failed", path);
     }
     fclose(f);
     if (kmv_find_nonfinite(data, want, NULL) != KMV_OK) {
         free(m);
         free(data);
-        return fail(err, err_len, KMV_EFORMAT, "%s: weights contain NaN or infinity", path);
+        return llm__fail(err, err_len, KMV_EFORMAT, "%s: weights contain NaN or infinity", path);
     }
     m->c = c;
     m->data = data;

@@ -2,13 +2,13 @@
 #include "llama/tokenizer.h"
 
 #include <errno.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kmv/kmv.h"
+#include "llama/fail.h"
 
 typedef struct entry {
     const char *str;
@@ -23,16 +23,6 @@ struct llm_tokenizer {
     size_t maxlen;
     char bytes[256][2]; /* what <0xXX> tokens decode to */
 };
-
-static int fail(char *err, size_t len, int rc, const char *fmt, ...) {
-    if (err != NULL && len > 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, len, fmt, ap);
-        va_end(ap);
-    }
-    return rc;
-}
 
 static int cmp_entry(const void *a, const void *b) {
     return strcmp(((const entry *)a)->str, ((const entry *)b)->str);
@@ -52,10 +42,10 @@ int llm_tokenizer_load(const char *path, int vocab_size, llm_tokenizer **out, ch
     *out = NULL;
     /* Encoding falls back to byte tokens 3 .. 258. */
     if (vocab_size < 259)
-        return fail(err, err_len, KMV_EFORMAT, "%s: a vocabulary of %d tokens has no byte tokens "
+        return llm__fail(err, err_len, KMV_EFORMAT, "%s: a vocabulary of %d tokens has no byte tokens "
                     "(llama2.c tokenizers have at least 259)", path, vocab_size);
     FILE *f = fopen(path, "rb");
-    if (f == NULL) return fail(err, err_len, KMV_EIO, "%s: cannot open: %s", path, strerror(errno));
+    if (f == NULL) return llm__fail(err, err_len, KMV_EIO, "%s: cannot open: %s", path, strerror(errno));
     llm_tokenizer *t = calloc(1, sizeof *t);
     int rc = KMV_ENOMEM;
     if (t == NULL) goto done;
@@ -67,14 +57,14 @@ int llm_tokenizer_load(const char *path, int vocab_size, llm_tokenizer **out, ch
     int32_t maxlen;
     rc = KMV_EFORMAT;
     if (fread(&maxlen, sizeof maxlen, 1, f) != 1 || maxlen <= 0 || maxlen > 1 << 16) {
-        fail(err, err_len, rc, "%s: not a llama2.c tokenizer (bad header)", path);
+        llm__fail(err, err_len, rc, "%s: not a llama2.c tokenizer (bad header)", path);
         goto done;
     }
     for (int i = 0; i < vocab_size; i++) {
         int32_t len;
         if (fread(&t->score[i], sizeof(float), 1, f) != 1 || fread(&len, sizeof len, 1, f) != 1 ||
             len < 0 || len > maxlen) {
-            fail(err, err_len, rc, "%s: token %d: truncated or malformed (the model has %d tokens)",
+            llm__fail(err, err_len, rc, "%s: token %d: truncated or malformed (the model has %d tokens)",
                  path, i, vocab_size);
             goto done;
         }
@@ -84,7 +74,7 @@ int llm_tokenizer_load(const char *path, int vocab_size, llm_tokenizer **out, ch
             goto done;
         }
         if (fread(t->vocab[i], 1, (size_t)len, f) != (size_t)len) {
-            fail(err, err_len, rc, "%s: token %d: truncated", path, i);
+            llm__fail(err, err_len, rc, "%s: token %d: truncated", path, i);
             goto done;
         }
         t->vocab[i][len] = '\0';
@@ -96,7 +86,7 @@ int llm_tokenizer_load(const char *path, int vocab_size, llm_tokenizer **out, ch
     rc = KMV_OK;
 done:
     fclose(f);
-    if (rc == KMV_ENOMEM) fail(err, err_len, rc, "%s: out of memory", path);
+    if (rc == KMV_ENOMEM) llm__fail(err, err_len, rc, "%s: out of memory", path);
     if (rc != KMV_OK) {
         llm_tokenizer_free(t);
         return rc;

@@ -30,20 +30,6 @@ static kmv_ctx *ctx_with(int exact, int measure, kmv_allocator *a) {
     return ctx;
 }
 
-/* Clustered points on the sphere of radius r: self-attention where a
- * query's cluster mates dominate its row. */
-static void sphere(float *k, size_t n, float *q, size_t m, double r, uint64_t seed) {
-    dg_clustered(k, n, q, m, D, 16, 1.0, seed);
-    float *rows[2] = {k, q};
-    size_t cnt[2] = {n, m};
-    for (int w = 0; w < 2; w++)
-        for (size_t i = 0; i < cnt[w]; i++) {
-            double s = 0.0;
-            for (size_t t = 0; t < D; t++) s += (double)rows[w][i * D + t] * rows[w][i * D + t];
-            for (size_t t = 0; t < D; t++) rows[w][i * D + t] = (float)(rows[w][i * D + t] * r / sqrt(s));
-        }
-}
-
 static double ref_err(const float *out, const float *q, const float *k, size_t n, const float *v) {
     double o[C], oa[C], e2 = 0.0;
     tu_ref_attn(q, 1, k, n, D, v, C, 1.0 / sqrt((double)D), 0, o, oa);
@@ -101,7 +87,7 @@ static void approximate_steps_within_bound(void **state) {
     const size_t n = 8192, m = 60;
     float *k = malloc(n * D * sizeof(float)), *q = malloc(m * D * sizeof(float));
     float *v = malloc(n * C * sizeof(float));
-    sphere(k, n, q, m, 4.0, 21);
+    dg_sphere(k, n, q, m, D, 4.0, 21);
     dg_x(v, n * C, DG_X_GAUSS, 22);
     kmv_ctx *ctx = ctx_with(0, 1, NULL);
     kmv_stream *s;
@@ -174,7 +160,7 @@ static void blocks_do_not_matter(void **state) {
     const size_t n = 4096, m = 8;
     float *k = malloc(n * D * sizeof(float)), *q = malloc(m * D * sizeof(float));
     float *v = malloc(n * C * sizeof(float));
-    sphere(k, n, q, m, 4.0, 31);
+    dg_sphere(k, n, q, m, D, 4.0, 31);
     for (size_t j = 0; j < n; j += 500) /* records along the way */
         for (size_t t = 0; t < D; t++) k[j * D + t] *= (float)(1.0 + (double)j / 2000.0);
     dg_x(v, n * C, DG_X_GAUSS, 32);

@@ -19,26 +19,12 @@
 
 static float *keys, *queries, *v;
 
-/* Clustered points on the sphere of radius r: self-attention where a
- * query's cluster mates carry its row. */
-static void sphere(float *k, size_t n, float *q, size_t m, double r, uint64_t seed) {
-    dg_clustered(k, n, q, m, D, 16, 1.0, seed);
-    float *rows[2] = {k, q};
-    size_t cnt[2] = {n, m};
-    for (int w = 0; w < 2; w++)
-        for (size_t i = 0; i < cnt[w]; i++) {
-            double s = 0.0;
-            for (size_t t = 0; t < D; t++) s += (double)rows[w][i * D + t] * rows[w][i * D + t];
-            for (size_t t = 0; t < D; t++) rows[w][i * D + t] = (float)(rows[w][i * D + t] * r / sqrt(s));
-        }
-}
-
 static int setup(void **state) {
     (void)state;
     keys = malloc(N * D * sizeof(float));
     queries = malloc(M * D * sizeof(float));
     v = malloc(N * C * sizeof(float));
-    sphere(keys, N, queries, M, 4.0, 7);
+    dg_sphere(keys, N, queries, M, D, 4.0, 7);
     dg_x(v, N * C, DG_X_GAUSS, 8);
     return 0;
 }

@@ -44,6 +44,22 @@ static inline void dg_clustered(float *keys, size_t n, float *queries, size_t m,
     free(ctr);
 }
 
+/* dg_clustered() with every point scaled to norm r: self-attention data
+ * where a query's cluster mates carry its row and key norms are alike (so
+ * Lemma 4.1's lifted kernel stays large). */
+static inline void dg_sphere(float *keys, size_t n, float *queries, size_t m, size_t d, double r,
+                             uint64_t seed) {
+    dg_clustered(keys, n, queries, m, d, 16, 1.0, seed);
+    float *rows[2] = {keys, queries};
+    size_t cnt[2] = {n, m};
+    for (int w = 0; w < 2; w++)
+        for (size_t i = 0; i < cnt[w]; i++) {
+            double s = 0.0;
+            for (size_t t = 0; t < d; t++) s += (double)rows[w][i * d + t] * rows[w][i * d + t];
+            for (size_t t = 0; t < d; t++) rows[w][i * d + t] = (float)(rows[w][i * d + t] * r / sqrt(s));
+        }
+}
+
 typedef enum {
     DG_X_GAUSS,   /* mixed signs, N(0, 1) */
     DG_X_HUGE,    /* mixed signs with a few entries 1000 times larger */
