@@ -409,11 +409,11 @@ static void pass_sample(run *r, const sample_scratch *sc, float *y, const unsign
                 continue;
             }
             if (r->s[i] >= r->n) {
-                v = kmv__window(ks, r->xs->xp, c, qi, r->inv2s2, r->kappa, NULL, 0, mk, 0, r->n,
+                v = kmv__window(ks, r->xs->xp, c, qi, r->inv2s2, 0.0f, r->kappa, NULL, 0, mk, 0, r->n,
                                 chunk, acc, est);
             } else {
                 size_t off = kmv__window_offset(seed, KMV__RNG_WINDOW, i, round, r->n);
-                v = kmv__window(ks, r->xs->xp, c, qi, r->inv2s2, r->kappa, r->hid[i], r->hlen[i],
+                v = kmv__window(ks, r->xs->xp, c, qi, r->inv2s2, 0.0f, r->kappa, r->hid[i], r->hlen[i],
                                 mk, off, r->s[i], chunk, acc, est);
                 for (size_t col = 0; col < c; col++) est[col] += r->yh[i * c + col];
             }

@@ -1,6 +1,7 @@
 /* Window sampling of light keys; see sampler.h. */
 #include "kmv/sampler.h"
 
+#include <math.h>
 #include <string.h>
 
 #include "kmv/kernel.h"
@@ -23,7 +24,7 @@ int kmv__contains(const uint32_t *ids, size_t len, uint32_t id) {
 }
 
 double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const float *q,
-                   float inv2s2, float kappa, const uint32_t *heavy, size_t n_heavy,
+                   float inv2s2, float shift, float kappa, const uint32_t *heavy, size_t n_heavy,
                    const kmv__keymask *mask, size_t off, size_t s, float *scratch, double *acc,
                    double *est) {
     size_t n = ks->n, d = ks->d;
@@ -36,6 +37,8 @@ double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const flo
         if (len > CHUNK) len = CHUNK;
         if (len > n - p0) len = n - p0; /* wrap at the end of the order */
         kmv__sqdist_rows(q, ks->rows + p0 * d, len, d, scratch);
+        if (shift != 0.0f)
+            for (size_t u = 0; u < len; u++) scratch[u] -= shift;
         kmv__gauss_row_dist(scratch, len, inv2s2, NULL);
         for (size_t u = 0; u < len; u++) {
             float kv = scratch[u];
@@ -58,12 +61,27 @@ double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const flo
     double var = 0.0;
     for (size_t col = 0; col < c; col++) {
         est[col] = scale * sum[col];
-        if (s > 1 && s < n) {
-            double s2 = (sq[col] - sum[col] * sum[col] / (double)s) / (double)(s - 1);
-            if (s2 < 0.0) s2 = 0.0;
-            /* Var of N * mean without replacement: N^2 (1 - s/N) S^2 / s. */
-            var += (double)n * (double)n * (1.0 - (double)s / (double)n) * s2 / (double)s;
-        }
+        var += kmv__window_var_col(acc, c, col, n, s);
     }
     return var;
+}
+
+double kmv__window_var_col(const double *acc, size_t c, size_t col, size_t n, size_t s) {
+    if (s <= 1 || s >= n) return 0.0;
+    double sum = acc[col], sq = acc[c + col];
+    double s2 = (sq - sum * sum / (double)s) / (double)(s - 1);
+    if (s2 < 0.0) s2 = 0.0;
+    /* Var of N * mean without replacement: N^2 (1 - s/N) S^2 / s. */
+    return (double)n * (double)n * (1.0 - (double)s / (double)n) * s2 / (double)s;
+}
+
+double kmv__normal_upper(double p) {
+    /* Bisection on the tail 0.5 erfc(z / sqrt 2), decreasing in z. */
+    double lo = 0.0, hi = 40.0;
+    for (int it = 0; it < 80 && hi - lo > 1e-12; it++) {
+        double mid = 0.5 * (lo + hi);
+        if (0.5 * erfc(mid / sqrt(2.0)) > p) lo = mid;
+        else hi = mid;
+    }
+    return 0.5 * (lo + hi);
 }

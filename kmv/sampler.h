@@ -41,6 +41,10 @@ typedef struct kmv__keymask {
  *
  * @param xp       n x c weights in store order (0 outside T)
  * @param inv2s2   1 / (2 sigma^2)
+ * @param shift    subtracted from every squared distance before the exp
+ *                 (at most the smallest one): the kernel values times
+ *                 exp(shift inv2s2), which an attention step cancels in
+ *                 its ratio; 0 for the plain kernel
  * @param scratch  256 floats
  * @param acc      2 c doubles of scratch
  * @param est      c outputs: the estimate of the light sum, per column
@@ -48,9 +52,17 @@ typedef struct kmv__keymask {
  *                 without-replacement formula on the window's own values);
  *                 0 when s = n or s = 1 */
 double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const float *q,
-                   float inv2s2, float kappa, const uint32_t *heavy, size_t n_heavy,
+                   float inv2s2, float shift, float kappa, const uint32_t *heavy, size_t n_heavy,
                    const kmv__keymask *mask, size_t off, size_t s, float *scratch, double *acc,
                    double *est);
+
+/* The variance of one column's estimate from the window kmv__window()
+ * left in acc (its 2 c doubles), for s of n positions: the without-
+ * replacement formula that kmv__window() sums over columns. */
+double kmv__window_var_col(const double *acc, size_t c, size_t col, size_t n, size_t s);
+
+/* z with P(Z > z) = p for a standard normal Z, p in (0, 0.5]; to 1e-12. */
+double kmv__normal_upper(double p);
 
 /* Where row i's window starts in round `round`: a hash of the seed, the
  * part's rng stream and the row, so that it does not depend on threads. */

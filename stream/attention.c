@@ -7,7 +7,11 @@
  * Rows where Lemma 4.1's lifted kernel is too small for a sample to meet
  * the guarantee run exact inside the step, at the cost of an exact row
  * without the exact engine's GEMM. So the first rows probe: when none of
- * them could approximate, the rest go to the exact engine at once. */
+ * them could approximate, the rest go to the exact engine at once. Once a
+ * row has approximated (its step prepared the stream's tables and draws
+ * for the key count), the remaining rows of a non-causal batch step
+ * concurrently, which the stream allows; each row's answer is the one it
+ * would have alone, so the output does not depend on the threads. */
 #include <math.h>
 #include <string.h>
 
@@ -20,6 +24,20 @@
 
 /* Rows stepped before deciding whether the approximate path gains. */
 #define PROBE_ROWS 32
+
+/* Add one row's step to the batch's stats. */
+static void tally(kmv_stats *S, const kmv_stats *st, size_t *approx, double *bound, size_t *why) {
+    S->samples += st->samples;
+    S->lsh_candidates += st->lsh_candidates;
+    S->heavy_pairs += st->heavy_pairs;
+    S->kernel_evals += st->kernel_evals;
+    if (st->mode == KMV_MODE_APPROX) {
+        (*approx)++;
+        *bound = st->error_bound > *bound ? st->error_bound : *bound;
+    } else if (st->fallback_reason > 0 && st->fallback_reason < 8) {
+        why[st->fallback_reason]++;
+    }
+}
 
 int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const float *k,
                           size_t n, size_t d, const float *v, size_t c, double scale,
@@ -43,6 +61,7 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
     memset(&S, 0, sizeof S);
     size_t approx = 0, rows_done = 0, why[8] = {0};
     double bound = 0.0;
+    int nt = kmv__threads(pa), gave_up = 0;
     if (!pa->causal) rc = kmv_stream_append_keys(s, k, v, n);
     for (size_t i = 0; rc == KMV_OK && i < m; i++) {
         size_t have = s->ix->ks.n;
@@ -53,26 +72,39 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
         rc = kmv_stream_decode(s, q + i * d, res + i * c, &st);
         if (rc != KMV_OK) break;
         rows_done++;
-        S.samples += st.samples;
-        S.lsh_candidates += st.lsh_candidates;
-        S.heavy_pairs += st.heavy_pairs;
-        S.kernel_evals += st.kernel_evals;
-        if (st.mode == KMV_MODE_APPROX) {
-            approx++;
-            bound = st.error_bound > bound ? st.error_bound : bound;
-        } else if (st.fallback_reason > 0 && st.fallback_reason < 8) {
-            why[st.fallback_reason]++;
-        }
+        tally(&S, &st, &approx, &bound, why);
+        if (approx > 0 && !pa->causal && nt > 1) break; /* the rest in parallel */
         if (pa->force_approx || approx > 0) continue;
         /* A refusal that holds for the whole size (no plan, the cap, too
          * few keys) makes every row exact: stop probing at once. */
         int size_wide = st.fallback_reason == KMV_FALLBACK_LSH ||
                         st.fallback_reason == KMV_FALLBACK_MEMORY ||
                         st.fallback_reason == KMV_FALLBACK_SMALL;
-        if (i + 1 == PROBE_ROWS || (size_wide && !pa->causal)) break;
+        if (i + 1 == PROBE_ROWS || (size_wide && !pa->causal)) {
+            gave_up = 1;
+            break;
+        }
     }
     if (rc != KMV_OK) goto out;
     int threads = 1;
+    if (!gave_up && rows_done < m) {
+        size_t from = rows_done;
+        int prc = KMV_OK;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 8)
+        for (size_t i = from; i < m; i++) {
+            kmv_stats st;
+            int r = prc == KMV_OK ? kmv_stream_decode(s, q + i * d, res + i * c, &st) : KMV_OK;
+#pragma omp critical(kmv_attention_rows)
+            {
+                if (r != KMV_OK && prc == KMV_OK) prc = r;
+                if (r == KMV_OK && prc == KMV_OK) tally(&S, &st, &approx, &bound, why);
+            }
+        }
+        rc = prc;
+        if (rc != KMV_OK) goto out;
+        rows_done = m;
+        threads = nt;
+    }
     if (rows_done < m) { /* the probe found nothing to gain */
         kmv__problem pr = {q + rows_done * d, k, v, res + rows_done * c, m - rows_done, n, d, c,
                            0, kmv__threads(pa), NULL, NULL};

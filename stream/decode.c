@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <xxhash.h>
 
 #include "kmv/alloc.h"
 #include "kmv/context.h"
@@ -71,7 +72,7 @@ static void step_free(const kmv_allocator *a, step *t) {
 /* The exact row over the store: a window covering every key. */
 static void exact_row(const kmv_stream *s, const float *q, float inv2s2, step *t) {
     const kmv__keystore *ks = &s->ix->ks;
-    kmv__window(ks, s->xs, s->c, q, inv2s2, 2.0f, NULL, 0, NULL, 0, ks->n, t->chunk, t->acc,
+    kmv__window(ks, s->xs, s->c, q, inv2s2, 0.0f, 2.0f, NULL, 0, NULL, 0, ks->n, t->chunk, t->acc,
                 t->est);
 }
 
@@ -127,6 +128,15 @@ static double row_cost(const kmv_stream *s) {
     return (double)s->ix->ks.n * kmv__cost_window((double)s->d) * (1.0 + 0.1 * (double)(s->c - 1));
 }
 
+/* Whether the plan at this size was refused for its cost (not for the
+ * memory cap): retried once the keys have doubled. An attention step then
+ * samples without a heavy search, since its budget is relative to the row
+ * sum and spread rows need none (see attn_light()). */
+static int plan_refused(const kmv_stream *s) {
+    size_t n = s->ix->ks.n;
+    return s->decode_refused_n && n < 2 * s->decode_refused_n && !s->decode_refused_cap;
+}
+
 /* Why a step at the stream's size computes the exact row without looking
  * at the tables (a kmv_fallback, or -1 under params.exact), or 0 when it
  * takes the approximate path. */
@@ -141,7 +151,7 @@ static int exact_rule(const kmv_stream *s) {
     if (refused && s->decode_refused_cap) return KMV_FALLBACK_MEMORY;
     if (ix->force_approx) return 0; /* tests: measure the approximate path */
     if (n < DECODE_MIN_KEYS) return KMV_FALLBACK_SMALL;
-    if (refused) return KMV_FALLBACK_LSH;
+    if (refused) return s->attn ? 0 : KMV_FALLBACK_LSH;
     return 0;
 }
 
@@ -161,23 +171,30 @@ static int needs_prep(const kmv_stream *s) {
     size_t n = ix->ks.n;
     if (n == 0 || s->nx2 <= 0.0 || exact_rule(s) != 0) return 0;
     double kappa = kmv__heavy_threshold(&ix->params, n, 1);
-    if (!ix->lsh_built || kappa < 0.5 * ix->kappa || n > 2 * ix->lsh_n) return 1;
+    int serve = ix->lsh_built && kappa >= 0.5 * ix->kappa && n <= 2 * ix->lsh_n;
+    if (!serve && !(s->attn && plan_refused(s))) return 1;
     return s->drawn_n != n || s->drawn_w != h1_weight(s);
 }
 
 /* Plan and fill the tables for this size (q samples the queries for the
  * plan's cost) and draw the sketch's rows below H1; or record a refused
- * plan. The only writer of the state steps share. */
+ * plan (an attention stream, which samples without tables, still draws).
+ * The only writer of the state steps share. */
 static int prepare(kmv_stream *s, const float *q, double *seconds) {
     double t0 = kmv__now();
     kmv_index *ix = s->ix;
     const kmv_params *pa = &ix->params;
     size_t n = ix->ks.n;
-    int rc = kmv__index_ensure_lsh(ix, q, 1, kmv__heavy_threshold(pa, n, 1), 0.5 * pa->delta,
+    int rc = KMV_OK;
+    if (!(s->attn && plan_refused(s)))
+        rc = kmv__index_ensure_lsh(ix, q, 1, kmv__heavy_threshold(pa, n, 1), 0.5 * pa->delta,
                                    ix->force_approx ? INFINITY : 0.25 * row_cost(s), 1.0);
     if (rc == 1) {
         s->decode_refused_n = n;
         s->decode_refused_cap = 0;
+        rc = s->attn ? KMV_OK : 1;
+    }
+    if (rc == 1) {
         rc = KMV_OK;
     } else if (rc == KMV_OK) {
         double whi = h1_weight(s);
@@ -187,6 +204,64 @@ static int prepare(kmv_stream *s, const float *q, double *seconds) {
     }
     *seconds += kmv__now() - t0;
     return rc;
+}
+
+/* Rounds of windows an attention step tries before the exact row. */
+#define ATTN_ROUNDS 4
+
+/* The light part of an attention step (see kmv_stream_attention_create()
+ * for the guarantee). The budget is relative to a lower confidence bound
+ * on the whole lifted row sum, lo = L + max(0, Z - z_sum sd(Z)): L the
+ * part summed exactly (heavy keys, exact columns), Z the window's estimate
+ * of the rest. A window is kept when its variance over [v, 1], and the
+ * sketch's prediction of it (n W / s), are within (eps lo / z_err)^2;
+ * otherwise a fresh window of the size both call for is drawn (the kept
+ * estimate is then independent of the windows that sized it), until that
+ * size reaches half the keys. Spread rows, where no key is heavy, are
+ * sampled whole this way; rows with a few dominant keys need the heavy
+ * search to put them in L. The windows start at a hash of the query, so
+ * the queries of one batch (one key count) do not share their samples.
+ * Returns 0 with t->est the light sums, *sn the samples of every window
+ * drawn, *var the kept window's variance and *lo the bound; else the kmv_fallback for the exact row. */
+static int attn_light(const kmv_stream *s, const float *q, float inv2s2, float sh, float fk, step *t,
+                      size_t nh, const kmv__keymask *mask, double W, size_t *sn, double *var,
+                      double *lo) {
+    const kmv_params *pa = &s->ix->params;
+    const kmv__keystore *ks = &s->ix->ks;
+    size_t n = ks->n, c = s->c;
+    double L = t->sum[c - 1];
+    uint64_t qh = XXH3_64bits(q, s->d * sizeof(float));
+    size_t want = (size_t)pa->min_samples;
+    *sn = 0;
+    for (int round = 0; round < ATTN_ROUNDS; round++) {
+        if (2 * want >= n) break;
+        size_t off = kmv__window_offset(pa->seed ^ qh, KMV__RNG_DECODE, n, round, n);
+        double v = kmv__window(ks, s->xs, c, q, inv2s2, sh, fk, t->cand, nh, mask, off, want,
+                               t->chunk, t->acc, t->est);
+        double vz = kmv__window_var_col(t->acc, c, c - 1, n, want);
+        double low = L + fmax(0.0, t->est[c - 1] - s->z_sum * sqrt(vz));
+        double vmax = pa->eps * low / s->z_err;
+        vmax *= vmax;
+        double vsk = (double)n * W * (1.0 - (double)want / (double)n) / (double)want;
+        *sn += want;
+        /* Kernel values below float's normal range are flushed: n of them
+         * must stay far below the error allowed. */
+        int floor_ok = pa->eps * low > (double)n * 0x1p-119;
+        if (v <= vmax && vsk <= vmax && floor_ok) {
+            *var = v;
+            *lo = low;
+            return 0;
+        }
+        if (!(vmax > 0.0) || !floor_ok) break;
+        /* The size both estimates call for, a little over, at least twice
+         * this one's (a window that saw little of the row sum says little
+         * of its variance). */
+        double need = 1.2 * (double)want * (v > vsk ? v : vsk) / vmax;
+        if (need < 2.0 * (double)want) need = 2.0 * (double)want;
+        if (!(need < 0.5 * (double)n)) break;
+        want = (size_t)ceil(need);
+    }
+    return KMV_FALLBACK_SAMPLES;
 }
 
 /* One step on prepared state, reading the stream only; with no_plan (a
@@ -243,7 +318,10 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
     if (rule == -1) goto exact;
     S.fallback_reason = no_plan ? KMV_FALLBACK_MEMORY : rule;
     if (no_plan || rule != 0) goto exact;
-    if (!ix->lsh_built || needs_prep(s)) { /* the state moved under us */
+    /* Tables to search: none for an attention step whose plan was refused,
+     * or (below) whose buckets would cost more than they can save. */
+    int use_tables = !(s->attn && plan_refused(s));
+    if (needs_prep(s) || (use_tables && !ix->lsh_built)) { /* the state moved under us */
         S.fallback_reason = KMV_FALLBACK_LSH;
         goto exact;
     }
@@ -254,12 +332,27 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
     double kappa = ix->kappa;
     float fk = (float)kappa;
     const kmv__lsh *lh = &ix->lsh;
-    int L = lh->shape.L;
+    int L = use_tables ? lh->shape.L : 0;
     S.heavy_threshold = kappa;
     S.lsh_tables = L;
     S.lsh_hash_len = lh->shape.k;
     S.lsh_width = lh->shape.w;
     double whi = h1_weight(s);
+    /* An attention step takes its kernel values relative to
+     * exp(-(||q|| - sqrt(alpha))^2 / (2 sigma^2)): every lifted key has
+     * ||k'||^2 = alpha, so that distance is the least any key can have, no
+     * value passes 1, and the factor, common to the row, cancels in the
+     * normalized output. Without it a long query's row would fall below
+     * float's range (exp(-s (||q||^2 + alpha) / 2) at worst, against
+     * exp(-s (||q|| - sqrt(alpha))^2 / 2) for its nearest possible key).
+     * Shrunk by a few ulps so rounding cannot lift a value past 1. */
+    float sh = 0.0f;
+    if (s->attn) {
+        double qn = 0.0;
+        for (size_t i = 0; i < d; i++) qn += (double)q[i] * q[i];
+        double g = sqrt(qn) - sqrt(s->key_bound);
+        sh = (float)(g * g * (1.0 - 1e-6));
+    }
 
     double th = kmv__now();
     /* H1, the keys at or above whi, from the sketch's top groups (only the
@@ -273,7 +366,7 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
         for (size_t u = 0; u < g->len; u++) {
             uint32_t j = g->ids[u];
             if (s->wid[j] < whi) continue;
-            float kv = kmv__sqdist(q, kmv__keystore_row(ks, j), d);
+            float kv = kmv__sqdist(q, kmv__keystore_row(ks, j), d) - sh;
             kmv__gauss_row_dist(&kv, 1, inv2s2, NULL);
             for (size_t col = 0; col < c; col++) t.sum[col] += (double)kv * s->x[(size_t)j * c + col];
             n_h1++;
@@ -288,78 +381,83 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
     /* Heavy keys: the query's buckets, deduplicated through an open-
      * addressed set of twice their entries (sorting every entry cost more
      * than the rest of the step); only the heavy few are sorted. */
-    t.codes = kmv__malloc_array(a, (size_t)L, sizeof(uint64_t));
-    t.proj = kmv__malloc_array(a, (size_t)L * (size_t)lh->shape.k, sizeof(float));
-    t.bucket = kmv__malloc_array(a, (size_t)L, sizeof(const uint32_t *));
-    t.blen = kmv__malloc_array(a, (size_t)L, sizeof(size_t));
-    if (!t.codes || !t.proj || !t.bucket || !t.blen) {
-        rc = KMV_ENOMEM;
-        goto out;
-    }
-    kmv__lsh_query_codes(lh, q, t.proj, t.codes);
-    /* Each table is a cache miss or two: ask for every slot, then every
-     * bucket, before reading any. */
-    for (int tb = 0; tb < L; tb++) kmv__lsh_prefetch(lh, tb, t.codes[tb]);
-    size_t steps = 0;
-    for (int tb = 0; tb < L; tb++) {
-        t.bucket[tb] = kmv__lsh_bucket(lh, tb, t.codes[tb], &t.blen[tb]);
-        if (t.blen[tb]) __builtin_prefetch(t.bucket[tb]);
-        steps += t.blen[tb];
-    }
-    S.lsh_steps = steps;
-    if ((double)steps * (KMV__COST_STEP + kmv__cost_cand((double)d)) > 0.25 * exact_cost &&
-        !force) {
-        S.fallback_reason = KMV_FALLBACK_HEAVY;
-        goto exact;
-    }
-    int bits = 4;
-    while (((size_t)1 << bits) < 2 * steps) bits++;
-    size_t smask = ((size_t)1 << bits) - 1;
-    t.cand = kmv__malloc_array(a, steps ? steps : 1, sizeof(uint32_t));
-    t.kv = kmv__malloc_array(a, steps ? steps : 1, sizeof(float));
-    t.set = kmv__malloc_array(a, smask + 1, sizeof(uint32_t));
-    t.heavy = kmv__malloc_array(a, steps ? steps : 1, sizeof(heavy_key));
-    if (!t.cand || !t.kv || !t.set || !t.heavy) {
-        rc = KMV_ENOMEM;
-        goto out;
-    }
-    memset(t.set, 0xff, (smask + 1) * sizeof(uint32_t)); /* ids stop below UINT32_MAX */
-    size_t nc = 0;
-    for (int tb = 0; tb < L; tb++) {
-        size_t len = t.blen[tb];
-        const uint32_t *ids = t.bucket[tb];
-        for (size_t u = 0; u < len; u++) {
-            uint32_t j = ids[u];
-            size_t h = (size_t)(((uint64_t)j * 0x9E3779B97F4A7C15u) >> (64 - bits));
-            while (t.set[h] != UINT32_MAX && t.set[h] != j) h = (h + 1) & smask;
-            if (t.set[h] == j) continue;
-            t.set[h] = j;
-            t.cand[nc++] = j;
-            __builtin_prefetch(&ks->pos_of[j]); /* where its row is, read below */
+    size_t steps = 0, nc = 0, nh = 0;
+    if (use_tables) {
+        t.codes = kmv__malloc_array(a, (size_t)L, sizeof(uint64_t));
+        t.proj = kmv__malloc_array(a, (size_t)L * (size_t)lh->shape.k, sizeof(float));
+        t.bucket = kmv__malloc_array(a, (size_t)L, sizeof(const uint32_t *));
+        t.blen = kmv__malloc_array(a, (size_t)L, sizeof(size_t));
+        if (!t.codes || !t.proj || !t.bucket || !t.blen) {
+            rc = KMV_ENOMEM;
+            goto out;
+        }
+        kmv__lsh_query_codes(lh, q, t.proj, t.codes);
+        /* Each table is a cache miss or two: ask for every slot, then every
+         * bucket, before reading any. */
+        for (int tb = 0; tb < L; tb++) kmv__lsh_prefetch(lh, tb, t.codes[tb]);
+        for (int tb = 0; tb < L; tb++) {
+            t.bucket[tb] = kmv__lsh_bucket(lh, tb, t.codes[tb], &t.blen[tb]);
+            if (t.blen[tb]) __builtin_prefetch(t.bucket[tb]);
+            steps += t.blen[tb];
+        }
+        S.lsh_steps = steps;
+        if ((double)steps * (KMV__COST_STEP + kmv__cost_cand((double)d)) > 0.25 * exact_cost &&
+            !force) {
+            if (!s->attn) {
+                S.fallback_reason = KMV_FALLBACK_HEAVY;
+                goto exact;
+            }
+            use_tables = 0; /* attention: the row is sampled whole */
         }
     }
-    S.lsh_candidates = nc;
-    for (size_t u = 0; u < nc; u++) {
-        /* The rows are scattered: fetch a few ahead. */
-        if (u + 8 < nc) {
-            const float *r = kmv__keystore_row(ks, t.cand[u + 8]);
-            for (size_t o = 0; o < d; o += 16) __builtin_prefetch(r + o);
+    if (use_tables) {
+        int bits = 4;
+        while (((size_t)1 << bits) < 2 * steps) bits++;
+        size_t smask = ((size_t)1 << bits) - 1;
+        t.cand = kmv__malloc_array(a, steps ? steps : 1, sizeof(uint32_t));
+        t.kv = kmv__malloc_array(a, steps ? steps : 1, sizeof(float));
+        t.set = kmv__malloc_array(a, smask + 1, sizeof(uint32_t));
+        t.heavy = kmv__malloc_array(a, steps ? steps : 1, sizeof(heavy_key));
+        if (!t.cand || !t.kv || !t.set || !t.heavy) {
+            rc = KMV_ENOMEM;
+            goto out;
         }
-        t.kv[u] = kmv__sqdist(q, kmv__keystore_row(ks, t.cand[u]), d);
-    }
-    if (nc) kmv__gauss_row_dist(t.kv, nc, inv2s2, NULL);
-    size_t nh = 0;
-    for (size_t u = 0; u < nc; u++)
-        if (t.kv[u] >= fk) t.heavy[nh++] = (heavy_key){t.cand[u], t.kv[u]};
-    /* Ascending ids: the window's lookup needs them, and the sum's order
-     * is then that of the keys, whatever the buckets' order. */
-    qsort(t.heavy, nh, sizeof(heavy_key), cmp_heavy);
-    for (size_t u = 0; u < nh; u++) {
-        uint32_t j = t.heavy[u].id;
-        t.cand[u] = j;
-        if (s->wid[j] >= whi) continue; /* summed with H1 */
-        for (size_t col = 0; col < c; col++)
-            t.sum[col] += (double)t.heavy[u].kv * s->x[(size_t)j * c + col];
+        memset(t.set, 0xff, (smask + 1) * sizeof(uint32_t)); /* ids stop below UINT32_MAX */
+        for (int tb = 0; tb < L; tb++) {
+            size_t len = t.blen[tb];
+            const uint32_t *ids = t.bucket[tb];
+            for (size_t u = 0; u < len; u++) {
+                uint32_t j = ids[u];
+                size_t h = (size_t)(((uint64_t)j * 0x9E3779B97F4A7C15u) >> (64 - bits));
+                while (t.set[h] != UINT32_MAX && t.set[h] != j) h = (h + 1) & smask;
+                if (t.set[h] == j) continue;
+                t.set[h] = j;
+                t.cand[nc++] = j;
+                __builtin_prefetch(&ks->pos_of[j]); /* where its row is, read below */
+            }
+        }
+        S.lsh_candidates = nc;
+        for (size_t u = 0; u < nc; u++) {
+            /* The rows are scattered: fetch a few ahead. */
+            if (u + 8 < nc) {
+                const float *r = kmv__keystore_row(ks, t.cand[u + 8]);
+                for (size_t o = 0; o < d; o += 16) __builtin_prefetch(r + o);
+            }
+            t.kv[u] = kmv__sqdist(q, kmv__keystore_row(ks, t.cand[u]), d) - sh;
+        }
+        if (nc) kmv__gauss_row_dist(t.kv, nc, inv2s2, NULL);
+        for (size_t u = 0; u < nc; u++)
+            if (t.kv[u] >= fk) t.heavy[nh++] = (heavy_key){t.cand[u], t.kv[u]};
+        /* Ascending ids: the window's lookup needs them, and the sum's order
+         * is then that of the keys, whatever the buckets' order. */
+        qsort(t.heavy, nh, sizeof(heavy_key), cmp_heavy);
+        for (size_t u = 0; u < nh; u++) {
+            uint32_t j = t.heavy[u].id;
+            t.cand[u] = j;
+            if (s->wid[j] >= whi) continue; /* summed with H1 */
+            for (size_t col = 0; col < c; col++)
+                t.sum[col] += (double)t.heavy[u].kv * s->x[(size_t)j * c + col];
+        }
     }
     S.heavy_pairs = nh;
     S.seconds_heavy = kmv__now() - th;
@@ -370,6 +468,7 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
     double W = 0.0;
     if (s->sk.r) {
         kmv__sqdist_rows(q, s->sk.rows, s->sk.r, d, t.skd);
+        for (size_t u = 0; u < s->sk.r; u++) t.skd[u] -= sh;
         kmv__gauss_row_dist(t.skd, s->sk.r, 2.0f * inv2s2, NULL); /* K^2 */
         float k2 = fk * fk;
         for (size_t u = 0; u < s->sk.r; u++) {
@@ -381,26 +480,39 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
         W *= s->sk.scale;
     }
     S.sketch_evals = s->sk.r;
-    /* One row's share of the budget: approx.c's allocation at m = 1; for
-     * attention, relative to the row sum found exactly so far (see
-     * kmv_stream_attention_create()). */
-    double lsum = t.sum[c - 1];
-    if (s->attn && !(lsum > 0.0)) {
-        S.fallback_reason = KMV_FALLBACK_SAMPLES;
-        goto exact;
+    kmv__keymask mask = {UINT32_MAX, s->ws, whi};
+    size_t sn;
+    double v;
+    if (s->attn) {
+        double lo;
+        int why = attn_light(s, q, inv2s2, sh, fk, &t, nh, &mask, W, &sn, &v, &lo);
+        S.samples = sn;
+        S.rows_resampled = why == 0 && sn > (size_t)smin;
+        if (why != 0) {
+            S.fallback_reason = why;
+            goto exact;
+        }
+        for (size_t col = 0; col < c; col++) t.est[col] += t.sum[col];
+        /* attn_light() accepts only lo <= the estimated row sum, so z > 0. */
+        double z = t.est[c - 1], e = s->z_err * sqrt(v) / lo;
+        for (size_t col = 0; col + 1 < c; col++) t.est[col] /= z;
+        t.est[c - 1] = 1.0;
+        S.error_estimate = e < 1.0 ? e * sqrt(s->wmax) / (1.0 - e) : INFINITY;
+        S.seconds_sample = kmv__now() - ts;
+        S.kernel_evals = nc + S.sketch_evals + sn + n_h1;
+        goto answer;
     }
-    double bs2 = pa->eps * pa->eps * (s->attn ? lsum * lsum : s->nx2);
-    double V = bs2 / (1.0 + sqrt(2.0 / delta_s));
+    /* One row's share of the budget: approx.c's allocation at m = 1. */
+    double V = pa->eps * pa->eps * s->nx2 / (1.0 + sqrt(2.0 / delta_s));
     double want = ceil((double)n * W / V);
     if (!(want >= smin)) want = smin;
     if (want >= 0.5 * (double)n) {
         S.fallback_reason = KMV_FALLBACK_SAMPLES;
         goto exact;
     }
-    kmv__keymask mask = {UINT32_MAX, s->ws, whi};
-    size_t sn = (size_t)want;
-    double v = kmv__window(ks, s->xs, c, q, inv2s2, fk, t.cand, nh, &mask,
-                           kmv__window_offset(pa->seed, KMV__RNG_DECODE, n, 0, n), sn, t.chunk, t.acc, t.est);
+    sn = (size_t)want;
+    v = kmv__window(ks, s->xs, c, q, inv2s2, 0.0f, fk, t.cand, nh, &mask,
+                    kmv__window_offset(pa->seed, KMV__RNG_DECODE, n, 0, n), sn, t.chunk, t.acc, t.est);
     /* More variance than planned: a fresh window sized from what this one
      * showed (the first estimate is discarded, so the answer stays
      * unbiased), or the exact row when that would cost as much. */
@@ -411,7 +523,7 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
             goto exact;
         }
         sn = (size_t)more;
-        v = kmv__window(ks, s->xs, c, q, inv2s2, fk, t.cand, nh, &mask,
+        v = kmv__window(ks, s->xs, c, q, inv2s2, 0.0f, fk, t.cand, nh, &mask,
                         kmv__window_offset(pa->seed, KMV__RNG_DECODE, n, 1, n), sn, t.chunk, t.acc, t.est);
         S.rows_resampled = 1;
     }
@@ -420,12 +532,6 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
     for (size_t col = 0; col < c; col++) t.est[col] += t.sum[col];
     S.error_estimate = sqrt(v / s->nx2);
     S.kernel_evals = nc + S.sketch_evals + sn + n_h1;
-    if (s->attn) {
-        double z = t.est[c - 1], e = sqrt(v) / lsum;
-        for (size_t col = 0; col + 1 < c; col++) t.est[col] /= z;
-        t.est[c - 1] = 1.0;
-        S.error_estimate = e < 1.0 ? e * sqrt(s->wmax) / (1.0 - e) : INFINITY;
-    }
     goto answer;
 
 exact:

@@ -6,6 +6,7 @@
 
 #include "kmv/alloc.h"
 #include "kmv/context.h"
+#include "kmv/sampler.h"
 #include "stream/stream.h"
 
 int kmv__stream_new(const kmv_ctx *ctx, const kmv_params *params, size_t dim, size_t n_cols,
@@ -53,6 +54,8 @@ int kmv__stream_attention_new(const kmv_ctx *ctx, const kmv_params *params, size
     if (rc != KMV_OK) return rc;
     (*out)->attn = 1;
     (*out)->scale = scale;
+    (*out)->z_sum = kmv__normal_upper(0.25 * p.delta);
+    (*out)->z_err = kmv__normal_upper(0.125 * p.delta);
     return KMV_OK;
 }
 

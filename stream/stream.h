@@ -40,6 +40,9 @@ struct kmv_stream {
     double *kn2;      /* kn2cap, id order: ||k||^2 of each key before lifting */
     size_t kn2cap;
     double wmax;      /* max ||x_j||^2 = 1 + R^2 */
+    /* A step's normal quantiles: the row sum's lower confidence bound
+     * (one-sided, delta / 4) and the error's (two-sided, delta / 4). */
+    double z_sum, z_err;
     uint64_t relifts;
     /* Decoding steps read under it and write (tables, draws, refusals)
      * under its write side; every other call has the stream to itself. */

@@ -124,18 +124,89 @@ static void approximate_steps_within_bound(void **state) {
     free(v);
 }
 
-/* A long query orthogonal to every key: attention spreads evenly, and
- * the lifted kernel row is about exp(-s (||q||^2 + alpha) / 2), far below
- * the heavy threshold, so no heavy key carries the row, a sample cannot
- * meet the relative budget, and the step is exact. */
-static void spread_attention_runs_exact(void **state) {
+/* Queries orthogonal to every key (their second half against the keys'
+ * first): attention spreads evenly over n keys, no key is heavy, and a
+ * step must sample the whole row against the bound on its row sum. qamp
+ * scales the queries. */
+static void spread_data(size_t n, size_t m, float qamp, float **k, float **q, float **v) {
+    *k = tu_random(n * D, 8, 1.0f);
+    *q = tu_random(m * D, 9, 1.0f);
+    *v = tu_random(n * C, 10, 1.0f);
+    for (size_t j = 0; j < n; j++)
+        for (size_t t = D / 2; t < D; t++) (*k)[j * D + t] = 0.0f;
+    for (size_t i = 0; i < m; i++)
+        for (size_t t = 0; t < D; t++) (*q)[i * D + t] = t < D / 2 ? 0.0f : qamp * (*q)[i * D + t];
+}
+
+/* Spread attention over 4096 keys at eps = 0.05: the budget that meets
+ * the bound is about z^2 / eps^2 = 3,600 samples (z = 3.0 at the default
+ * delta), past half the keys, so the step is exact. Over 32768 keys at
+ * eps = 0.1 (about 900 samples) the same rows are sampled, with no heavy
+ * key, and each is within its bound; so are rows of queries 6 times as
+ * long, whose lifted kernel, exp(-s (||q||^2 + alpha) / 2) = e^-1200,
+ * is far below float's range: the step takes it relative to the nearest
+ * distance a key could have (here e^-64). */
+static void spread_attention(void **state) {
+    (void)state;
+    const size_t sizes[] = {4096, 32768, 32768}, m = 24;
+    const float amps[] = {10.0f, 10.0f, 60.0f};
+    for (int z = 0; z < 3; z++) {
+        size_t n = sizes[z];
+        float *k, *q, *v;
+        spread_data(n, m, amps[z], &k, &q, &v);
+        kmv_params p;
+        kmv_params_init(&p);
+        p.eps = z == 0 ? 0.05 : 0.1;
+        p.n_threads = 1;
+        kmv_ctx *ctx;
+        assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
+        kmv_stream *s;
+        assert_int_equal(kmv_stream_attention_create(ctx, D, C, &s), KMV_OK);
+        assert_int_equal(kmv_stream_append_keys(s, k, v, n), KMV_OK);
+        int approx = 0;
+        double worst = 0.0;
+        for (size_t i = 0; i < m; i++) {
+            float out[C];
+            kmv_stats st;
+            assert_int_equal(kmv_stream_decode(s, q + i * D, out, &st), KMV_OK);
+            double err = ref_err(out, q + i * D, k, n, v);
+            if (z == 0) {
+                assert_int_equal(st.mode, KMV_MODE_FALLBACK);
+                assert_int_equal(st.fallback_reason, KMV_FALLBACK_SAMPLES);
+                assert_true(err < 2e-5);
+                continue;
+            }
+            assert_int_equal(st.mode, KMV_MODE_APPROX);
+            assert_int_equal(st.heavy_pairs, 0);
+            assert_true(st.samples >= 500 && st.samples < n / 2);
+            assert_true(err <= st.error_bound);
+            /* The bound is on the tail; the typical error is eps / z_err
+             * of the row's scale. */
+            assert_true(err < 0.1);
+            worst = err > worst ? err : worst;
+            approx++;
+        }
+        if (z > 0)
+            print_message("spread, %zu keys, queries x%.0f: %d of %zu steps approximate, worst error %.2e\n",
+                          n, (double)amps[z], approx, m, worst);
+        kmv_stream_free(s);
+        kmv_ctx_free(ctx);
+        free(k);
+        free(q);
+        free(v);
+    }
+}
+
+/* A query so long that even relative to the nearest possible key every
+ * lifted kernel value, exp(-s ||q|| sqrt(alpha)) for a query orthogonal
+ * to the keys, falls below float's range: the window sees a row sum of 0,
+ * no sample can bound it, and the step is the exact softmax row (taken in
+ * the logit domain, which is uniform here). */
+static void underflowing_row_runs_exact(void **state) {
     (void)state;
     const size_t n = 4096;
-    float *k = tu_random(n * D, 8, 1.0f), *q = tu_random(D, 9, 1.0f), *v = tu_random(n * C, 10, 1.0f);
-    for (size_t j = 0; j < n; j++)
-        for (size_t t = D / 2; t < D; t++) k[j * D + t] = 0.0f;
-    for (size_t t = 0; t < D / 2; t++) q[t] = 0.0f;
-    for (size_t t = D / 2; t < D; t++) q[t] *= 10.0f;
+    float *k, *q, *v;
+    spread_data(n, 1, 400.0f, &k, &q, &v);
     kmv_ctx *ctx = ctx_with(0, 0, NULL);
     kmv_stream *s;
     assert_int_equal(kmv_stream_attention_create(ctx, D, C, &s), KMV_OK);
@@ -145,6 +216,7 @@ static void spread_attention_runs_exact(void **state) {
     kmv_stats st;
     assert_int_equal(kmv_stream_decode(s, q, out, &st), KMV_OK);
     assert_int_equal(st.mode, KMV_MODE_FALLBACK);
+    assert_int_equal(st.fallback_reason, KMV_FALLBACK_SAMPLES);
     assert_true(ref_err(out, q, k, n, v) < 2e-5);
     kmv_stream_free(s);
     kmv_ctx_free(ctx);
@@ -275,7 +347,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(exact_steps_as_keys_grow),
         cmocka_unit_test(approximate_steps_within_bound),
-        cmocka_unit_test(spread_attention_runs_exact),
+        cmocka_unit_test(spread_attention),
+        cmocka_unit_test(underflowing_row_runs_exact),
         cmocka_unit_test(blocks_do_not_matter),
         cmocka_unit_test(refusals),
         cmocka_unit_test(failed_appends_change_nothing),

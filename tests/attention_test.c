@@ -100,7 +100,8 @@ static void rows_within_bound(void **state) {
     free(rows);
 }
 
-/* Same seed, same answer. */
+/* Same seed, same answer; and the same on 3 threads, where the rows after
+ * the first approximated one step concurrently. */
 static void deterministic(void **state) {
     (void)state;
     kmv_ctx *ctx = ctx_with(0, 0, 1, NULL);
@@ -108,13 +109,25 @@ static void deterministic(void **state) {
     assert_int_equal(kmv_attention(ctx, queries, M, keys, N, D, v, C, a, NULL), KMV_OK);
     assert_int_equal(kmv_attention(ctx, queries, M, keys, N, D, v, C, b, NULL), KMV_OK);
     assert_memory_equal(a, b, M * C * sizeof(float));
+    kmv_params p = *kmv_ctx_params(ctx);
+    p.n_threads = 3;
+    kmv_ctx *c3;
+    assert_int_equal(kmv_ctx_create(&p, &c3), KMV_OK);
+    kmv_stats st;
+    memset(b, 0, M * C * sizeof(float));
+    assert_int_equal(kmv_attention(c3, queries, M, keys, N, D, v, C, b, &st), KMV_OK);
+    assert_int_equal(st.n_threads, 3);
+    assert_true(st.rows_exact < M);
+    assert_memory_equal(a, b, M * C * sizeof(float));
+    kmv_ctx_free(c3);
     free(a);
     free(b);
     kmv_ctx_free(ctx);
 }
 
-/* Queries orthogonal to every key: no row can meet the bound with
- * samples, the probe rows find nothing to gain, and the rest run on the
+/* Long queries orthogonal to every key: each lifted row, even relative
+ * to the nearest possible key (exp(-s ||q|| sqrt(alpha))), is below
+ * float's range, so no row can be bounded by samples, the probe rows find nothing to gain, and the rest run on the
  * exact engine; the answer is the exact one and the stats say so. Without
  * force_approx, at a size where the approximate path is tried. */
 static void probe_gives_up(void **state) {
@@ -124,7 +137,7 @@ static void probe_gives_up(void **state) {
     for (size_t j = 0; j < n; j++)
         for (size_t t = D / 2; t < D; t++) k[j * D + t] = 0.0f;
     for (size_t i = 0; i < m; i++)
-        for (size_t t = 0; t < D; t++) q[i * D + t] = t < D / 2 ? 0.0f : 10.0f * q[i * D + t];
+        for (size_t t = 0; t < D; t++) q[i * D + t] = t < D / 2 ? 0.0f : 400.0f * q[i * D + t];
     kmv_ctx *ctx = ctx_with(0, 0, 0, NULL);
     float *out = malloc(m * C * sizeof(float));
     kmv_stats st;
