@@ -425,7 +425,10 @@ KMV_API int kmv_index_matvec(kmv_index *ix, const float *queries, size_t n_queri
  * KMV_MODE_APPROX when any row was approximated, error_measured
  * ||O - exact||_F / ||V||_F under params.measure_error, as the paper's
  * appendix A.1.4 reports it). When none of the first 32 rows can be
- * approximated, the rest run on the exact engine.
+ * approximated, the rest run on the exact engine. Without params.causal,
+ * the rows after the first approximated one step concurrently on
+ * params.n_threads threads; each row's answer is the one it has alone, so
+ * the output does not depend on the thread count.
  *
  * n_queries = 0 or n_cols = 0 is an empty result; n_keys = 0 is KMV_EEMPTY
  * (a softmax over nothing is undefined). Other errors as kmv_matvec().
@@ -590,17 +593,34 @@ KMV_API int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_s
  *
  * Guarantee per decoding step: the additive bound of the Gaussian stream
  * would be eps ||[V, 1]|| against row sums that, lifted, can be far
- * smaller. An attention step instead budgets its samples against the
- * part of the row sum it has computed exactly (heavy keys and exactly
- * summed columns), L: the error of [sum K' v, sum K'] is at most eps L
- * with probability >= 1 - delta, which gives the normalized output
+ * smaller. An attention step instead budgets its samples against a lower
+ * confidence bound on the row's whole lifted sum Z: lo = L + max(0, Z_w -
+ * z_sum sd(Z_w)), with L the part computed exactly (heavy keys found by
+ * LSH, exactly summed columns) and Z_w the window sample's estimate of the
+ * rest, so that lo <= Z with probability >= 1 - delta / 4 (z_sum the
+ * normal quantile). It keeps a window once its variance, and the density
+ * sketch's prediction of it, are within (eps lo / z_err)^2 (z_err the
+ * two-sided normal quantile at delta / 4, which also bounds a sum of
+ * squared Gaussian errors over the columns of [v, 1]); otherwise it draws
+ * a fresh, larger window. The error of [sum K' v, sum K'] is then at most
+ * eps Z with probability >= 1 - delta (LSH misses take the other delta /
+ * 2 and cost variance, never bias), which gives the normalized output
  *   ||out - exact||_2 <= eps sqrt(1 + R^2) / (1 - eps),  R = max_j ||v_j||,
  * reported as stats.error_bound (stats.error_measured: the same norm when
- * params.measure_error). Where L is too small for a sample to meet that
- * (attention spread thin, no heavy key found) the step computes the
- * exact softmax row instead, as it does below 2048 keys and under
- * params.exact; the exact row is taken with the running maximum
- * subtracted and never overflows.
+ * params.measure_error). As for kmv_index_matvec(), the window estimates
+ * are treated as Gaussian, each a mean of >= min_samples terms, with their
+ * own variance standing for the true one. A row spread over many keys is
+ * sampled whole this way, with no heavy key (at least about z_err^2 /
+ * eps^2 samples, 900 at eps = 0.1 and the default delta, whatever n; more
+ * as its values spread); rows whose mass sits
+ * on a few keys need the LSH to put them in L. Where the window would have
+ * to cover half the keys, the step computes the exact softmax row instead,
+ * as it does below 2048 keys and under params.exact; the exact row is
+ * taken with the running maximum subtracted and never overflows. A step's
+ * kernel values are taken relative to exp(-(||q|| - sqrt(alpha))^2 /
+ * (2 sigma^2)), the largest value any lifted key can have, so a long query
+ * does not fall below float's range (a row whose sum still does, below
+ * n 2^-119 / eps, runs exact). Windows start at a hash of the query.
  *
  * kmv_stream_append_keys() takes keys (count x dim) and V (count x
  * n_cols); kmv_stream_decode() writes n_cols outputs. Decoding steps only
