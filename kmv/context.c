@@ -15,6 +15,7 @@ void kmv_params_init(kmv_params *p) {
     p->attn_scale = 0.0;
     p->causal = 0;
     p->exact = 0;
+    p->attn_budget = KMV_BUDGET_CERTIFIED;
     p->eps = 0.1;
     p->delta = 0.01;
     p->seed = 1;
@@ -40,6 +41,8 @@ int kmv_params_check(const kmv_params *p) {
     if (p->min_samples < 8 || p->min_samples > 65536) return KMV_EINVAL;
     if (p->n_threads < 0) return KMV_EINVAL;
     if (p->force_approx != 0 && p->force_approx != 1) return KMV_EINVAL;
+    if (p->attn_budget != KMV_BUDGET_CERTIFIED && p->attn_budget != KMV_BUDGET_EMPIRICAL)
+        return KMV_EINVAL;
     if ((p->allocator.alloc == NULL) != (p->allocator.free == NULL)) return KMV_EINVAL;
     return KMV_OK;
 }

@@ -134,6 +134,19 @@ typedef enum kmv_mode {
     KMV_MODE_FALLBACK = 2  /* approximation was asked for; exact was cheaper */
 } kmv_mode;
 
+/* How an attention step sizes its light-key samples (params.attn_budget;
+ * see kmv_stream_attention_create()). */
+typedef enum kmv_attn_budget {
+    /* Against the variance the light keys can have given what the LSH
+     * certifies of them: the step's error bound holds. */
+    KMV_BUDGET_CERTIFIED = 0,
+    /* Against the variance its windows show, as the implementation in the
+     * paper's appendix A.1.4 does: far fewer samples where attention
+     * spreads, and no bound (a dominant key that no window meets goes
+     * unseen); stats.error_bound is then INFINITY. For experiments. */
+    KMV_BUDGET_EMPIRICAL = 1
+} kmv_attn_budget;
+
 typedef struct kmv_params {
     double sigma;      /* Gaussian bandwidth, in [1e-150, 1e150]. Default 1. */
     double attn_scale; /* attention logit scale s in exp(s <q,k>); 0 means
@@ -150,6 +163,9 @@ typedef struct kmv_params {
                           path runs and its behaviour can be measured
                           where exact would be cheaper; the guarantee is
                           unchanged. For experiments. 0 or 1; default 0.   */
+    int attn_budget;   /* how attention steps size their samples, a
+                          kmv_attn_budget (kmv_stream_attention_create()).
+                          Default KMV_BUDGET_CERTIFIED.                     */
     double eps;        /* target error: ||Kx - y||_2 <= eps ||x||_2.
                           In (0, 1). Default 0.1.                           */
     double delta;      /* failure probability of that bound, in (0, 1).
@@ -425,9 +441,9 @@ KMV_API int kmv_index_matvec(kmv_index *ix, const float *queries, size_t n_queri
  * KMV_MODE_APPROX when any row was approximated, error_measured
  * ||O - exact||_F / ||V||_F under params.measure_error, as the paper's
  * appendix A.1.4 reports it). When none of the first 32 rows can be
- * approximated, the rest run on the exact engine. Without params.causal,
- * the rows after the first approximated one step concurrently on
- * params.n_threads threads; each row's answer is the one it has alone, so
+ * approximated, the rest run on the exact engine. Without params.causal
+ * or params.max_bytes, the rows after the first approximated one step
+ * concurrently on params.n_threads threads; each row's answer is the one it has alone, so
  * the output does not depend on the thread count.
  *
  * n_queries = 0 or n_cols = 0 is an empty result; n_keys = 0 is KMV_EEMPTY

@@ -43,7 +43,10 @@ double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const flo
         for (size_t u = 0; u < len; u++) {
             float kv = scratch[u];
             size_t p = p0 + u;
-            if (kv >= kappa && n_heavy > 0 && kmv__contains(heavy, n_heavy, ks->id_at[p]))
+            /* The heavy list holds keys whose value, computed elsewhere,
+             * was >= kappa: the slack keeps a rounding difference from
+             * counting one twice. */
+            if (kv >= 0.999f * kappa && n_heavy > 0 && kmv__contains(heavy, n_heavy, ks->id_at[p]))
                 continue;
             if (mask != NULL &&
                 (ks->id_at[p] > mask->id_lim || (mask->wp != NULL && mask->wp[p] >= mask->whi)))

@@ -9,9 +9,10 @@
  * without the exact engine's GEMM. So the first rows probe: when none of
  * them could approximate, the rest go to the exact engine at once. Once a
  * row has approximated (its step prepared the stream's tables and draws
- * for the key count), the remaining rows of a non-causal batch step
- * concurrently, which the stream allows; each row's answer is the one it
- * would have alone, so the output does not depend on the threads. */
+ * for the key count), the remaining rows of a non-causal batch without a
+ * memory cap step concurrently, which the stream allows; each row's
+ * answer is the one it would have alone, so the output does not depend on
+ * the threads. */
 #include <math.h>
 #include <string.h>
 
@@ -73,7 +74,10 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
         if (rc != KMV_OK) break;
         rows_done++;
         tally(&S, &st, &approx, &bound, why);
-        if (approx > 0 && !pa->causal && nt > 1) break; /* the rest in parallel */
+        /* The rest in parallel; not under a memory cap, where rows stepping
+         * at once would hold more scratch than one, and which row met the
+         * cap would depend on timing. */
+        if (approx > 0 && !pa->causal && nt > 1 && pa->max_bytes == 0) break;
         if (pa->force_approx || approx > 0) continue;
         /* A refusal that holds for the whole size (no plan, the cap, too
          * few keys) makes every row exact: stop probing at once. */
@@ -93,10 +97,16 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 8)
         for (size_t i = from; i < m; i++) {
             kmv_stats st;
-            int r = prc == KMV_OK ? kmv_stream_decode(s, q + i * d, res + i * c, &st) : KMV_OK;
+            int seen;
+#pragma omp atomic read
+            seen = prc;
+            int r = seen == KMV_OK ? kmv_stream_decode(s, q + i * d, res + i * c, &st) : KMV_OK;
 #pragma omp critical(kmv_attention_rows)
             {
-                if (r != KMV_OK && prc == KMV_OK) prc = r;
+                if (r != KMV_OK && prc == KMV_OK) {
+#pragma omp atomic write
+                    prc = r;
+                }
                 if (r == KMV_OK && prc == KMV_OK) tally(&S, &st, &approx, &bound, why);
             }
         }

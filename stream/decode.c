@@ -206,58 +206,98 @@ static int prepare(kmv_stream *s, const float *q, double *seconds) {
     return rc;
 }
 
-/* Rounds of windows an attention step tries before the exact row. */
-#define ATTN_ROUNDS 4
-
 /* The light part of an attention step (see kmv_stream_attention_create()
  * for the guarantee). The budget is relative to a lower confidence bound
- * on the whole lifted row sum, lo = L + max(0, Z - z_sum sd(Z)): L the
- * part summed exactly (heavy keys, exact columns), Z the window's estimate
- * of the rest. A window is kept when its variance over [v, 1], and the
- * sketch's prediction of it (n W / s), are within (eps lo / z_err)^2;
- * otherwise a fresh window of the size both call for is drawn (the kept
- * estimate is then independent of the windows that sized it), until that
- * size reaches half the keys. Spread rows, where no key is heavy, are
- * sampled whole this way; rows with a few dominant keys need the heavy
- * search to put them in L. The windows start at a hash of the query, so
- * the queries of one batch (one key count) do not share their samples.
- * Returns 0 with t->est the light sums, *sn the samples of every window
- * drawn, *var the kept window's variance and *lo the bound; else the kmv_fallback for the exact row. */
-static int attn_light(const kmv_stream *s, const float *q, float inv2s2, float sh, float fk, step *t,
-                      size_t nh, const kmv__keymask *mask, double W, size_t *sn, double *var,
-                      double *lo) {
+ * on the whole lifted row sum, lo = L + max(0, Z - D_Z): L the part summed
+ * exactly (heavy keys, exact columns), Z the window's estimate of the rest
+ * and D_Z its deviation bound. A window is kept when the deviation bounds
+ * of its [v, 1] estimate, D, have ||D|| <= eps lo; otherwise a larger
+ * window is drawn, until its size reaches half the keys.
+ *
+ * Under KMV_BUDGET_CERTIFIED the deviations are empirical Bernstein
+ * bounds (Maurer and Pontil 2009; without replacement, Bardenet and
+ * Maillard 2015): for a mean of s terms in a range of width b with sample
+ * variance S^2, sqrt(2 S^2 l / s) + 7 b l / (3 (s - 1)), l = ln(4 / p).
+ * The range is what the light keys are certified to stay under: K'' < tau
+ * (tau = 1 by the shift, or kappa exp(sh inv2s2) where the tables were
+ * searched, the LSH finding every key with K' >= kappa but with
+ * probability delta / 2), so a dominant key that no window met still
+ * counts through b. p = delta / (2 rounds columns): the union over rounds
+ * and columns covers whichever window is kept, dependent or not. The
+ * sketch's prediction only sizes the windows.
+ *
+ * Under KMV_BUDGET_EMPIRICAL the deviations are the windows' (and the
+ * sketch's) variance times the normal quantile z_err, and lo uses z_sum:
+ * the paper's appendix A.1.4 implementation, many fewer samples where
+ * the range is wide, and no guarantee.
+ *
+ * The windows start at a hash of the query, so the queries of one batch
+ * (one key count) do not share their samples. Returns 0 with t->est the
+ * light sums, *sn the samples of every window drawn, *dev the kept ||D||
+ * and *lo the bound; else the kmv_fallback for the exact row. */
+static int attn_light(const kmv_stream *s, const float *q, float inv2s2, float fk, double tau,
+                      step *t, size_t nh, const kmv__keymask *mask, double W, float sh,
+                      size_t *sn, double *dev, double *lo) {
     const kmv_params *pa = &s->ix->params;
     const kmv__keystore *ks = &s->ix->ks;
     size_t n = ks->n, c = s->c;
+    int certified = pa->attn_budget == KMV_BUDGET_CERTIFIED;
     double L = t->sum[c - 1];
+    double l = log(4.0 * KMV__ATTN_ROUNDS * (double)c / (0.5 * pa->delta));
+    double xr = sqrt(s->wmax - 1.0 > 0.0 ? s->wmax - 1.0 : 0.0); /* max |v_j,col| */
     uint64_t qh = XXH3_64bits(q, s->d * sizeof(float));
     size_t want = (size_t)pa->min_samples;
     *sn = 0;
-    for (int round = 0; round < ATTN_ROUNDS; round++) {
+    for (int round = 0; round < KMV__ATTN_ROUNDS; round++) {
         if (2 * want >= n) break;
         size_t off = kmv__window_offset(pa->seed ^ qh, KMV__RNG_DECODE, n, round, n);
         double v = kmv__window(ks, s->xs, c, q, inv2s2, sh, fk, t->cand, nh, mask, off, want,
                                t->chunk, t->acc, t->est);
-        double vz = kmv__window_var_col(t->acc, c, c - 1, n, want);
-        double low = L + fmax(0.0, t->est[c - 1] - s->z_sum * sqrt(vz));
-        double vmax = pa->eps * low / s->z_err;
-        vmax *= vmax;
-        double vsk = (double)n * W * (1.0 - (double)want / (double)n) / (double)want;
         *sn += want;
-        /* Kernel values below float's normal range are flushed: n of them
-         * must stay far below the error allowed. */
-        int floor_ok = pa->eps * low > (double)n * 0x1p-119;
-        if (v <= vmax && vsk <= vmax && floor_ok) {
-            *var = v;
+        double sw = (double)want, fpc = (1.0 - sw / (double)n) / sw;
+        double vsk = (double)n * W * fpc; /* the sketch's prediction of v */
+        /* ||D||^2 = d2; its parts that fall as 1 / sqrt(s) (a2) and as 1 / s
+         * (r2, the range's) size the next window. */
+        double d2 = 0.0, a2 = 0.0, r2 = 0.0, dz = 0.0;
+        if (certified) {
+            /* Per column: n times the bound on the mean of the terms, whose
+             * sample variance is var / (n^2 fpc). */
+            for (size_t col = 0; col < c; col++) {
+                double var = kmv__window_var_col(t->acc, c, col, n, want);
+                double b = col + 1 == c ? tau : 2.0 * tau * xr;
+                double dv = sqrt(2.0 * l * var / (fpc * sw));
+                double dr = (double)n * 7.0 * b * l / (3.0 * (sw - 1.0));
+                d2 += (dv + dr) * (dv + dr);
+                a2 += dv * dv;
+                r2 += dr * dr;
+                if (col + 1 == c) dz = dv + dr;
+            }
+        } else {
+            double vz = kmv__window_var_col(t->acc, c, c - 1, n, want);
+            d2 = a2 = s->z_err * s->z_err * (v > vsk ? v : vsk);
+            dz = s->z_sum * sqrt(vz);
+        }
+        double low = L + fmax(0.0, t->est[c - 1] - dz);
+        double allow = pa->eps * low;
+        /* Kernel values below float's normal range are flushed: n of them,
+         * times the largest value row, must stay far below the error
+         * allowed. */
+        int floor_ok = allow > (double)n * 0x1p-119 * sqrt(s->wmax);
+        if (d2 <= allow * allow && floor_ok) {
+            *dev = sqrt(d2);
             *lo = low;
             return 0;
         }
-        if (!(vmax > 0.0) || !floor_ok) break;
-        /* The size both estimates call for, a little over, at least twice
-         * this one's (a window that saw little of the row sum says little
-         * of its variance). */
-        double need = 1.2 * (double)want * (v > vsk ? v : vsk) / vmax;
-        if (need < 2.0 * (double)want) need = 2.0 * (double)want;
+        if (!(allow > 0.0) || !floor_ok) break;
+        /* The size at which A / sqrt(s) + B / s meets the allowance (A and B
+         * bound the two parts' norms, by Minkowski), a little over, at
+         * least twice this one's; more where the sketch expects more
+         * variance than the window saw. */
+        double A = sqrt(a2), B = sqrt(r2);
+        if (vsk > v && v > 0.0) A *= sqrt(vsk / v);
+        double x = B > 0.0 ? (sqrt(A * A + 4.0 * B * allow) - A) / (2.0 * B) : allow / A;
+        double need = 1.1 * sw / (x * x); /* x = sqrt(s / need) */
+        if (!(need >= 2.0 * sw)) need = 2.0 * sw;
         if (!(need < 0.5 * (double)n)) break;
         want = (size_t)ceil(need);
     }
@@ -345,13 +385,16 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
      * normalized output. Without it a long query's row would fall below
      * float's range (exp(-s (||q||^2 + alpha) / 2) at worst, against
      * exp(-s (||q|| - sqrt(alpha))^2 / 2) for its nearest possible key).
-     * Shrunk by a few ulps so rounding cannot lift a value past 1. */
+     * A distance that rounding takes below the shift is clamped to 0 by the
+     * kernel, so no value passes 1. The subtraction costs precision as
+     * ||q||^2 + alpha grows: a logit error of about s (||q||^2 + alpha)
+     * 2^-24 per coordinate's rounding, 1e-4 at ||q||^2 = 10^4, s = 1/4. */
     float sh = 0.0f;
     if (s->attn) {
         double qn = 0.0;
         for (size_t i = 0; i < d; i++) qn += (double)q[i] * q[i];
         double g = sqrt(qn) - sqrt(s->key_bound);
-        sh = (float)(g * g * (1.0 - 1e-6));
+        sh = (float)(g * g);
     }
 
     double th = kmv__now();
@@ -485,7 +528,14 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
     double v;
     if (s->attn) {
         double lo;
-        int why = attn_light(s, q, inv2s2, sh, fk, &t, nh, &mask, W, &sn, &v, &lo);
+        /* What bounds the keys no heavy search returned: the shift's 1, or
+         * kappa (unshifted) where the tables were searched. */
+        double tau = 1.0;
+        if (use_tables) {
+            double lt = log(kappa) + (double)inv2s2 * (double)sh;
+            tau = lt < 0.0 ? exp(lt) : 1.0;
+        }
+        int why = attn_light(s, q, inv2s2, fk, tau, &t, nh, &mask, W, sh, &sn, &v, &lo);
         S.samples = sn;
         S.rows_resampled = why == 0 && sn > (size_t)smin;
         if (why != 0) {
@@ -494,7 +544,7 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
         }
         for (size_t col = 0; col < c; col++) t.est[col] += t.sum[col];
         /* attn_light() accepts only lo <= the estimated row sum, so z > 0. */
-        double z = t.est[c - 1], e = s->z_err * sqrt(v) / lo;
+        double z = t.est[c - 1], e = v / lo; /* v: the deviation bound */
         for (size_t col = 0; col + 1 < c; col++) t.est[col] /= z;
         t.est[c - 1] = 1.0;
         S.error_estimate = e < 1.0 ? e * sqrt(s->wmax) / (1.0 - e) : INFINITY;
@@ -556,7 +606,9 @@ answer:
     if (s->attn) { /* the caller's shapes, and the normalized bound */
         S.dim = d - 1;
         S.n_cols = c - 1;
-        S.error_bound = pa->eps * sqrt(s->wmax) / (1.0 - pa->eps);
+        S.error_bound = S.mode == KMV_MODE_APPROX && pa->attn_budget == KMV_BUDGET_EMPIRICAL
+                            ? INFINITY /* none */
+                            : pa->eps * sqrt(s->wmax) / (1.0 - pa->eps);
     }
     for (size_t col = 0; col < c; col++) y[col] = (float)t.est[col];
     S.seconds = kmv__now() - t0;

@@ -54,8 +54,8 @@ int kmv__stream_attention_new(const kmv_ctx *ctx, const kmv_params *params, size
     if (rc != KMV_OK) return rc;
     (*out)->attn = 1;
     (*out)->scale = scale;
-    (*out)->z_sum = kmv__normal_upper(0.25 * p.delta);
-    (*out)->z_err = kmv__normal_upper(0.125 * p.delta);
+    (*out)->z_sum = kmv__normal_upper(0.25 * p.delta / KMV__ATTN_ROUNDS);
+    (*out)->z_err = kmv__normal_upper(0.125 * p.delta / KMV__ATTN_ROUNDS);
     return KMV_OK;
 }
 

@@ -11,6 +11,9 @@
 #include "kmv/kmv.h"
 #include "kmv/sketch.h"
 
+/* Windows an attention step may draw before it runs the exact row. */
+#define KMV__ATTN_ROUNDS 4
+
 struct kmv_stream {
     kmv_index *ix;   /* keys in the store's random order, the LSH tables,
                         the params and the metered allocator */
@@ -41,7 +44,8 @@ struct kmv_stream {
     size_t kn2cap;
     double wmax;      /* max ||x_j||^2 = 1 + R^2 */
     /* A step's normal quantiles: the row sum's lower confidence bound
-     * (one-sided, delta / 4) and the error's (two-sided, delta / 4). */
+     * (one-sided) and the error's (two-sided), each at delta / 4 over the
+     * KMV__ATTN_ROUNDS windows a step may draw. */
     double z_sum, z_err;
     uint64_t relifts;
     /* Decoding steps read under it and write (tables, draws, refusals)

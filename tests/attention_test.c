@@ -12,7 +12,7 @@
 #include "tests/datagen.h"
 #include "tests/testutil.h"
 
-#define N 4096
+#define N 8192
 #define M 160
 #define D 16
 #define C 3
