@@ -106,6 +106,8 @@ int cmd_decode(int argc, char **argv) {
                                               "rotary embedding; exact attention's)", 0, 0, 0, 0, 0},
         {"force-approx", OPT_FLAG, 0, "", "approximate steps even where the cost model runs exact "
                                           "(below 2048 keys: every context of a small model)", 0, 0, 0, 0, 0},
+        {"empirical", OPT_FLAG, 0, "", "size samples by their own variance (the paper's A.1.4; "
+                                       "no error bound)", 0, 0, 0, 0, 0},
     };
     size_t no = sizeof o / sizeof o[0];
     int rc = args_parse(CMD,
@@ -166,6 +168,7 @@ int cmd_decode(int argc, char **argv) {
     if (tfile != NULL) steps = ntok;
 
     p.force_approx = args_get(o, no, "force-approx")->seen;
+    if (args_get(o, no, "empirical")->seen) p.attn_budget = KMV_BUDGET_EMPIRICAL;
     kmv_params pe = p;
     pe.exact = 1;
     pe.force_approx = 0;

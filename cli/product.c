@@ -1,6 +1,7 @@
 /* `kmv matvec` and `kmv attention`: load, check shapes, one library call,
  * write the result and the stats. The two commands differ only in their
  * option names and the call they make, so they share this file. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,8 +34,12 @@ static const char *mode_name(int mode) {
  * timed, since the stats are staged before it. */
 static int stage_stats(const char *cmd, const char *path, const kmv_params *p, int attn,
                        const kmv_stats *st, double t_load, char **staged) {
-    char buf[4096], measured[64] = "null";
+    char buf[4096], measured[64] = "null", bound[64] = "null", estimate[64] = "null";
     if (st->error_measured >= 0.0) snprintf(measured, sizeof measured, "%.9g", st->error_measured);
+    /* JSON has no infinity: an empirical budget's missing bound is null. */
+    double eb = st->mode == KMV_MODE_EXACT ? 0.0 : st->error_bound;
+    if (isfinite(eb)) snprintf(bound, sizeof bound, "%.9g", eb);
+    if (isfinite(st->error_estimate)) snprintf(estimate, sizeof estimate, "%.9g", st->error_estimate);
     int len = snprintf(
         buf, sizeof buf,
         "{\n"
@@ -81,8 +86,9 @@ static int stage_stats(const char *cmd, const char *path, const kmv_params *p, i
         "    \"rows_exact\": %zu,\n"
         "    \"rows_resampled\": %zu,\n"
         "    \"cost_ratio\": %.6g,\n"
-        "    \"error_bound\": %.9g,\n"
-        "    \"error_estimate\": %.9g,\n"
+        "    \"attn_budget\": \"%s\",\n"
+        "    \"error_bound\": %s,\n"
+        "    \"error_estimate\": %s,\n"
         "    \"error_measured\": %s\n"
         "  }\n"
         "}\n",
@@ -96,8 +102,9 @@ static int stage_stats(const char *cmd, const char *path, const kmv_params *p, i
         st->lsh_hash_len, st->lsh_width, (unsigned long long)st->lsh_candidates,
         (unsigned long long)st->lsh_steps, (unsigned long long)st->heavy_pairs,
         (unsigned long long)st->sketch_evals, (unsigned long long)st->samples, st->rows_exact,
-        st->rows_resampled, st->cost_ratio, st->mode == KMV_MODE_EXACT ? 0.0 : st->error_bound,
-        st->error_estimate, measured);
+        st->rows_resampled, st->cost_ratio,
+        p->attn_budget == KMV_BUDGET_EMPIRICAL ? "empirical" : "certified", bound, estimate,
+        measured);
     if (len < 0 || (size_t)len >= sizeof buf) {
         fprintf(stderr, "kmv %s: stats too long\n", cmd);
         return EXIT_FAIL;
@@ -162,6 +169,7 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
             }
             p.attn_scale = v->d;
         }
+        if (args_get(o, no, "empirical")->seen) p.attn_budget = KMV_BUDGET_EMPIRICAL;
     }
     if ((v = args_get(o, no, "causal")) != NULL) p.causal = v->seen;
     p.exact = args_get(o, no, "exact")->seen;
@@ -276,6 +284,8 @@ int cmd_attention(int argc, char **argv) {
         {"v", OPT_STRING, 1, "V.npy", "values, n x c (or length n)", 0, 0, 0, 0, 0},
         {"scale", OPT_DOUBLE, 0, "S", "logit scale, > 0 (default 1/sqrt(d))", 0, 0, 0, 0, 0},
         {"causal", OPT_FLAG, 0, "", "query i sees keys j <= i only", 0, 0, 0, 0, 0},
+        {"empirical", OPT_FLAG, 0, "", "size samples by their own variance (the paper's A.1.4; "
+                                       "no error bound)", 0, 0, 0, 0, 0},
         COMMON_OPTS,
     };
     return run("attention", 1, o, sizeof o / sizeof o[0], argc, argv);

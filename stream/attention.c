@@ -4,15 +4,16 @@
  * (see kmv_stream_attention_create() in kmv.h). Causal: the keys enter as
  * the rows advance, row i stepping against keys 0..i.
  *
- * Rows where Lemma 4.1's lifted kernel is too small for a sample to meet
- * the guarantee run exact inside the step, at the cost of an exact row
- * without the exact engine's GEMM. So the first rows probe: when none of
- * them could approximate, the rest go to the exact engine at once. Once a
- * row has approximated (its step prepared the stream's tables and draws
- * for the key count), the remaining rows of a non-causal batch without a
- * memory cap step concurrently, which the stream allows; each row's
- * answer is the one it would have alone, so the output does not depend on
- * the threads. */
+ * Rows where a sample cannot meet the guarantee would run exact inside
+ * the step, one exact row without the exact engine's GEMM. So a
+ * non-causal batch defers them and sums them together on the exact
+ * engine afterwards, and the first rows probe: when none of them could
+ * approximate, the rest go to the exact engine at once. Once a row has
+ * approximated (its step prepared the stream's tables and draws for the
+ * key count), the remaining rows of a non-causal batch without a memory
+ * cap step concurrently, which the stream allows; each row's answer is
+ * the one it would have alone, so the output does not depend on the
+ * threads. */
 #include <math.h>
 #include <string.h>
 
@@ -53,8 +54,12 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
     if (rc != KMV_OK) return rc;
     const kmv_allocator *a = &s->ix->alloc;
     float *res = kmv__malloc_array(a, m, c * sizeof(float));
-    float *ye = NULL;
-    if (res == NULL) {
+    float *ye = NULL, *qd = NULL, *od = NULL;
+    /* Rows a step left to the exact engine (non-causal only: a causal
+     * row's keys depend on its position, so its step sums it). */
+    unsigned char *deferred = kmv__malloc_array(a, m ? m : 1, 1);
+    int defer = !pa->causal;
+    if (res == NULL || deferred == NULL) {
         rc = KMV_ENOMEM;
         goto out;
     }
@@ -63,6 +68,7 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
     size_t approx = 0, rows_done = 0, why[8] = {0};
     double bound = 0.0;
     int nt = kmv__threads(pa), gave_up = 0;
+    memset(deferred, 0, m ? m : 1);
     if (!pa->causal) rc = kmv_stream_append_keys(s, k, v, n);
     for (size_t i = 0; rc == KMV_OK && i < m; i++) {
         size_t have = s->ix->ks.n;
@@ -70,8 +76,9 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
             rc = kmv_stream_append_keys(s, k + have * d, v + have * c, (i < n ? i + 1 : n) - have);
         if (rc != KMV_OK) break;
         kmv_stats st;
-        rc = kmv_stream_decode(s, q + i * d, res + i * c, &st);
+        rc = kmv__stream_attn_decode(s, q + i * d, res + i * c, &st, defer);
         if (rc != KMV_OK) break;
+        deferred[i] = defer && st.mode != KMV_MODE_APPROX;
         rows_done++;
         tally(&S, &st, &approx, &bound, why);
         /* The rest in parallel; not under a memory cap, where rows stepping
@@ -100,14 +107,16 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
             int seen;
 #pragma omp atomic read
             seen = prc;
-            int r = seen == KMV_OK ? kmv_stream_decode(s, q + i * d, res + i * c, &st) : KMV_OK;
+            int r = KMV_OK, ran = seen == KMV_OK;
+            if (ran) r = kmv__stream_attn_decode(s, q + i * d, res + i * c, &st, defer);
+            deferred[i] = ran && r == KMV_OK && st.mode != KMV_MODE_APPROX;
 #pragma omp critical(kmv_attention_rows)
             {
                 if (r != KMV_OK && prc == KMV_OK) {
 #pragma omp atomic write
                     prc = r;
                 }
-                if (r == KMV_OK && prc == KMV_OK) tally(&S, &st, &approx, &bound, why);
+                if (ran && r == KMV_OK && prc == KMV_OK) tally(&S, &st, &approx, &bound, why);
             }
         }
         rc = prc;
@@ -115,12 +124,38 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
         rows_done = m;
         threads = nt;
     }
-    if (rows_done < m) { /* the probe found nothing to gain */
+    if (rows_done < m && !defer) { /* the probe found nothing to gain */
         kmv__problem pr = {q + rows_done * d, k, v, res + rows_done * c, m - rows_done, n, d, c,
                            0, kmv__threads(pa), NULL, NULL};
         rc = kmv__exact_attn(a, &pr, scale, &threads);
         if (rc != KMV_OK) goto out;
         S.kernel_evals += (uint64_t)(m - rows_done) * n;
+    }
+    if (defer) {
+        /* The deferred rows, and those the probe gave up on, in one call
+         * of the exact engine (GEMM blocks, every thread) instead of one
+         * exact row per step. */
+        for (size_t i = rows_done; i < m; i++) deferred[i] = 1;
+        size_t nd = 0;
+        for (size_t i = 0; i < m; i++) nd += deferred[i];
+        if (nd) {
+            qd = kmv__malloc_array(a, nd, d * sizeof(float));
+            od = kmv__malloc_array(a, nd, c * sizeof(float));
+            if (qd == NULL || od == NULL) {
+                rc = KMV_ENOMEM;
+                goto out;
+            }
+            for (size_t i = 0, u = 0; i < m; i++)
+                if (deferred[i]) memcpy(qd + (u++) * d, q + i * d, d * sizeof(float));
+            int et = 1;
+            kmv__problem pr = {qd, k, v, od, nd, n, d, c, 0, nt, NULL, NULL};
+            rc = kmv__exact_attn(a, &pr, scale, &et);
+            if (rc != KMV_OK) goto out;
+            for (size_t i = 0, u = 0; i < m; i++)
+                if (deferred[i]) memcpy(res + i * c, od + (u++) * c, c * sizeof(float));
+            S.kernel_evals += (uint64_t)nd * n;
+            threads = et > threads ? et : threads;
+        }
     }
     S.mode = approx ? KMV_MODE_APPROX : KMV_MODE_FALLBACK;
     int top = 0;
@@ -154,6 +189,9 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
     if (stats != NULL) *stats = S;
 out:
     kmv__free(a, res);
+    kmv__free(a, deferred);
+    kmv__free(a, qd);
+    kmv__free(a, od);
     kmv__free(a, ye);
     kmv_stream_free(s);
     return rc;

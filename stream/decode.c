@@ -308,7 +308,7 @@ static int attn_light(const kmv_stream *s, const float *q, float inv2s2, float f
  * plan that did not fit params.max_bytes), the exact row. prep: seconds
  * this call spent preparing. */
 static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats *st, int no_plan,
-                       double prep) {
+                       int defer, double prep) {
     double t0 = kmv__now() - prep;
     const kmv_index *ix = s->ix;
     const kmv_params *pa = &ix->params;
@@ -585,11 +585,17 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
     goto answer;
 
 exact:
-    exact_answer(s, q, inv2s2, &t);
     S.mode = pa->exact ? KMV_MODE_EXACT : KMV_MODE_FALLBACK;
     S.rows_exact = 1;
-    S.kernel_evals = n;
     S.error_estimate = 0.0;
+    if (defer) { /* the caller sums the row, y untouched */
+        S.kernel_evals = 0;
+        S.seconds = kmv__now() - t0;
+        if (st != NULL) *st = S;
+        goto out;
+    }
+    exact_answer(s, q, inv2s2, &t);
+    S.kernel_evals = n;
 
 answer:
     for (size_t col = 0; col < c; col++) {
@@ -626,7 +632,7 @@ out:
  * change. A step's own scratch refused by the cap (the steps beside it
  * hold theirs) costs that step only: it reruns as the exact row, which
  * needs less, and the tables stay. */
-int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st) {
+int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st, int defer) {
     kmv_index *ix = s->ix;
     double prep = 0.0;
     int rc = KMV_OK;
@@ -658,10 +664,10 @@ int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st) {
         pthread_rwlock_rdlock(&s->lock);
     }
     unsigned long h0 = kmv__meter_refusals_here();
-    rc = decode_once(s, q, y, st, 0, prep);
+    rc = decode_once(s, q, y, st, 0, defer, prep);
     if (rc == KMV_ENOMEM && kmv__meter_refusals_here() != h0 && !ix->params.exact) {
         h0 = kmv__meter_refusals_here();
-        rc = decode_once(s, q, y, st, 1, prep);
+        rc = decode_once(s, q, y, st, 1, defer, prep);
     }
     pthread_rwlock_unlock(&s->lock);
     if (rc == KMV_ENOMEM && kmv__meter_refusals_here() != h0) rc = KMV_ELIMIT;

@@ -276,7 +276,12 @@ int kmv_stream_matvec(kmv_stream *s, const float *x_fresh, float *y, kmv_stats *
 int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_stats *stats) {
     if (s == NULL || query == NULL || y == NULL) return KMV_EINVAL;
     if (kmv_find_nonfinite(query, s->d - (size_t)s->attn, NULL) != KMV_OK) return KMV_ENONFINITE;
-    if (!s->attn) return kmv__stream_decode(s, query, y, stats);
+    if (!s->attn) return kmv__stream_decode(s, query, y, stats, 0);
+    return kmv__stream_attn_decode(s, query, y, stats, 0);
+}
+
+int kmv__stream_attn_decode(kmv_stream *s, const float *query, float *y, kmv_stats *stats,
+                            int defer) {
     if (s->ix->ks.n == 0) return KMV_EEMPTY; /* a softmax over nothing */
     /* The lifted query (extra coordinate 0) and the row with its ones
      * column; steps may run concurrently, so the scratch is the call's. */
@@ -288,8 +293,9 @@ int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_stats *st
     if (ql && yl) {
         memcpy(ql, query, (s->d - 1) * sizeof(float));
         ql[s->d - 1] = 0.0f;
-        rc = kmv__stream_decode(s, ql, yl, stats);
-        if (rc == KMV_OK) memcpy(y, yl, (s->c - 1) * sizeof(float));
+        rc = kmv__stream_decode(s, ql, yl, stats, defer);
+        if (rc == KMV_OK && !(defer && stats->mode != KMV_MODE_APPROX))
+            memcpy(y, yl, (s->c - 1) * sizeof(float));
     }
     kmv__free(&ix->alloc, ql);
     kmv__free(&ix->alloc, yl);

@@ -68,8 +68,15 @@ int kmv__stream_attention_new(const kmv_ctx *ctx, const kmv_params *params, size
 int kmv__stream_attn_append(kmv_stream *s, const float *keys, const float *v, size_t count);
 
 /* kmv_stream_decode() past validation; for an attention stream, q is
- * lifted and y (c) comes out normalized, with y[c - 1] = 1. */
-int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st);
+ * lifted and y (c) comes out normalized, with y[c - 1] = 1. With defer, a
+ * step that would compute the exact row returns at once with st->mode
+ * not KMV_MODE_APPROX (st required) and y untouched, for a caller that
+ * sums such rows together (batch attention, on the exact engine). */
+int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st, int defer);
+
+/* kmv_stream_decode() on an attention stream past validation, with defer
+ * as for kmv__stream_decode(). */
+int kmv__stream_attn_decode(kmv_stream *s, const float *query, float *y, kmv_stats *st, int defer);
 
 /* A stream for dim x n_cols under params (already checked). */
 int kmv__stream_new(const kmv_ctx *ctx, const kmv_params *params, size_t dim, size_t n_cols,

@@ -84,6 +84,16 @@ expect 1 "must be a 2-D array" -- $KMV "${MV[@]}" --queries "$T/x.npy" --keys "$
 # too small to gain, so it runs exact and the stats say so.
 expect 0 "" -- $KMV attention --q "$T/q.npy" --k "$T/k.npy" --v "$T/v.npy" --out "$T/ya.npy" --stats "$T/sa.json"
 if grep -q '"mode": "fallback"' "$T/sa.json"; then ok; else bad "small approximate attention not reported as a fallback: $(cat "$T/sa.json")"; fi
+# Spread attention over 4096 keys (16-d random keys, logits near 0), eps
+# 0.3: the certified budget cannot rule out a dominant key and runs every
+# row exact; --empirical samples the rows and reports no bound (null).
+$GEN write "$T/qs.npy" 4096 16 31 >/dev/null
+$GEN write "$T/vs.npy" 4096 1 32 >/dev/null
+expect 0 "" -- $KMV attention --eps 0.3 --q "$T/qs.npy" --k "$T/qs.npy" --v "$T/vs.npy" --out "$T/os.npy" --stats "$T/ss.json"
+if grep -q '"attn_budget": "certified"' "$T/ss.json" && grep -q '"rows_exact": 4096' "$T/ss.json"; then ok; else bad "certified spread attention: $(cat "$T/ss.json")"; fi
+expect 0 "" -- $KMV attention --empirical --eps 0.3 --q "$T/qs.npy" --k "$T/qs.npy" --v "$T/vs.npy" --out "$T/oe.npy" --stats "$T/se.json"
+if grep -q '"attn_budget": "empirical"' "$T/se.json" && grep -q '"mode": "approx"' "$T/se.json" &&
+    grep -q '"error_bound": null' "$T/se.json"; then ok; else bad "empirical spread attention: $(cat "$T/se.json")"; fi
 # Causal products run without --exact too, and say so in the stats.
 expect 0 "" -- $KMV matvec --causal --sigma 1 --out "$T/yc.npy" --stats "$T/sc.json" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
 if grep -q '"causal": true' "$T/sc.json"; then ok; else bad "causal matvec stats lack causal"; fi
