@@ -155,13 +155,14 @@ static void decoding(const char *name, const float *k, size_t n, const float *qs
 
 /* Attention decoding steps: `steps` queries (rows of k: self-attention,
  * as the paper's appendix A.1.4 runs GloVe) against n keys with one
- * value column, an attention stream at eps = 0.1 against one under
- * params.exact. */
+ * value column, an attention stream at eps = 0.1 under `budget` against
+ * one under params.exact. */
 static void attention_decoding(const char *name, const float *k, size_t n, size_t steps, size_t d,
-                               const float *v) {
+                               const float *v, int budget) {
     kmv_params p;
     kmv_params_init(&p);
     p.eps = 0.1;
+    p.attn_budget = budget;
     kmv_ctx *ca, *ce;
     check(kmv_ctx_create(&p, &ca), "ctx");
     p.exact = 1;
@@ -190,8 +191,9 @@ static void attention_decoding(const char *name, const float *k, size_t n, size_
         worst = e > worst ? e : worst;
         bound = st.error_bound;
     }
-    printf("%s,%zu,%zu,%.1f,%.1f,%.2f,%.5f,%.3f,%d/%zu\n", name, n, d, 1e6 * ta / (double)steps,
-           1e6 * te / (double)steps, te / ta, worst, bound, approx, steps);
+    printf("%s,%s,%zu,%zu,%.1f,%.1f,%.2f,%.5f,%.3f,%d/%zu\n", name,
+           budget == KMV_BUDGET_EMPIRICAL ? "empirical" : "certified", n, d,
+           1e6 * ta / (double)steps, 1e6 * te / (double)steps, te / ta, worst, bound, approx, steps);
     kmv_stream_free(sa);
     kmv_stream_free(se);
     kmv_ctx_free(ca);
@@ -291,9 +293,10 @@ int main(int argc, char **argv) {
         decoding("glove", g.data, n, qs, steps, g.cols, 0.5, x);
         printf("# attention decoding steps, eps = 0.1: queries are keys (self-attention, as in the\n"
                "# paper's appendix A.1.4), one value column; error |out - exact|, bound from the stats\n");
-        printf("data,n,d,approx_us,exact_us,speedup,worst_err,bound,approx_steps\n");
-        for (size_t an = 4096; an <= n; an *= 4)
-            attention_decoding("glove", g.data, an, steps, g.cols, x);
+        printf("data,budget,n,d,approx_us,exact_us,speedup,worst_err,bound,approx_steps\n");
+        for (int budget = 0; budget < 2; budget++)
+            for (size_t an = 4096; an <= n; an *= 4)
+                attention_decoding("glove", g.data, an, steps, g.cols, x, budget);
         free(x);
         kmv_array_free(&g);
     } else {

@@ -17,17 +17,21 @@
 #define D 16
 #define C 3
 
+static kmv_ctx *ctx_from(kmv_params *p) {
+    p->n_threads = 1;
+    kmv_ctx *ctx;
+    assert_int_equal(kmv_ctx_create(p, &ctx), KMV_OK);
+    return ctx;
+}
+
 static kmv_ctx *ctx_with(int exact, int measure, kmv_allocator *a) {
     kmv_params p;
     kmv_params_init(&p);
     p.exact = exact;
     p.measure_error = measure;
     p.seed = 17;
-    p.n_threads = 1;
     if (a != NULL) p.allocator = *a;
-    kmv_ctx *ctx;
-    assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
-    return ctx;
+    return ctx_from(&p);
 }
 
 static double ref_err(const float *out, const float *q, const float *k, size_t n, const float *v) {
@@ -35,6 +39,14 @@ static double ref_err(const float *out, const float *q, const float *k, size_t n
     tu_ref_attn(q, 1, k, n, D, v, C, 1.0 / sqrt((double)D), 0, o, oa);
     for (int col = 0; col < C; col++) e2 += (out[col] - o[col]) * (out[col] - o[col]);
     return sqrt(e2);
+}
+
+/* One decoding step of query q and its error against the float64 softmax. */
+static double step_err(kmv_stream *s, const float *q, const float *k, size_t n, const float *v,
+                       kmv_stats *st) {
+    float out[C];
+    assert_int_equal(kmv_stream_decode(s, q, out, st), KMV_OK);
+    return ref_err(out, q, k, n, v);
 }
 
 /* Keys arrive in blocks of uneven sizes, some longer than any before (the
@@ -97,10 +109,8 @@ static void approximate_steps_within_bound(void **state) {
     int approx = 0, misses = 0;
     double worst = 0.0, bound = 0.0;
     for (size_t i = 0; i < m; i++) {
-        float out[C];
         kmv_stats st;
-        assert_int_equal(kmv_stream_decode(s, q + i * D, out, &st), KMV_OK);
-        double err = ref_err(out, q + i * D, k, n, v);
+        double err = step_err(s, q + i * D, k, n, v, &st);
         assert_true(fabs(err - st.error_measured) < 1e-5 + 1e-3 * err);
         if (st.mode == KMV_MODE_APPROX) {
             approx++;
@@ -143,10 +153,7 @@ static kmv_ctx *ctx_budget(double eps, int budget) {
     kmv_params_init(&p);
     p.eps = eps;
     p.attn_budget = budget;
-    p.n_threads = 1;
-    kmv_ctx *ctx;
-    assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
-    return ctx;
+    return ctx_from(&p);
 }
 
 /* Spread attention (every logit 0: a uniform row) over 32768 keys. Under
@@ -172,10 +179,8 @@ static void spread_attention(void **state) {
         assert_int_equal(kmv_stream_append_keys(s, k, v, n), KMV_OK);
         double worst = 0.0;
         for (size_t i = 0; i < m; i++) {
-            float out[C];
             kmv_stats st;
-            assert_int_equal(kmv_stream_decode(s, q + i * D, out, &st), KMV_OK);
-            double err = ref_err(out, q + i * D, k, n, v);
+            double err = step_err(s, q + i * D, k, n, v, &st);
             if (z == 0) {
                 assert_int_equal(st.mode, KMV_MODE_FALLBACK);
                 assert_int_equal(st.fallback_reason, KMV_FALLBACK_SAMPLES);
@@ -227,10 +232,8 @@ static void dominant_key(void **state) {
         assert_int_equal(kmv_stream_append_keys(s, k, v, n), KMV_OK);
         int approx = 0, beyond = 0;
         for (size_t i = 0; i < m; i++) {
-            float out[C];
             kmv_stats st;
-            assert_int_equal(kmv_stream_decode(s, q + i * D, out, &st), KMV_OK);
-            double err = ref_err(out, q + i * D, k, n, v);
+            double err = step_err(s, q + i * D, k, n, v, &st);
             if (budget == KMV_BUDGET_CERTIFIED) {
                 bound = st.error_bound;
                 assert_true(bound > 0.0 && err <= bound + 2e-5);
