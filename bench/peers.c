@@ -77,11 +77,11 @@ int peer_uniform(const peer_problem *p, size_t s, uint64_t seed, float *out) {
     uint64_t st = seed;
     for (size_t t = 0; rc == 0 && t < s; t++) ids[t] = (size_t)(splitmix(&st) % p->n);
     if (rc == 0) gather(p->k, ids, s, d, ks);
-#pragma omp parallel if (rc == 0)
+#pragma omp parallel
     {
         float *L = malloc(ROWS * s * sizeof(float)), *e = malloc(s * sizeof(float));
         double *acc = malloc(c * sizeof(double));
-        int ok = L && e && acc;
+        int ok = L && e && acc && ids && ks;
         if (!ok) {
 #pragma omp atomic write
             rc = -1;
@@ -174,11 +174,20 @@ int peer_kdeformer(const peer_problem *p, size_t block, int bits, size_t probe, 
         goto out;
     }
     for (size_t t = 0; t < n; t++) kblk[ko[t]] = t / kb;
-    /* Column norms ||A_{:,j}|| from `probe` queries, in the log domain:
-     * 0.5 log sum_i exp(2 l_ij), each column's largest subtracted. */
+    /* Column norms of D^-1 A, ||(D^-1 A)_{:,j}||, from `probe` queries,
+     * in the log domain: each probe row normalized by its log-sum-exp,
+     * then 0.5 log sum_i exp(2 l_ij), each column's largest subtracted. */
     for (size_t t = 0; t < probe; t++) pr[t] = (size_t)(splitmix(&st) % m);
     gather(p->q, pr, probe, d, qp);
     logits(qp, probe, p->k, n, d, p->scale, Lp);
+    for (size_t t = 0; t < probe; t++) {
+        float *lr = Lp + t * n;
+        float mx = row_max(lr, n, -INFINITY);
+        double z = 0.0;
+        for (size_t j = 0; j < n; j++) z += exp((double)lr[j] - mx);
+        float lse = (float)(mx + log(z));
+        for (size_t j = 0; j < n; j++) lr[j] -= lse;
+    }
     double amax = -INFINITY;
     for (size_t j = 0; j < n; j++) {
         float mx = -INFINITY;

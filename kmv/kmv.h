@@ -611,32 +611,44 @@ KMV_API int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_s
  * would be eps ||[V, 1]|| against row sums that, lifted, can be far
  * smaller. An attention step instead budgets its samples against a lower
  * confidence bound on the row's whole lifted sum Z: lo = L + max(0, Z_w -
- * z_sum sd(Z_w)), with L the part computed exactly (heavy keys found by
- * LSH, exactly summed columns) and Z_w the window sample's estimate of the
- * rest, so that lo <= Z with probability >= 1 - delta / 4 (z_sum the
- * normal quantile). It keeps a window once its variance, and the density
- * sketch's prediction of it, are within (eps lo / z_err)^2 (z_err the
- * two-sided normal quantile at delta / 4, which also bounds a sum of
- * squared Gaussian errors over the columns of [v, 1]); otherwise it draws
- * a fresh, larger window. The error of [sum K' v, sum K'] is then at most
- * eps Z with probability >= 1 - delta (LSH misses take the other delta /
- * 2 and cost variance, never bias), which gives the normalized output
+ * D_Z), with L the part computed exactly (heavy keys found by LSH,
+ * exactly summed columns) and Z_w the window sample's estimate of the
+ * rest, D_Z its deviation bound. It keeps a window once the deviation
+ * bounds D of its [v, 1] estimate have ||D|| <= eps lo, drawing larger
+ * windows (sizes min_samples 2^j) until one does or half the keys would
+ * be needed. Then with probability >= 1 - delta the error of
+ * [sum K' v, sum K'] is at most eps Z, which gives the normalized output
  *   ||out - exact||_2 <= eps sqrt(1 + R^2) / (1 - eps),  R = max_j ||v_j||,
  * reported as stats.error_bound (stats.error_measured: the same norm when
- * params.measure_error). As for kmv_index_matvec(), the window estimates
- * are treated as Gaussian, each a mean of >= min_samples terms, with their
- * own variance standing for the true one. A row spread over many keys is
- * sampled whole this way, with no heavy key (at least about z_err^2 /
- * eps^2 samples, 900 at eps = 0.1 and the default delta, whatever n; more
- * as its values spread); rows whose mass sits
- * on a few keys need the LSH to put them in L. Where the window would have
- * to cover half the keys, the step computes the exact softmax row instead,
- * as it does below 2048 keys and under params.exact; the exact row is
- * taken with the running maximum subtracted and never overflows. A step's
- * kernel values are taken relative to exp(-(||q|| - sqrt(alpha))^2 /
- * (2 sigma^2)), the largest value any lifted key can have, so a long query
- * does not fall below float's range (a row whose sum still does, below
- * n 2^-119 / eps, runs exact). Windows start at a hash of the query.
+ * params.measure_error). Under params.attn_budget = KMV_BUDGET_CERTIFIED
+ * (the default) each column's D is an empirical Bernstein-Serfling bound
+ * (Bardenet and Maillard 2015, Theorem 3: sampling without replacement),
+ * the window's own variance plus a range term, the range being what the
+ * light keys are certified to stay under: the largest value any lifted
+ * key can have (below), or the heavy threshold where the LSH tables were
+ * searched, planned to miss any key above it with probability delta / 2
+ * in all. The failure probability is split over the window sizes and the
+ * columns, so the bound holds for whichever window is kept. It holds per
+ * step for a query chosen independently of the stream's random choices
+ * (a decoding loop's next query depends on earlier outputs, which the
+ * bound does not cover). The range term is what rules out a dominant key
+ * that no window met; where the light keys cannot be bounded well below
+ * the row sum (attention spread over many keys whose logits lie far below
+ * ||q|| sqrt(alpha)), the samples that would cover it pass half the keys
+ * and the step computes the exact softmax row instead, as it does below
+ * 2048 keys and under params.exact; the exact row is taken with the
+ * running maximum subtracted and never overflows. Under
+ * KMV_BUDGET_EMPIRICAL the windows are sized by their own variance (the
+ * paper's appendix A.1.4 implementation): far fewer samples on spread
+ * rows, no bound (stats.error_bound INFINITY), and a dominant key that no
+ * window meets goes unseen.
+ *
+ * A step's kernel values are taken relative to exp(-(||q|| -
+ * sqrt(alpha))^2 / (2 sigma^2)), the largest value any lifted key can have
+ * (every lifted key has ||k'||^2 = alpha), so a long query does not fall
+ * below float's range (a row whose sum still does, below n 2^-119 / eps,
+ * runs exact); the subtraction costs a logit error of about s (||q||^2 +
+ * alpha) 2^-24. Windows start at a hash of the query.
  *
  * kmv_stream_append_keys() takes keys (count x dim) and V (count x
  * n_cols); kmv_stream_decode() writes n_cols outputs. Decoding steps only

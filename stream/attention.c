@@ -58,7 +58,7 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
     /* Rows a step left to the exact engine (non-causal only: a causal
      * row's keys depend on its position, so its step sums it). */
     unsigned char *deferred = kmv__malloc_array(a, m ? m : 1, 1);
-    int defer = !pa->causal;
+    int defer = !pa->causal && pa->max_bytes == 0; /* under a cap, one row at a time */
     if (res == NULL || deferred == NULL) {
         rc = KMV_ENOMEM;
         goto out;
@@ -124,9 +124,13 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
         rows_done = m;
         threads = nt;
     }
-    if (rows_done < m && !defer) { /* the probe found nothing to gain */
-        kmv__problem pr = {q + rows_done * d, k, v, res + rows_done * c, m - rows_done, n, d, c,
-                           0, kmv__threads(pa), NULL, NULL};
+    if (rows_done < m && !defer) {
+        /* The probe found nothing to gain. A causal row's keys are fixed by
+         * its index in q, so a causal batch runs whole (its probe rows were
+         * exact: nothing approximated). */
+        size_t from = pa->causal ? 0 : rows_done;
+        kmv__problem pr = {q + from * d, k, v, res + from * c, m - from, n, d, c,
+                           pa->causal, kmv__threads(pa), NULL, NULL};
         rc = kmv__exact_attn(a, &pr, scale, &threads);
         if (rc != KMV_OK) goto out;
         S.kernel_evals += (uint64_t)(m - rows_done) * n;
@@ -188,6 +192,7 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
     S.seconds = kmv__now() - t0;
     if (stats != NULL) *stats = S;
 out:
+    if (rc == KMV_ENOMEM) rc = kmv__meter_code(&s->ix->meter, rc); /* the cap's refusal */
     kmv__free(a, res);
     kmv__free(a, deferred);
     kmv__free(a, qd);

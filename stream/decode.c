@@ -186,8 +186,13 @@ static int prepare(kmv_stream *s, const float *q, double *seconds) {
     const kmv_params *pa = &ix->params;
     size_t n = ix->ks.n;
     int rc = KMV_OK;
+    /* A Gaussian step's misses cost variance, so each heavy key may be
+     * missed with probability delta / 2; an attention step's certificate
+     * needs all of them found: each with delta / (4 n), as the tables
+     * serve until the keys double. */
+    double miss = s->attn ? 0.25 * pa->delta / (double)n : 0.5 * pa->delta;
     if (!(s->attn && plan_refused(s)))
-        rc = kmv__index_ensure_lsh(ix, q, 1, kmv__heavy_threshold(pa, n, 1), 0.5 * pa->delta,
+        rc = kmv__index_ensure_lsh(ix, q, 1, kmv__heavy_threshold(pa, n, 1), miss,
                                    ix->force_approx ? INFINITY : 0.25 * row_cost(s), 1.0);
     if (rc == 1) {
         s->decode_refused_n = n;
@@ -206,6 +211,10 @@ static int prepare(kmv_stream *s, const float *q, double *seconds) {
     return rc;
 }
 
+/* Bardenet and Maillard's constant in the range term of their empirical
+ * Bernstein-Serfling bound: 7/3 + 3/sqrt(2). */
+#define BM_KAPPA 4.4546
+
 /* The light part of an attention step (see kmv_stream_attention_create()
  * for the guarantee). The budget is relative to a lower confidence bound
  * on the whole lifted row sum, lo = L + max(0, Z - D_Z): L the part summed
@@ -214,27 +223,32 @@ static int prepare(kmv_stream *s, const float *q, double *seconds) {
  * of its [v, 1] estimate, D, have ||D|| <= eps lo; otherwise a larger
  * window is drawn, until its size reaches half the keys.
  *
- * Under KMV_BUDGET_CERTIFIED the deviations are empirical Bernstein
- * bounds (Maurer and Pontil 2009; without replacement, Bardenet and
- * Maillard 2015): for a mean of s terms in a range of width b with sample
- * variance S^2, sqrt(2 S^2 l / s) + 7 b l / (3 (s - 1)), l = ln(4 / p).
- * The range is what the light keys are certified to stay under: K'' < tau
- * (tau = 1 by the shift, or kappa exp(sh inv2s2) where the tables were
- * searched, the LSH finding every key with K' >= kappa but with
- * probability delta / 2), so a dominant key that no window met still
- * counts through b. p = delta / (2 rounds columns): the union over rounds
- * and columns covers whichever window is kept, dependent or not. The
- * sketch's prediction only sizes the windows.
+ * Certified window sizes come from a fixed grid, min_samples 2^j, and the
+ * window of grid size j starts at an offset fixed by j (and the seed and
+ * the query): so each window is an event fixed before any key is looked
+ * at, and a union over the grid and the columns covers whichever window
+ * the data leads to.
+ *
+ * Under KMV_BUDGET_CERTIFIED each column's deviation is the empirical
+ * Bernstein-Serfling bound for sampling without replacement (Bardenet and
+ * Maillard 2015, Theorem 3; failure 5 p per side): for a mean of s of n
+ * terms in a range of width b with sample variance S^2,
+ * S sqrt(2 rho l / s) + BM_KAPPA b l / s, rho = 1 - (s - 1) / n,
+ * l = ln(10 / p), p = delta / (2 grid columns). The range is what the
+ * light keys are certified to stay under: K'' < tau (tau = 1 by the
+ * shift, or kappa exp(sh inv2s2) where the tables were searched, whose
+ * plan misses a key with K' >= kappa with probability delta / (4 n), so
+ * any of at most 2 n keys with delta / 2), so a dominant key no window met
+ * still counts through b. The sketch's prediction only sizes the windows.
  *
  * Under KMV_BUDGET_EMPIRICAL the deviations are the windows' (and the
  * sketch's) variance times the normal quantile z_err, and lo uses z_sum:
  * the paper's appendix A.1.4 implementation, many fewer samples where
  * the range is wide, and no guarantee.
  *
- * The windows start at a hash of the query, so the queries of one batch
- * (one key count) do not share their samples. Returns 0 with t->est the
- * light sums, *sn the samples of every window drawn, *dev the kept ||D||
- * and *lo the bound; else the kmv_fallback for the exact row. */
+ * Returns 0 with t->est the light sums, *sn the samples of every window
+ * drawn, *dev the kept ||D|| and *lo the bound; else the kmv_fallback for
+ * the exact row. */
 static int attn_light(const kmv_stream *s, const float *q, float inv2s2, float fk, double tau,
                       step *t, size_t nh, const kmv__keymask *mask, double W, float sh,
                       size_t *sn, double *dev, double *lo) {
@@ -243,14 +257,18 @@ static int attn_light(const kmv_stream *s, const float *q, float inv2s2, float f
     size_t n = ks->n, c = s->c;
     int certified = pa->attn_budget == KMV_BUDGET_CERTIFIED;
     double L = t->sum[c - 1];
-    double l = log(4.0 * KMV__ATTN_ROUNDS * (double)c / (0.5 * pa->delta));
+    size_t smin = (size_t)pa->min_samples;
+    int grid = 1; /* sizes smin 2^j below n / 2 */
+    while (2 * (smin << grid) < n && grid < 40) grid++;
+    double l = log(10.0 * 2.0 * grid * (double)c / pa->delta);
     double xr = sqrt(s->wmax - 1.0 > 0.0 ? s->wmax - 1.0 : 0.0); /* max |v_j,col| */
     uint64_t qh = XXH3_64bits(q, s->d * sizeof(float));
-    size_t want = (size_t)pa->min_samples;
     *sn = 0;
+    int j = 0; /* certified: the grid index of want */
+    size_t want = smin;
     for (int round = 0; round < KMV__ATTN_ROUNDS; round++) {
         if (2 * want >= n) break;
-        size_t off = kmv__window_offset(pa->seed ^ qh, KMV__RNG_DECODE, n, round, n);
+        size_t off = kmv__window_offset(pa->seed ^ qh, KMV__RNG_DECODE, n, certified ? j : round, n);
         double v = kmv__window(ks, s->xs, c, q, inv2s2, sh, fk, t->cand, nh, mask, off, want,
                                t->chunk, t->acc, t->est);
         *sn += want;
@@ -260,13 +278,14 @@ static int attn_light(const kmv_stream *s, const float *q, float inv2s2, float f
          * (r2, the range's) size the next window. */
         double d2 = 0.0, a2 = 0.0, r2 = 0.0, dz = 0.0;
         if (certified) {
-            /* Per column: n times the bound on the mean of the terms, whose
+            /* Per column, n times the bound on the mean of the terms, whose
              * sample variance is var / (n^2 fpc). */
+            double rho = 1.0 - (sw - 1.0) / (double)n;
             for (size_t col = 0; col < c; col++) {
                 double var = kmv__window_var_col(t->acc, c, col, n, want);
                 double b = col + 1 == c ? tau : 2.0 * tau * xr;
-                double dv = sqrt(2.0 * l * var / (fpc * sw));
-                double dr = (double)n * 7.0 * b * l / (3.0 * (sw - 1.0));
+                double dv = sqrt(2.0 * rho * l * var / (fpc * sw));
+                double dr = (double)n * BM_KAPPA * b * l / sw;
                 d2 += (dv + dr) * (dv + dr);
                 a2 += dv * dv;
                 r2 += dr * dr;
@@ -289,17 +308,23 @@ static int attn_light(const kmv_stream *s, const float *q, float inv2s2, float f
             return 0;
         }
         if (!(allow > 0.0) || !floor_ok) break;
-        /* The size at which A / sqrt(s) + B / s meets the allowance (A and B
-         * bound the two parts' norms, by Minkowski), a little over, at
-         * least twice this one's; more where the sketch expects more
-         * variance than the window saw. */
+        /* The grid size at which A / sqrt(s) + B / s meets the allowance (A
+         * and B bound the two parts' norms, by Minkowski), a little over,
+         * at least the next; more where the sketch expects more variance
+         * than the window saw. */
         double A = sqrt(a2), B = sqrt(r2);
         if (vsk > v && v > 0.0) A *= sqrt(vsk / v);
         double x = B > 0.0 ? (sqrt(A * A + 4.0 * B * allow) - A) / (2.0 * B) : allow / A;
         double need = 1.1 * sw / (x * x); /* x = sqrt(s / need) */
-        if (!(need >= 2.0 * sw)) need = 2.0 * sw;
         if (!(need < 0.5 * (double)n)) break;
-        want = (size_t)ceil(need);
+        if (certified) {
+            j++;
+            while (j < grid && (double)(smin << j) < need) j++;
+            if (j >= grid) break;
+            want = smin << j;
+        } else {
+            want = need < 2.0 * (double)want ? 2 * want : (size_t)ceil(need);
+        }
     }
     return KMV_FALLBACK_SAMPLES;
 }
@@ -532,7 +557,8 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
          * kappa (unshifted) where the tables were searched. */
         double tau = 1.0;
         if (use_tables) {
-            double lt = log(kappa) + (double)inv2s2 * (double)sh;
+            /* 1e-3 over, for the shift's rounding (about 1e-4 relative). */
+            double lt = log(kappa * 1.001) + (double)inv2s2 * (double)sh;
             tau = lt < 0.0 ? exp(lt) : 1.0;
         }
         int why = attn_light(s, q, inv2s2, fk, tau, &t, nh, &mask, W, sh, &sn, &v, &lo);

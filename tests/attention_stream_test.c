@@ -96,7 +96,7 @@ static void exact_steps_as_keys_grow(void **state) {
  * are allowed), and the steps that could not meet it ran exact. */
 static void approximate_steps_within_bound(void **state) {
     (void)state;
-    const size_t n = 8192, m = 60;
+    const size_t n = 16384, m = 60;
     float *k = malloc(n * D * sizeof(float)), *q = malloc(m * D * sizeof(float));
     float *v = malloc(n * C * sizeof(float));
     dg_sphere(k, n, q, m, D, 4.0, 21);

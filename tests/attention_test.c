@@ -12,7 +12,7 @@
 #include "tests/datagen.h"
 #include "tests/testutil.h"
 
-#define N 8192
+#define N 16384
 #define M 160
 #define D 16
 #define C 3
@@ -127,9 +127,10 @@ static void deterministic(void **state) {
 
 /* Long queries orthogonal to every key: each lifted row, even relative
  * to the nearest possible key (exp(-s ||q|| sqrt(alpha))), is below
- * float's range, so no row can be bounded by samples, the probe rows find nothing to gain, and the rest run on the
- * exact engine; the answer is the exact one and the stats say so. Without
- * force_approx, at a size where the approximate path is tried. */
+ * float's range, so no row can be bounded by samples, the probe rows find
+ * nothing to gain, and the rest run on the exact engine; the answer is
+ * the exact one and the stats say so. Without force_approx, at a size
+ * where the approximate path is tried. */
 static void probe_gives_up(void **state) {
     (void)state;
     const size_t n = 4096, m = 2100;
@@ -153,6 +154,26 @@ static void probe_gives_up(void **state) {
     free(k);
     free(q);
     free(vv);
+    kmv_ctx_free(ctx);
+}
+
+/* A causal batch whose first rows see too few keys to approximate: the
+ * probe gives up after 32 rows and the exact engine runs the batch, still
+ * causal (row i against keys 0..i, however many keys there are). */
+static void causal_probe_gives_up(void **state) {
+    (void)state;
+    const size_t m = 4096;
+    kmv_ctx *ctx = ctx_with(1, 0, 0, NULL);
+    float *out = malloc(m * C * sizeof(float));
+    kmv_stats st;
+    assert_int_equal(kmv_attention(ctx, keys, m, keys, N, D, v, C, out, &st), KMV_OK);
+    assert_int_equal(st.rows_exact, m);
+    double *o = malloc(m * C * sizeof(double)), *oa = malloc(m * C * sizeof(double));
+    tu_ref_attn(keys, m, keys, N, D, v, C, 1.0 / sqrt((double)D), 1, o, oa);
+    for (size_t u = 0; u < m * C; u++) assert_true(fabs(out[u] - o[u]) <= 1e-5 * (1.0 + oa[u]));
+    free(o);
+    free(oa);
+    free(out);
     kmv_ctx_free(ctx);
 }
 
@@ -189,6 +210,7 @@ int main(void) {
         cmocka_unit_test(rows_within_bound),
         cmocka_unit_test(deterministic),
         cmocka_unit_test(probe_gives_up),
+        cmocka_unit_test(causal_probe_gives_up),
         cmocka_unit_test(allocation_failures),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
