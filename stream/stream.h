@@ -43,7 +43,7 @@ struct kmv_stream {
     double *kn2;      /* kn2cap, id order: ||k||^2 of each key before lifting */
     size_t kn2cap;
     double wmax;      /* max ||x_j||^2 = 1 + R^2 */
-    /* A step's normal quantiles: the row sum's lower confidence bound
+    /* The empirical budget's normal quantiles: the row sum's lower bound
      * (one-sided) and the error's (two-sided), each at delta / 4 over the
      * KMV__ATTN_ROUNDS windows a step may draw. */
     double z_sum, z_err;
