@@ -185,6 +185,7 @@ int peer_kdeformer(const peer_problem *p, size_t block, int bits, size_t probe, 
         float mx = row_max(lr, n, -INFINITY);
         double z = 0.0;
         for (size_t j = 0; j < n; j++) z += exp((double)lr[j] - mx);
+        if (!(z >= 1.0)) z = 1.0; /* the maximum's own term: z >= 1 */
         float lse = (float)(mx + log(z));
         for (size_t j = 0; j < n; j++) lr[j] -= lse;
     }

@@ -104,6 +104,7 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 8)
         for (size_t i = from; i < m; i++) {
             kmv_stats st;
+            memset(&st, 0, sizeof st);
             int seen;
 #pragma omp atomic read
             seen = prc;
