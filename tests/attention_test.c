@@ -125,6 +125,16 @@ static void deterministic(void **state) {
     kmv_ctx_free(ctx);
 }
 
+/* out (m x C) is the float64 softmax's, to float rounding. */
+static void assert_exact_rows(const float *out, const float *q, size_t m, const float *k, size_t n,
+                              const float *vv, int causal) {
+    double *o = malloc(m * C * sizeof(double)), *oa = malloc(m * C * sizeof(double));
+    tu_ref_attn(q, m, k, n, D, vv, C, 1.0 / sqrt((double)D), causal, o, oa);
+    for (size_t u = 0; u < m * C; u++) assert_true(fabs(out[u] - o[u]) <= 1e-5 * (1.0 + oa[u]));
+    free(o);
+    free(oa);
+}
+
 /* Long queries orthogonal to every key: each lifted row, even relative
  * to the nearest possible key (exp(-s ||q|| sqrt(alpha))), is below
  * float's range, so no row can be bounded by samples, the probe rows find
@@ -145,11 +155,7 @@ static void probe_gives_up(void **state) {
     assert_int_equal(kmv_attention(ctx, q, m, k, n, D, vv, C, out, &st), KMV_OK);
     assert_int_equal(st.mode, KMV_MODE_FALLBACK);
     assert_int_equal(st.rows_exact, m);
-    double *o = malloc(m * C * sizeof(double)), *oa = malloc(m * C * sizeof(double));
-    tu_ref_attn(q, m, k, n, D, vv, C, 1.0 / sqrt((double)D), 0, o, oa);
-    for (size_t u = 0; u < m * C; u++) assert_true(fabs(out[u] - o[u]) <= 1e-5 * (1.0 + oa[u]));
-    free(o);
-    free(oa);
+    assert_exact_rows(out, q, m, k, n, vv, 0);
     free(out);
     free(k);
     free(q);
@@ -168,11 +174,7 @@ static void causal_probe_gives_up(void **state) {
     kmv_stats st;
     assert_int_equal(kmv_attention(ctx, keys, m, keys, N, D, v, C, out, &st), KMV_OK);
     assert_int_equal(st.rows_exact, m);
-    double *o = malloc(m * C * sizeof(double)), *oa = malloc(m * C * sizeof(double));
-    tu_ref_attn(keys, m, keys, N, D, v, C, 1.0 / sqrt((double)D), 1, o, oa);
-    for (size_t u = 0; u < m * C; u++) assert_true(fabs(out[u] - o[u]) <= 1e-5 * (1.0 + oa[u]));
-    free(o);
-    free(oa);
+    assert_exact_rows(out, keys, m, keys, N, v, 1);
     free(out);
     kmv_ctx_free(ctx);
 }
