@@ -443,8 +443,8 @@ KMV_API int kmv_index_matvec(kmv_index *ix, const float *queries, size_t n_queri
  * appendix A.1.4 reports it). When none of the first 32 rows can be
  * approximated, the rest run on the exact engine. Without params.causal
  * or params.max_bytes, the rows after the first approximated one step
- * concurrently on params.n_threads threads; each row's answer is the one it has alone, so
- * the output does not depend on the thread count.
+ * concurrently on params.n_threads threads; each row's answer is the one
+ * it has alone, so the output does not depend on the thread count.
  *
  * n_queries = 0 or n_cols = 0 is an empty result; n_keys = 0 is KMV_EEMPTY
  * (a softmax over nothing is undefined). Other errors as kmv_matvec().

@@ -194,14 +194,13 @@ static int prepare(kmv_stream *s, const float *q, double *seconds) {
     if (!(s->attn && plan_refused(s)))
         rc = kmv__index_ensure_lsh(ix, q, 1, kmv__heavy_threshold(pa, n, 1), miss,
                                    ix->force_approx ? INFINITY : 0.25 * row_cost(s), 1.0);
-    if (rc == 1) {
+    int refused = rc == 1;
+    if (refused) {
         s->decode_refused_n = n;
         s->decode_refused_cap = 0;
-        rc = s->attn ? KMV_OK : 1;
-    }
-    if (rc == 1) {
         rc = KMV_OK;
-    } else if (rc == KMV_OK) {
+    }
+    if (rc == KMV_OK && !(refused && !s->attn)) { /* a refused Gaussian plan runs exact: no draws */
         double whi = h1_weight(s);
         rc = kmv__sketch_draw(&s->sk, &ix->alloc, &ix->ks, (size_t)pa->sketch_size, pa->seed, whi);
         s->drawn_n = rc == KMV_OK ? n : 0;
@@ -268,7 +267,8 @@ static int attn_light(const kmv_stream *s, const float *q, float inv2s2, float f
     size_t want = smin;
     for (int round = 0; round < KMV__ATTN_ROUNDS; round++) {
         if (2 * want >= n) break;
-        size_t off = kmv__window_offset(pa->seed ^ qh, KMV__RNG_DECODE, n, certified ? j : round, n);
+        size_t off =
+            kmv__window_offset(pa->seed ^ qh, KMV__RNG_DECODE, n, certified ? j : round, n);
         double v = kmv__window(ks, s->xs, c, q, inv2s2, sh, fk, t->cand, nh, mask, off, want,
                                t->chunk, t->acc, t->est);
         *sn += want;
@@ -550,9 +550,8 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
     S.sketch_evals = s->sk.r;
     kmv__keymask mask = {UINT32_MAX, s->ws, whi};
     size_t sn;
-    double v;
+    double v, lo = 0.0; /* attention: v is the deviation bound, lo the row sum's bound */
     if (s->attn) {
-        double lo;
         /* What bounds the keys no heavy search returned: the shift's 1, or
          * kappa (unshifted) where the tables were searched. */
         double tau = 1.0;
@@ -563,51 +562,53 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats 
         }
         int why = attn_light(s, q, inv2s2, fk, tau, &t, nh, &mask, W, sh, &sn, &v, &lo);
         S.samples = sn;
-        S.rows_resampled = why == 0 && sn > (size_t)smin;
         if (why != 0) {
             S.fallback_reason = why;
             goto exact;
         }
-        for (size_t col = 0; col < c; col++) t.est[col] += t.sum[col];
-        /* attn_light() accepts only lo <= the estimated row sum, so z > 0. */
-        double z = t.est[c - 1], e = v / lo; /* v: the deviation bound */
-        for (size_t col = 0; col + 1 < c; col++) t.est[col] /= z;
-        t.est[c - 1] = 1.0;
-        S.error_estimate = e < 1.0 ? e * sqrt(s->wmax) / (1.0 - e) : INFINITY;
-        S.seconds_sample = kmv__now() - ts;
-        S.kernel_evals = nc + S.sketch_evals + sn + n_h1;
-        goto answer;
-    }
-    /* One row's share of the budget: approx.c's allocation at m = 1. */
-    double V = pa->eps * pa->eps * s->nx2 / (1.0 + sqrt(2.0 / delta_s));
-    double want = ceil((double)n * W / V);
-    if (!(want >= smin)) want = smin;
-    if (want >= 0.5 * (double)n) {
-        S.fallback_reason = KMV_FALLBACK_SAMPLES;
-        goto exact;
-    }
-    sn = (size_t)want;
-    v = kmv__window(ks, s->xs, c, q, inv2s2, 0.0f, fk, t.cand, nh, &mask,
-                    kmv__window_offset(pa->seed, KMV__RNG_DECODE, n, 0, n), sn, t.chunk, t.acc, t.est);
-    /* More variance than planned: a fresh window sized from what this one
-     * showed (the first estimate is discarded, so the answer stays
-     * unbiased), or the exact row when that would cost as much. */
-    if (v > V) {
-        double more = ceil((double)sn * v / V);
-        if (more >= 0.5 * (double)n) {
+        S.rows_resampled = sn > (size_t)smin;
+    } else {
+        /* One row's share of the budget: approx.c's allocation at m = 1. */
+        double V = pa->eps * pa->eps * s->nx2 / (1.0 + sqrt(2.0 / delta_s));
+        double want = ceil((double)n * W / V);
+        if (!(want >= smin)) want = smin;
+        if (want >= 0.5 * (double)n) {
             S.fallback_reason = KMV_FALLBACK_SAMPLES;
             goto exact;
         }
-        sn = (size_t)more;
+        sn = (size_t)want;
         v = kmv__window(ks, s->xs, c, q, inv2s2, 0.0f, fk, t.cand, nh, &mask,
-                        kmv__window_offset(pa->seed, KMV__RNG_DECODE, n, 1, n), sn, t.chunk, t.acc, t.est);
-        S.rows_resampled = 1;
+                        kmv__window_offset(pa->seed, KMV__RNG_DECODE, n, 0, n), sn, t.chunk,
+                        t.acc, t.est);
+        /* More variance than planned: a fresh window sized from what this
+         * one showed (the first estimate is discarded, so the answer stays
+         * unbiased), or the exact row when that would cost as much. */
+        if (v > V) {
+            double more = ceil((double)sn * v / V);
+            if (more >= 0.5 * (double)n) {
+                S.fallback_reason = KMV_FALLBACK_SAMPLES;
+                goto exact;
+            }
+            sn = (size_t)more;
+            v = kmv__window(ks, s->xs, c, q, inv2s2, 0.0f, fk, t.cand, nh, &mask,
+                            kmv__window_offset(pa->seed, KMV__RNG_DECODE, n, 1, n), sn, t.chunk,
+                            t.acc, t.est);
+            S.rows_resampled = 1;
+        }
+        S.samples = sn;
     }
-    S.samples = sn;
     S.seconds_sample = kmv__now() - ts;
     for (size_t col = 0; col < c; col++) t.est[col] += t.sum[col];
-    S.error_estimate = sqrt(v / s->nx2);
     S.kernel_evals = nc + S.sketch_evals + sn + n_h1;
+    if (s->attn) {
+        /* attn_light() accepts only lo <= the estimated row sum, so z > 0. */
+        double z = t.est[c - 1], e = v / lo;
+        for (size_t col = 0; col + 1 < c; col++) t.est[col] /= z;
+        t.est[c - 1] = 1.0;
+        S.error_estimate = e < 1.0 ? e * sqrt(s->wmax) / (1.0 - e) : INFINITY;
+    } else {
+        S.error_estimate = sqrt(v / s->nx2);
+    }
     goto answer;
 
 exact:
