@@ -13,6 +13,12 @@ opt *args_get(opt *opts, size_t n, const char *name) {
     return NULL;
 }
 
+int args_seen(opt *opts, size_t n, const char *name) {
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(opts[i].name, name) == 0) return opts[i].seen;
+    return 0;
+}
+
 int args_common_params(const char *cmd, opt *opts, size_t n, kmv_params *p) {
     opt *v;
     if ((v = args_get(opts, n, "eps")) != NULL && v->seen) p->eps = v->d;
@@ -33,25 +39,55 @@ int args_common_params(const char *cmd, opt *opts, size_t n, kmv_params *p) {
         fprintf(stderr, "kmv %s: --delta must be in (0, 1)\n", cmd);
         return EXIT_USAGE;
     }
+    if ((v = args_get(opts, n, "max-mb")) != NULL && v->seen) {
+        if (!(v->d > 0 && v->d <= 1e12)) {
+            fprintf(stderr, "kmv %s: --max-mb must be in (0, 1e12]\n", cmd);
+            return EXIT_USAGE;
+        }
+        p->max_bytes = (size_t)(v->d * 1048576.0);
+        if (p->max_bytes == 0) p->max_bytes = 1; /* 0 would mean no cap */
+    }
+    p->exact = args_seen(opts, n, "exact");
+    p->measure_error = args_seen(opts, n, "measure-error");
+    p->force_approx = args_seen(opts, n, "force-approx");
+    if (args_seen(opts, n, "empirical")) p->attn_budget = KMV_BUDGET_EMPIRICAL;
     return EXIT_OK;
+}
+
+static void help_usage(const opt *o) {
+    printf(o->required ? " --%s" : " [--%s", o->name);
+    if (o->type != OPT_FLAG) printf(" %s", o->arg);
+    if (!o->required) printf("]");
+}
+
+static void help_line(const opt *o) {
+    char left[64];
+    snprintf(left, sizeof left, "--%s%s%s", o->name, o->type == OPT_FLAG ? "" : " ",
+             o->type == OPT_FLAG ? "" : o->arg);
+    printf("  %-22s %s\n", left, o->help);
 }
 
 void args_help(const char *cmd, const char *summary, const opt *opts, size_t n) {
     printf("usage: kmv %s", cmd);
-    for (size_t i = 0; i < n; i++) {
-        const opt *o = &opts[i];
-        printf(o->required ? " --%s" : " [--%s", o->name);
-        if (o->type != OPT_FLAG) printf(" %s", o->arg);
-        if (!o->required) printf("]");
-    }
+    for (int exp = 0; exp < 2; exp++)
+        for (size_t i = 0; i < n; i++)
+            if (opts[i].experimental == exp) help_usage(&opts[i]);
     printf("\n\n%s\n\noptions:\n", summary);
-    for (size_t i = 0; i < n; i++) {
-        char left[64];
-        snprintf(left, sizeof left, "--%s%s%s", opts[i].name, opts[i].type == OPT_FLAG ? "" : " ",
-                 opts[i].type == OPT_FLAG ? "" : opts[i].arg);
-        printf("  %-22s %s\n", left, opts[i].help);
-    }
+    for (size_t i = 0; i < n; i++)
+        if (!opts[i].experimental) help_line(&opts[i]);
     printf("  %-22s %s\n", "--help", "show this help");
+    int any = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!opts[i].experimental) continue;
+        if (!any++) printf("\nexperimental options (for measurements; may change):\n");
+        help_line(&opts[i]);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (opts[i].role != ROLE_OUTPUT) continue;
+        printf("\nOutputs appear whole or not at all and never replace an input; '-' is\n"
+               "standard output; devices and pipes are written directly (README, Outputs).\n");
+        break;
+    }
 }
 
 /* Strict numeric parsing: the whole string must be the number, so "1e" or

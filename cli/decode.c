@@ -2,7 +2,9 @@
  * through kmv attention streams (llama/). Unless --exact, an exact
  * session runs beside the approximate one on the same tokens, so every
  * position compares the two next-token distributions. */
+#include <errno.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,13 +13,11 @@
 #include "cli/commands.h"
 #include "cli/io.h"
 #include "cli/npz.h"
+#include "cli/text.h"
 #include "llama/llama.h"
 #include "llama/tokenizer.h"
 
 #define CMD "decode"
-/* --text-file is read whole; a text longer than this is not a context
- * this runner's models take anyway. */
-#define TEXT_MAX (1 << 20)
 
 static int argmax(const float *v, int n) {
     int best = 0;
@@ -36,24 +36,61 @@ static void log_softmax(const float *v, int n, double *out) {
     for (int i = 0; i < n; i++) out[i] = (double)v[i] - lz;
 }
 
-static char *read_text(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (f == NULL) return NULL;
-    char *buf = malloc(TEXT_MAX + 1);
-    size_t len = buf ? fread(buf, 1, TEXT_MAX, f) : 0;
-    int more = buf && fgetc(f) != EOF;
-    fclose(f);
-    if (buf == NULL || more) {
-        free(buf);
-        return NULL;
+/* Whether len bytes are UTF-8 text: well-formed sequences (no overlong
+ * forms or surrogates) and no NUL, which no text holds. */
+static int is_text(const unsigned char *b, size_t len) {
+    for (size_t i = 0; i < len;) {
+        unsigned c = b[i];
+        size_t more = c < 0x80 ? 0 : (c >> 5) == 6 ? 1 : (c >> 4) == 14 ? 2 : (c >> 3) == 30 ? 3 : 9;
+        if (c == 0 || more == 9 || (more == 1 && c < 0xc2)) return 0;
+        uint32_t cp = more == 0 ? c : c & (0x3fu >> more);
+        for (size_t u = 1; u <= more; u++) {
+            if (i + u >= len || (b[i + u] & 0xc0) != 0x80) return 0;
+            cp = cp << 6 | (b[i + u] & 0x3fu);
+        }
+        if ((more == 2 && (cp < 0x800 || (cp >= 0xd800 && cp < 0xe000))) ||
+            (more == 3 && (cp < 0x10000 || cp > 0x10ffff)))
+            return 0;
+        i += more + 1;
     }
-    buf[len] = '\0';
-    return buf;
+    return 1;
 }
 
-/* The exact session's q, k and v of the first pos positions, whole or not
- * at all. */
-static int write_dump(const llm_session *s, const llm_config *c, size_t pos, const char *path) {
+/* The whole file at path as a NUL-terminated string in *out. Returns 0 or
+ * EXIT_FAIL (message printed). */
+static int read_text(const char *path, char **out) {
+    text t = {0};
+    FILE *f = fopen(path, "rb");
+    *out = NULL;
+    if (f == NULL) {
+        fprintf(stderr, "kmv " CMD ": %s: cannot open: %s\n", path, strerror(errno));
+        return EXIT_FAIL;
+    }
+    char buf[65536];
+    size_t got;
+    while ((got = fread(buf, 1, sizeof buf, f)) > 0) text_add(&t, buf, got);
+    int bad = ferror(f);
+    fclose(f);
+    if (bad || t.failed) {
+        fprintf(stderr, "kmv " CMD ": %s: %s\n", path, bad ? "read error" : "out of memory");
+        text_free(&t);
+        return EXIT_FAIL;
+    }
+    if (!is_text((const unsigned char *)t.s, t.len)) {
+        fprintf(stderr, "kmv " CMD ": %s: not UTF-8 text (a NUL byte or an invalid sequence)\n",
+                path);
+        text_free(&t);
+        return EXIT_FAIL;
+    }
+    text_add(&t, "", 0); /* an empty file still gets its NUL */
+    *out = t.s != NULL ? t.s : calloc(1, 1);
+    return *out != NULL ? 0 : EXIT_FAIL;
+}
+
+/* The exact session's q, k and v of the first pos positions, as an .npz
+ * archive on the output of --dump-qk. */
+static int write_dump(const llm_session *s, const llm_config *c, size_t pos,
+                      const io_outputs *outs) {
     size_t L = (size_t)c->n_layers, hs = (size_t)(c->dim / c->n_heads);
     npz_entry *e = calloc(3 * L, sizeof *e);
     char(*names)[32] = calloc(3 * L, sizeof *names);
@@ -61,7 +98,7 @@ static int write_dump(const llm_session *s, const llm_config *c, size_t pos, con
     size_t len = 0;
     int rc = EXIT_FAIL;
     if (e == NULL || names == NULL || pos == 0) {
-        fprintf(stderr, "kmv " CMD ": %s: %s\n", path, pos == 0 ? "no tokens to dump" : "out of memory");
+        fprintf(stderr, "kmv " CMD ": --dump-qk: %s\n", pos == 0 ? "no tokens to dump" : "out of memory");
         goto out;
     }
     for (size_t l = 0; l < L; l++) {
@@ -75,14 +112,11 @@ static int write_dump(const llm_session *s, const llm_config *c, size_t pos, con
     }
     int built = npz_build(e, 3 * L, &bytes, &len);
     if (built != 0) {
-        fprintf(stderr, "kmv " CMD ": %s: %s\n", path,
+        fprintf(stderr, "kmv " CMD ": --dump-qk: %s\n",
                 built == -2 ? "past the .npz format's limits (4 GB, 65535 arrays)" : "out of memory");
         goto out;
     }
-    char *staged = NULL;
-    if (io_stage_text(CMD, path, (const char *)bytes, len, &staged) == 0 &&
-        io_commit(CMD, &staged, path) == 0)
-        rc = 0;
+    rc = io_write(outs, "dump-qk", bytes, len);
 out:
     free(bytes);
     free(e);
@@ -90,24 +124,70 @@ out:
     return rc;
 }
 
+/* Running comparison of the approximate session's next-token
+ * distributions with the exact one's. */
+typedef struct compare {
+    size_t agree, compared;
+    double kl, nll_a, nll_e;
+} compare;
+
+static void compare_step(compare *cm, const float *lg_e, const float *lg_a, int vocab, int next,
+                         double *le, double *la) {
+    log_softmax(lg_e, vocab, le);
+    cm->nll_e -= le[next];
+    if (lg_a == NULL) return;
+    log_softmax(lg_a, vocab, la);
+    cm->nll_a -= la[next];
+    double k = 0.0;
+    for (int i = 0; i < vocab; i++) k += exp(le[i]) * (le[i] - la[i]);
+    cm->kl += k;
+    cm->agree += argmax(lg_a, vocab) == argmax(lg_e, vocab);
+    cm->compared++;
+}
+
+static void report(const compare *cm, size_t pos, const llm_session *se, const llm_session *sa,
+                   double eps) {
+    size_t scored = pos > 0 ? pos : 1;
+    fprintf(stderr, "kmv " CMD ": %zu positions; exact attention: %.1f%% of forward time, "
+                    "mean log-loss %.4f\n",
+            pos, 100.0 * llm_attention_seconds(se) / llm_forward_seconds(se),
+            cm->nll_e / (double)scored);
+    if (sa == NULL) return;
+    llm_attn_stats as = llm_attention_stats(sa);
+    static const char *why[8] = {"", "no LSH plan", "heavy search", "sample budget", "columns",
+                                 "budget", "small context", "memory"};
+    int top = 1;
+    for (int r = 1; r < 8; r++)
+        if (as.exact_why[r] > as.exact_why[top]) top = r;
+    fprintf(stderr,
+            "kmv " CMD ": approximate attention (eps %g): %.1f%% of forward time, "
+            "%zu of %zu steps approximate (of the exact ones, most for: %s), worst bound %.3g; "
+            "top-1 agreement with exact %.4f, mean KL(exact || approx) %.3g nats, "
+            "mean log-loss %.4f\n",
+            eps, 100.0 * llm_attention_seconds(sa) / llm_forward_seconds(sa), as.approx_steps,
+            as.steps, as.approx_steps < as.steps ? why[top] : "none", as.worst_bound,
+            cm->compared ? (double)cm->agree / (double)cm->compared : 1.0,
+            cm->compared ? cm->kl / (double)cm->compared : 0.0, cm->nll_a / (double)scored);
+}
+
 int cmd_decode(int argc, char **argv) {
     opt o[] = {
-        {"model", OPT_STRING, 1, "M.bin", "llama2.c checkpoint", 0, 0, 0, 0, 0},
-        {"tokenizer", OPT_STRING, 1, "T.bin", "llama2.c tokenizer", 0, 0, 0, 0, 0},
-        {"prompt", OPT_STRING, 0, "TEXT", "generate (greedy) after TEXT", 0, 0, 0, 0, 0},
-        {"text-file", OPT_STRING, 0, "F", "score the text in F instead (UTF-8)", 0, 0, 0, 0, 0},
-        {"steps", OPT_INT, 0, "N", "positions to run, prompt included (default: the model's seq_len)", 0, 0, 0, 0, 0},
-        {"exact", OPT_FLAG, 0, "", "exact attention only (no comparison)", 0, 0, 0, 0, 0},
-        {"eps", OPT_DOUBLE, 0, "E", "attention error target, in (0, 1) (default 0.1)", 0, 0, 0, 0, 0},
-        {"delta", OPT_DOUBLE, 0, "P", "failure probability per step, in (0, 1) (default 0.01)", 0, 0, 0, 0, 0},
-        {"seed", OPT_U64, 0, "N", "random seed (default 1)", 0, 0, 0, 0, 0},
-        {"dump-qk", OPT_STRING, 0, "out.npz", "per layer l, q_l, k_l and v_l of the tokens run "
-                                              "(positions x heads x head size; q and k after the "
-                                              "rotary embedding; exact attention's)", 0, 0, 0, 0, 0},
-        {"force-approx", OPT_FLAG, 0, "", "approximate steps even where the cost model runs exact "
-                                          "(below 2048 keys: every context of a small model)", 0, 0, 0, 0, 0},
-        {"empirical", OPT_FLAG, 0, "", "size samples by their own variance (the paper's A.1.4; "
-                                       "no error bound)", 0, 0, 0, 0, 0},
+        INPUT("model", 1, "M.bin", "llama2.c checkpoint"),
+        INPUT("tokenizer", 1, "T.bin", "llama2.c tokenizer"),
+        OPTION("prompt", OPT_STRING, "TEXT", "generate (greedy) after TEXT"),
+        INPUT("text-file", 0, "F", "score the UTF-8 text in F instead"),
+        OPTION("steps", OPT_INT, "N", "positions to run, prompt included (default: the model's "
+                                      "seq_len)"),
+        FLAG("exact", "exact attention only (no comparison)"),
+        OPTION("eps", OPT_DOUBLE, "E", "attention error target, in (0, 1) (default 0.1)"),
+        OPTION("delta", OPT_DOUBLE, "P", "failure probability per step, in (0, 1) (default 0.01)"),
+        OPT_SEED,
+        OUTPUT("dump-qk", 0, "out.npz", "per layer l, q_l, k_l and v_l of the tokens run "
+                                        "(positions x heads x head size; q and k after the rotary "
+                                        "embedding; exact attention's)"),
+        EXPERIMENTAL_FLAG("force-approx", "approximate steps even where the cost model runs exact "
+                                          "(below 2048 keys: every context of a small model)"),
+        OPT_EMPIRICAL,
     };
     size_t no = sizeof o / sizeof o[0];
     int rc = args_parse(CMD,
@@ -124,20 +204,29 @@ int cmd_decode(int argc, char **argv) {
     kmv_params p;
     kmv_params_init(&p);
     if (args_common_params(CMD, o, no, &p) != EXIT_OK) return EXIT_USAGE;
-    int exact_only = args_get(o, no, "exact")->seen;
+    int exact_only = p.exact;
+    p.exact = 0;
     opt *st = args_get(o, no, "steps");
     if (st->seen && st->i < 1) {
         fprintf(stderr, "kmv " CMD ": --steps must be >= 1\n");
         return EXIT_USAGE;
     }
 
+    io_outputs outs;
+    if ((rc = io_outputs_open(CMD, o, no, &outs)) != EXIT_OK) return rc;
+    if (prompt != NULL && io_outputs_use_stdout(&outs)) {
+        fprintf(stderr, "kmv " CMD ": standard output carries the generated text; write the "
+                        "outputs to files\n");
+        io_outputs_discard(&outs);
+        return EXIT_USAGE;
+    }
     char err[512];
     llm_model *model = NULL;
     llm_tokenizer *tok = NULL;
     llm_session *sa = NULL, *se = NULL;
     int *tokens = NULL;
     size_t ntok = 0;
-    char *text = NULL;
+    char *story = NULL;
     double *la = NULL, *le = NULL;
     int status = EXIT_FAIL;
     if ((rc = llm_load(args_get(o, no, "model")->s, &model, err, sizeof err)) != KMV_OK) {
@@ -150,38 +239,34 @@ int cmd_decode(int argc, char **argv) {
         fprintf(stderr, "kmv " CMD ": %s\n", err);
         goto done;
     }
-    if (tfile != NULL && (text = read_text(tfile)) == NULL) {
-        fprintf(stderr, "kmv " CMD ": %s: cannot read, or longer than %d bytes\n", tfile, TEXT_MAX);
-        goto done;
-    }
-    if (llm_encode(tok, prompt ? prompt : text, 1, &tokens, &ntok) != KMV_OK) {
+    if (tfile != NULL && read_text(tfile, &story)) goto done;
+    if (llm_encode(tok, prompt ? prompt : story, 1, &tokens, &ntok) != KMV_OK) {
         fprintf(stderr, "kmv " CMD ": out of memory\n");
         goto done;
     }
     size_t steps = st->seen ? (size_t)st->i : (size_t)c->seq_len;
     if (steps > (size_t)c->seq_len) steps = (size_t)c->seq_len;
-    if (tfile != NULL && ntok > steps) {
+    /* Scoring: each position predicts the next token, so the last token
+     * runs no forward pass. */
+    if (tfile != NULL && ntok > steps + 1) {
         fprintf(stderr, "kmv " CMD ": scoring the first %zu of %zu tokens (the model's context)\n",
-                steps, ntok);
-        ntok = steps;
+                steps + 1, ntok);
+        ntok = steps + 1;
     }
-    if (tfile != NULL) steps = ntok;
+    if (tfile != NULL) steps = ntok > 0 ? ntok - 1 : 0;
 
-    p.force_approx = args_get(o, no, "force-approx")->seen;
-    if (args_get(o, no, "empirical")->seen) p.attn_budget = KMV_BUDGET_EMPIRICAL;
+    p.force_approx = args_seen(o, no, "force-approx");
     kmv_params pe = p;
     pe.exact = 1;
     pe.force_approx = 0;
-    const char *dump = args_get(o, no, "dump-qk")->s;
-    if (llm_session_create(model, &pe, dump != NULL, &se) != KMV_OK) {
+    int dump = io_output(&outs, "dump-qk") != NULL;
+    if (llm_session_create(model, &pe, dump, &se) != KMV_OK) {
         fprintf(stderr, "kmv " CMD ": cannot create the exact session\n");
         goto done;
     }
-    if (!exact_only) {
-        if (llm_session_create(model, &p, 0, &sa) != KMV_OK) {
-            fprintf(stderr, "kmv " CMD ": cannot create the approximate session\n");
-            goto done;
-        }
+    if (!exact_only && llm_session_create(model, &p, 0, &sa) != KMV_OK) {
+        fprintf(stderr, "kmv " CMD ": cannot create the approximate session\n");
+        goto done;
     }
     la = malloc((size_t)c->vocab_size * sizeof(double));
     le = malloc((size_t)c->vocab_size * sizeof(double));
@@ -193,8 +278,8 @@ int cmd_decode(int argc, char **argv) {
     /* The approximate session drives generation when it runs: its text is
      * what a user of it would get; the exact one follows the same tokens. */
     int token = tokens[0];
-    size_t pos = 0, agree = 0, compared = 0;
-    double kl = 0.0, nll_a = 0.0, nll_e = 0.0;
+    size_t pos = 0;
+    compare cm = {0};
     while (pos < steps) {
         const float *lg_e, *lg_a = NULL;
         if ((rc = llm_forward(se, token, &lg_e)) != KMV_OK ||
@@ -202,22 +287,8 @@ int cmd_decode(int argc, char **argv) {
             fprintf(stderr, "kmv " CMD ": position %zu: %s\n", pos, kmv_strerror(rc));
             goto done;
         }
-        const float *lg = lg_a ? lg_a : lg_e;
-        int next;
-        if (pos + 1 < ntok) next = tokens[pos + 1];
-        else if (tfile != NULL) break;
-        else next = argmax(lg, c->vocab_size);
-        log_softmax(lg_e, c->vocab_size, le);
-        nll_e -= le[next];
-        if (lg_a != NULL) {
-            log_softmax(lg_a, c->vocab_size, la);
-            nll_a -= la[next];
-            double k = 0.0;
-            for (int i = 0; i < c->vocab_size; i++) k += exp(le[i]) * (le[i] - la[i]);
-            kl += k;
-            agree += argmax(lg_a, c->vocab_size) == argmax(lg_e, c->vocab_size);
-            compared++;
-        }
+        int next = pos + 1 < ntok ? tokens[pos + 1] : argmax(lg_a ? lg_a : lg_e, c->vocab_size);
+        compare_step(&cm, lg_e, lg_a, c->vocab_size, next, le, la);
         pos++;
         if (next == 1) break; /* BOS ends a story */
         if (prompt != NULL) {
@@ -227,34 +298,16 @@ int cmd_decode(int argc, char **argv) {
         token = next;
     }
     if (prompt != NULL) fputc('\n', stdout);
-    size_t scored = pos > 0 ? pos : 1;
-    fprintf(stderr, "kmv " CMD ": %zu positions; exact attention: %.1f%% of forward time, "
-                    "mean log-loss %.4f\n",
-            pos, 100.0 * llm_attention_seconds(se) / llm_forward_seconds(se), nll_e / (double)scored);
-    if (sa != NULL) {
-        llm_attn_stats as = llm_attention_stats(sa);
-        static const char *why[8] = {"", "no LSH plan", "heavy search", "sample budget", "columns",
-                                     "budget", "small context", "memory"};
-        int top = 1;
-        for (int r = 1; r < 8; r++)
-            if (as.exact_why[r] > as.exact_why[top]) top = r;
-        fprintf(stderr,
-                "kmv " CMD ": approximate attention (eps %g): %.1f%% of forward time, "
-                "%zu of %zu steps approximate (of the exact ones, most for: %s), worst bound %.3g; "
-                "top-1 agreement with exact %.4f, mean KL(exact || approx) %.3g nats, "
-                "mean log-loss %.4f\n",
-                p.eps, 100.0 * llm_attention_seconds(sa) / llm_forward_seconds(sa),
-                as.approx_steps, as.steps, as.approx_steps < as.steps ? why[top] : "none",
-                as.worst_bound, compared ? (double)agree / (double)compared : 1.0,
-                compared ? kl / (double)compared : 0.0, nll_a / (double)scored);
-    }
-    if (dump != NULL && write_dump(se, c, (size_t)llm_position(se), dump) != 0) goto done;
+    report(&cm, pos, se, sa, p.eps);
+    if (dump && write_dump(se, c, (size_t)llm_position(se), &outs) != 0) goto done;
+    if (io_outputs_commit(&outs)) goto done;
     status = EXIT_OK;
 done:
+    io_outputs_discard(&outs);
     free(la);
     free(le);
     free(tokens);
-    free(text);
+    free(story);
     llm_session_free(sa);
     llm_session_free(se);
     llm_tokenizer_free(tok);

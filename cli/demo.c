@@ -6,26 +6,20 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/io.h"
+#include "cli/text.h"
 #include "kmv/kmv.h"
 
 #define SAMPLE "glove100d_first4096.npy"
 #define CHECK_ROWS 256
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* The textbook loop in float, the speed any user could write in a minute. */
 static double naive_seconds(const float *q, const float *k, size_t m, size_t n, size_t d,
                             const float *x, double sigma, float *y) {
-    double t = now();
+    double t = cli_now();
     float c = (float)(1.0 / (2.0 * sigma * sigma));
     for (size_t i = 0; i < m; i++) {
         float acc = 0.0f;
@@ -39,7 +33,7 @@ static double naive_seconds(const float *q, const float *k, size_t m, size_t n, 
         }
         y[i] = acc;
     }
-    return now() - t;
+    return cli_now() - t;
 }
 
 /* Largest |y - ref| over rows [0, m), as a fraction of sum_j |K_ij x_j|
@@ -165,10 +159,10 @@ static int stream_part(int threads) {
     size_t have = 0, size = 4096, step = 0;
     double worst_all = 0.0, x2 = 0.0;
     for (; size <= n; size *= 2) {
-        double t0 = now();
+        double t0 = cli_now();
         if ((err = kmv_stream_append_keys(sa, k + have * d, x + have, size - have)) != KMV_OK)
             goto done;
-        double t_append = now() - t0;
+        double t_append = cli_now() - t0;
         if ((err = kmv_stream_append_keys(se, k + have * d, x + have, size - have)) != KMV_OK)
             goto done;
         for (size_t j = have; j < size; j++) x2 += (double)x[j] * x[j];
@@ -177,16 +171,16 @@ static int stream_part(int threads) {
         /* The first step after a doubling plans and fills the tables
          * (amortized over the doubling); it is timed apart. */
         float y, ye;
-        double tb = now();
+        double tb = cli_now();
         if ((err = kmv_stream_decode(sa, q + step * d, &y, &st)) != KMV_OK) goto done;
-        tb = now() - tb;
+        tb = cli_now() - tb;
         for (size_t i = 0; i < STREAM_STEPS; i++, step++) {
             const float *qi = q + step * d;
-            double t1 = now();
+            double t1 = cli_now();
             if ((err = kmv_stream_decode(sa, qi, &y, &st)) != KMV_OK) goto done;
-            double t2 = now();
+            double t2 = cli_now();
             if ((err = kmv_stream_decode(se, qi, &ye, NULL)) != KMV_OK) goto done;
-            te += now() - t2;
+            te += cli_now() - t2;
             ta += t2 - t1;
             double e = fabs((double)y - ye) / sqrt(x2);
             worst = e > worst ? e : worst;
@@ -219,13 +213,15 @@ done:
 
 int cmd_demo(int argc, char **argv, const char *argv0) {
     opt o[] = {
-        {"threads", OPT_INT, 0, "T", "threads, 0 = all cores (default 0)", 0, 0, 0, 0, 0},
+        OPT_THREADS,
     };
     const char *summary =
         "Run the exact engine on the GloVe sample shipped with kmv and check it against a\n"
         "float64 evaluation and a plain loop; then the approximate engine, and a stream\n"
         "of a built-in clustered context growing to 65536 keys, answered one decoding\n"
-        "step at a time against the exact row.";
+        "step at a time against the exact row.\n\n"
+        "The sample is data/glove100d_first4096.npy, looked for in $KMV_DATA_DIR, then in\n"
+        "./data, then in the Bazel runfiles beside the binary.";
     int rc = args_parse("demo", summary, o, 1, argc, argv);
     if (rc != 0) return rc < 0 ? EXIT_OK : rc;
     if (o[0].seen && (o[0].i < 0 || o[0].i > 4096)) {
@@ -274,8 +270,8 @@ int cmd_demo(int argc, char **argv, const char *argv0) {
     printf("1. Gaussian kernel product y = K x, keys = queries = all %zu words, sigma = %.1f,\n"
            "   x = random +-1 (seed 1)\n",
            n, p.sigma);
-    printf("   exact engine : %8.1f ms  (%.2f ns per kernel entry, %d threads)\n",
-           1e3 * st.seconds, ns_engine, st.n_threads);
+    printf("   exact engine : %8.1f ms  (%.2f ns per kernel entry, %d thread%s)\n",
+           1e3 * st.seconds, ns_engine, st.n_threads, st.n_threads == 1 ? "" : "s");
     if (st.wide_dots)
         printf("                  dot products in float64: at this narrow bandwidth float32\n"
                "                  cancellation would cost more than 4e-6 of a kernel value\n");

@@ -20,7 +20,8 @@ static void usage(FILE *f) {
             "              growing prefixes, from one stream (CSV, optional plot)\n"
             "  decode      run a llama2.c model token by token with kmv attention\n"
             "              streams; compare against exact attention\n"
-            "  demo        run both on the GloVe sample shipped with kmv\n"
+            "  demo        a tour on shipped data: the exact engine, attention and the\n"
+            "              approximate engine on GloVe, then a stream's decoding steps\n"
             "\n"
             "kmv COMMAND --help describes a command; kmv --version prints the version.\n");
 }

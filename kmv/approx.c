@@ -624,6 +624,7 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
     unsigned char *redo = NULL;
     if (m == 0 || c == 0) goto done;
     if (pa->measure_error && n > 0) {
+        double tm = kmv__now();
         ye = kmv__malloc_array(a, m, c * sizeof(float));
         if (ye == NULL) return KMV_ENOMEM;
         int threads;
@@ -632,6 +633,7 @@ int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, 
             kmv__free(a, ye);
             return rc2;
         }
+        S.seconds_measure = kmv__now() - tm;
     }
     if (n == 0) {
         memset(y, 0, m * c * sizeof(float));

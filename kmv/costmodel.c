@@ -7,8 +7,8 @@
 #include "kmv/kernel.h"
 #include "kmv/rng.h"
 
-#define PLAN_QUERIES 32
-#define PLAN_KEYS 256
+#define PLAN_QUERIES KMV__PLAN_QUERIES
+#define PLAN_KEYS KMV__PLAN_KEYS
 #define N_WIDTHS 8
 #define MAX_K 24
 

@@ -53,6 +53,11 @@ typedef struct kmv__lsh_plan {
     double cost_per_query;   /* hashing, steps, verification */
 } kmv__lsh_plan;
 
+/* The prediction's sample: up to this many queries against the first
+ * KMV__PLAN_KEYS keys of the random order. */
+#define KMV__PLAN_QUERIES 32
+#define KMV__PLAN_KEYS 256
+
 /* Choose (k, L, w) so that every key within r_near of a query (kernel value
  * >= kappa) shares a bucket with it in at least one of L tables with
  * probability >= 1 - miss, at the least predicted cost. The prediction

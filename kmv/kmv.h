@@ -264,16 +264,23 @@ typedef struct kmv_stats {
     size_t rows_resampled;    /* rows sampled again because their first
                                  window's variance exceeded the plan */
     double cost_ratio;        /* predicted approximate / exact cost */
-    double error_bound;       /* eps, the target ||Kx - y|| / ||x|| */
+    double error_bound;       /* the bound the call guarantees, whichever
+                                 engine answered: eps on ||Kx - y|| / ||x||
+                                 (attention: the per-row bound of
+                                 kmv_stream_attention_create()); a fallback
+                                 meets it trivially. INFINITY where none is
+                                 claimed (KMV_BUDGET_EMPIRICAL) */
     double error_estimate;    /* the estimate of ||Kx - y|| / ||x|| from the
                                  samples' own variance plus the dropped
                                  keys' bound */
     double error_measured;    /* measured against the exact engine when
-                                 params.measure_error, else -1 */
+                                 params.measure_error (0 when the exact
+                                 engine answered), else -1 */
     double seconds_lsh;       /* planning and hashing the keys */
     double seconds_heavy;     /* hashing queries, verifying candidates,
                                  the sketch */
     double seconds_sample;    /* windows and exact columns */
+    double seconds_measure;   /* params.measure_error's exact product */
 } kmv_stats;
 
 /* Why the approximate engine ran the exact one instead. */
@@ -536,8 +543,9 @@ KMV_API int kmv_tail_stats_get(const kmv_ctx *ctx, const float *queries, const f
  * does not change any answer (see kmv_stream_append_keys()).
  * Decoding steps may run from several threads at once on one stream (see
  * kmv_stream_decode()); every other call needs the stream to itself.
- * Distinct streams are independent. The Gaussian kernel only in this
- * version. */
+ * Distinct streams are independent. kmv_stream_create() makes a
+ * Gaussian-kernel stream; kmv_stream_attention_create() an attention
+ * stream, which takes decoding steps only in this version. */
 typedef struct kmv_stream kmv_stream;
 
 /* An empty stream of dim-dimensional keys and queries whose keys carry
@@ -576,18 +584,18 @@ KMV_API int kmv_stream_matvec(kmv_stream *s, const float *x_fresh, float *y, kmv
  * heavy keys come from the tables, the keys with the largest x_j^2 are
  * summed exactly, the rest is a window sample sized from the sketch; the
  * row is computed exactly instead when the stream is small (below 2048
- * keys), when the plan would cost more than a quarter of the exact row, or
- * under params.exact (stats say which). Cost: O(tables (k dim) +
+ * keys), when the plan would cost more than a quarter of the exact row
+ * (predicted from a sample of the stored keys taken as queries, so the
+ * plan does not hang on one query), or under params.exact (stats say
+ * which). Cost: O(tables (k dim) +
  * candidates dim + (sketch_size + samples) dim), independent of the keys
  * held, once the tables exist; building them (at the first approximate
  * step, and when the keys double) is O(keys tables k dim).
  * Threads: steps may overlap one another on one stream (not any other
- * call on it). The first step at a new size plans the tables (its query
- * samples the cost) and draws the sketch while the others wait; the rest
- * only read. So a step's answer is that of the same steps run one at a
- * time in the order they took the stream; once one step has run at the
- * current size, every later step there answers exactly as it would alone,
- * whatever runs beside it. The allocator hook must then be thread-safe.
+ * call on it). The first step at a new size plans the tables and draws
+ * the sketch while the others wait; the rest only read. Neither depends
+ * on the query, so every step answers exactly as it would alone, whatever
+ * runs beside it. The allocator hook must then be thread-safe.
  * Errors: KMV_EINVAL, KMV_ENONFINITE, KMV_ENOMEM, KMV_ELIMIT,
  * KMV_EOVERFLOW (as kmv_matvec()), and on an attention stream with no keys
  * KMV_EEMPTY. On error y is untouched. A step whose own scratch passes
@@ -679,10 +687,10 @@ KMV_API int kmv_stream_info_get(const kmv_stream *s, kmv_stream_info *info);
 
 /* Save the stream to path: its params, keys (in the store's order, with
  * the shuffle's state), values, queries and table shape, followed by an
- * XXH3-64 checksum of everything before it. Written to a temporary file
- * beside path, synced and renamed over it (then the directory is synced),
- * so path holds the old file or the whole new one, never part of either.
- * err as for kmv_npy_read(). Errors: KMV_EINVAL, KMV_EIO, KMV_ENOMEM. */
+ * XXH3-64 checksum of everything before it. Written by the rules of
+ * kmv_output_open(), so path holds the old file or the whole new one,
+ * never part of either. err as for kmv_npy_read(). Errors: KMV_EINVAL,
+ * KMV_EIO, KMV_ENOMEM. */
 KMV_API int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err_len);
 
 /* Load a stream saved by kmv_stream_save(). The algorithm's params (sigma,
@@ -740,17 +748,82 @@ KMV_API int kmv_npy_read(const char *path, const kmv_allocator *alloc,
  * Not concurrently with other uses of the same array. */
 KMV_API void kmv_array_free(kmv_array *a);
 
+/* ---------------------------------------------------------------- outputs */
+
+/* An output file that appears whole or not at all. Every file kmv writes
+ * (kmv_npy_write(), kmv_stream_save(), each output of the kmv tool) follows
+ * these rules:
+ *  - "-", /dev/stdout, /dev/stderr, /dev/fd/N and /proc/self/fd/N name one
+ *    of the process's descriptors, which is written directly;
+ *  - symbolic links are followed: the file at the end is written and the
+ *    links stay as they are;
+ *  - a character device (/dev/null, a terminal) or a FIFO is written
+ *    directly, streamed, with no temporary file, rename or fsync; opening a
+ *    FIFO waits for its reader. A directory, block device or socket is
+ *    refused;
+ *  - anything else (a regular file, or a name not yet taken) is written to
+ *    a temporary file "<target>.tmp.XXXXXX" beside it, created when the
+ *    output is opened, so that a missing or unwritable directory fails
+ *    before any work; kmv_output_commit() syncs it, renames it over the
+ *    target and syncs the directory, so a crash at any moment leaves the
+ *    old file or the complete new one. An existing file keeps its mode
+ *    and, where the caller may set them, its owner and group (a second
+ *    hard link to it keeps the old content). A new file gets 0666 less
+ *    the umask. Any failure, or kmv_output_discard(), removes the
+ *    temporary and leaves the target as it was.
+ * One handle per thread; distinct handles are independent. */
+typedef struct kmv_output kmv_output;
+
+/* Open path for writing as above. alloc as for kmv_npy_read(); err
+ * receives a message naming the path and the reason. Errors: KMV_EINVAL
+ * (NULL or empty path, NULL out, half-set allocator), KMV_EIO (the
+ * directory is missing or not writable, the target is refused or cannot
+ * be opened), KMV_ENOMEM. On error *out is NULL and nothing is left
+ * behind. */
+KMV_API int kmv_output_open(const char *path, const kmv_allocator *alloc, kmv_output **out,
+                            char *err, size_t err_len);
+
+/* Append len bytes. Errors: KMV_EINVAL, KMV_EIO (the output is then
+ * failed: commit refuses it). */
+KMV_API int kmv_output_write(kmv_output *o, const void *data, size_t len, char *err,
+                             size_t err_len);
+
+/* Publish what was written (see above) and release o, whatever the
+ * outcome. Errors: KMV_EINVAL (NULL), KMV_EIO (a write, the sync, close or
+ * rename failed: the target is as it was). */
+KMV_API int kmv_output_commit(kmv_output *o, char *err, size_t err_len);
+
+/* Drop what was written, remove the temporary file and release o; NULL is
+ * a no-op. What a device or pipe received stays received. */
+KMV_API void kmv_output_discard(kmv_output *o);
+
+/* The temporary file's path while o is open, or NULL for a direct output:
+ * for a host's signal handler, which may unlink(2) it. Valid until o is
+ * committed or discarded. */
+KMV_API const char *kmv_output_temp_path(const kmv_output *o);
+
+/* Where an output of path would land: path with every symbolic link
+ * followed, absolute ("/dev/fd/N" for the descriptor names above), into buf
+ * (len bytes). For telling whether two paths name one file before writing
+ * either. Errors: KMV_EINVAL, KMV_EIO (a directory on the way is missing,
+ * too many links). Thread-safe. */
+KMV_API int kmv_output_target(const char *path, char *buf, size_t len, char *err,
+                              size_t err_len);
+
 /* Write a float32 .npy file (version 1.0), 1-D of length rows when
- * ndim = 1 (cols must then be 1), else rows x cols.
- * The data go to a temporary file in the same directory that is flushed,
- * synced and then renamed over path (the directory is then synced too), so
- * path holds either its old content or the complete new array, never part
- * of one. err as for kmv_npy_read().
+ * ndim = 1 (cols must then be 1), else rows x cols, by the rules of
+ * kmv_output_open(): path holds its old content or the complete new array,
+ * never part of one. err as for kmv_npy_read().
  * Errors: KMV_EINVAL (bad ndim, NULL path, NULL data with nonzero size),
- * KMV_EOVERFLOW, KMV_EIO (with err naming the file and reason).
- * Thread-safe for distinct paths. */
+ * KMV_EOVERFLOW, KMV_EIO (with err naming the file and reason),
+ * KMV_ENOMEM. Thread-safe for distinct paths. */
 KMV_API int kmv_npy_write(const char *path, const float *data, int ndim,
                           size_t rows, size_t cols, char *err, size_t err_len);
+
+/* The same array written to an open output (not committed: the caller
+ * publishes it with kmv_output_commit()). Errors as kmv_npy_write(). */
+KMV_API int kmv_npy_write_output(kmv_output *o, const float *data, int ndim, size_t rows,
+                                 size_t cols, char *err, size_t err_len);
 
 #ifdef __cplusplus
 }

@@ -15,7 +15,8 @@
 #include <unistd.h>
 
 #include "kmv/alloc.h"
-#include "kmv/atomicfile.h"
+#include "kmv/fileio.h"
+#include "kmv/output.h"
 #include "kmv/kmv.h"
 
 /* Floats move between file and memory as raw bytes, which is only right when
@@ -569,26 +570,44 @@ static size_t npy_preamble(unsigned char *buf, size_t cap, int ndim, size_t rows
     return total;
 }
 
-int kmv_npy_write(const char *path, const float *data, int ndim, size_t rows, size_t cols,
-                  char *err, size_t err_len) {
-    unsigned char pre[256];
-    size_t count, nbytes, plen;
-
-    if (err != NULL && err_len > 0) err[0] = '\0';
-    if (path == NULL) return kmv__file_error(err, err_len, path, KMV_EINVAL, "path is NULL");
+/* The preamble and the byte count of an array, after checking its shape;
+ * path only names the file in messages. */
+static int npy_frame(const char *path, const float *data, int ndim, size_t rows, size_t cols,
+                     unsigned char *pre, size_t cap, kmv__part parts[2], char *err,
+                     size_t err_len) {
+    size_t count, nbytes;
     if (ndim != 1 && ndim != 2)
         return kmv__file_error(err, err_len, path, KMV_EINVAL, "ndim must be 1 or 2, not %d", ndim);
     if (ndim == 1 && cols != 1)
         return kmv__file_error(err, err_len, path, KMV_EINVAL, "a 1-D array needs cols = 1, not %zu", cols);
     if (!kmv__mul_size(rows, cols, &count) || !kmv__mul_size(count, sizeof(float), &nbytes))
-        return kmv__file_error(err, err_len, path, KMV_EOVERFLOW, "shape (%zu, %zu) overflows size_t", rows,
-                    cols);
+        return kmv__file_error(err, err_len, path, KMV_EOVERFLOW, "shape (%zu, %zu) overflows size_t",
+                               rows, cols);
     if (data == NULL && nbytes > 0) return kmv__file_error(err, err_len, path, KMV_EINVAL, "data is NULL");
-    plen = npy_preamble(pre, sizeof pre, ndim, rows, cols);
-    kmv__part parts[2] = {{pre, plen}, {data, nbytes}};
-    const char *step;
-    int errnum;
-    if (kmv__write_atomic(path, parts, 2, &step, &errnum) != 0)
-        return kmv__file_error(err, err_len, path, KMV_EIO, "%s: %s", step, strerror(errnum));
+    parts[0] = (kmv__part){pre, npy_preamble(pre, cap, ndim, rows, cols)};
+    parts[1] = (kmv__part){data, nbytes};
     return KMV_OK;
+}
+
+int kmv_npy_write(const char *path, const float *data, int ndim, size_t rows, size_t cols,
+                  char *err, size_t err_len) {
+    unsigned char pre[256];
+    kmv__part parts[2];
+    if (err != NULL && err_len > 0) err[0] = '\0';
+    if (path == NULL) return kmv__file_error(err, err_len, path, KMV_EINVAL, "path is NULL");
+    int rc = npy_frame(path, data, ndim, rows, cols, pre, sizeof pre, parts, err, err_len);
+    if (rc != KMV_OK) return rc;
+    return kmv__write_parts(path, NULL, parts, 2, err, err_len);
+}
+
+int kmv_npy_write_output(kmv_output *o, const float *data, int ndim, size_t rows, size_t cols,
+                         char *err, size_t err_len) {
+    unsigned char pre[256];
+    kmv__part parts[2];
+    if (err != NULL && err_len > 0) err[0] = '\0';
+    if (o == NULL) return kmv__file_error(err, err_len, NULL, KMV_EINVAL, "output is NULL");
+    int rc = npy_frame(NULL, data, ndim, rows, cols, pre, sizeof pre, parts, err, err_len);
+    for (int u = 0; rc == KMV_OK && u < 2; u++)
+        rc = kmv_output_write(o, parts[u].data, parts[u].len, err, err_len);
+    return rc;
 }

@@ -101,6 +101,97 @@ static int lookup(const llm_tokenizer *t, const char *s) {
     return e ? e->id : -1;
 }
 
+/* A candidate merge of the adjacent tokens at left and right (indices
+ * into the text's tokens) into id. Stale once either side has changed:
+ * a and b are the tokens it was made for. */
+typedef struct pair {
+    float score;
+    uint32_t left, right;
+    int a, b, id;
+} pair;
+
+/* Heap order: the higher score first, then the leftmost pair, which is
+ * the pair llama2.c's scan picks (the first of the best). */
+static int pair_before(const pair *x, const pair *y) {
+    return x->score > y->score || (x->score == y->score && x->left < y->left);
+}
+
+static void heap_push(pair *h, size_t *len, pair p) {
+    size_t i = (*len)++;
+    for (; i > 0 && pair_before(&p, &h[(i - 1) / 2]); i = (i - 1) / 2) h[i] = h[(i - 1) / 2];
+    h[i] = p;
+}
+
+static pair heap_pop(pair *h, size_t *len) {
+    pair top = h[0], last = h[--*len];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= *len) break;
+        if (c + 1 < *len && pair_before(&h[c + 1], &h[c])) c++;
+        if (!pair_before(&h[c], &last)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    if (*len > 0) h[i] = last;
+    return top;
+}
+
+/* The merge of tok[l] and tok[r] when the vocabulary has it. */
+static void offer(const llm_tokenizer *t, const int *tok, uint32_t l, uint32_t r, char *buf,
+                  pair *h, size_t *len) {
+    const char *a = t->vocab[tok[l]], *b = t->vocab[tok[r]];
+    size_t la = strlen(a), lb = strlen(b);
+    memcpy(buf, a, la);
+    memcpy(buf + la, b, lb + 1);
+    int id = lookup(t, buf);
+    if (id >= 0) heap_push(h, len, (pair){t->score[id], l, r, tok[l], tok[r], id});
+}
+
+/* Merge the best-scoring adjacent pair until none is in the vocabulary, as
+ * llama2.c does, in O(n log n) rather than its O(n^2) rescans (a long text
+ * took minutes): candidates wait in a heap, each merge offers its two new
+ * neighbours, and a candidate whose tokens have changed since is skipped.
+ * tok[0..*n) is rewritten in place. buf holds two tokens. */
+static int merge_pairs(const llm_tokenizer *t, int *tok, size_t *n, char *buf) {
+    size_t cnt = *n, hlen = 0;
+    if (cnt < 2) return KMV_OK;
+    uint32_t *next = malloc(cnt * sizeof *next), *prev = malloc(cnt * sizeof *prev);
+    /* Each merge offers at most two candidates: 3 n in all. */
+    pair *h = malloc(3 * cnt * sizeof *h);
+    if (next == NULL || prev == NULL || h == NULL) {
+        free(next);
+        free(prev);
+        free(h);
+        return KMV_ENOMEM;
+    }
+    const uint32_t none = UINT32_MAX;
+    for (size_t i = 0; i < cnt; i++) {
+        next[i] = i + 1 < cnt ? (uint32_t)(i + 1) : none;
+        prev[i] = i > 0 ? (uint32_t)(i - 1) : none;
+    }
+    for (size_t i = 0; i + 1 < cnt; i++) offer(t, tok, (uint32_t)i, (uint32_t)(i + 1), buf, h, &hlen);
+    while (hlen > 0) {
+        pair p = heap_pop(h, &hlen);
+        if (next[p.left] != p.right || tok[p.left] != p.a || tok[p.right] != p.b) continue;
+        tok[p.left] = p.id;
+        tok[p.right] = -1;
+        next[p.left] = next[p.right];
+        if (next[p.right] != none) prev[next[p.right]] = p.left;
+        next[p.right] = none; /* a dead token ends no pair */
+        if (prev[p.left] != none) offer(t, tok, prev[p.left], p.left, buf, h, &hlen);
+        if (next[p.left] != none) offer(t, tok, p.left, next[p.left], buf, h, &hlen);
+    }
+    size_t out = 0;
+    for (size_t i = 0; i < cnt; i++)
+        if (tok[i] >= 0) tok[out++] = tok[i];
+    *n = out;
+    free(next);
+    free(prev);
+    free(h);
+    return KMV_OK;
+}
+
 int llm_encode(const llm_tokenizer *t, const char *text, int bos, int **tokens, size_t *count) {
     /* At most a token per byte, BOS and the leading space; merged pairs
      * are at most two tokens long. */
@@ -132,27 +223,11 @@ int llm_encode(const llm_tokenizer *t, const char *text, int bos, int **tokens, 
         }
         bl = 0;
     }
-    /* Merge the best-scoring adjacent pair until none is in the vocabulary. */
-    for (;;) {
-        float best = -1e10f;
-        int best_id = -1;
-        size_t best_at = 0;
-        for (size_t i = 0; i + 1 < n; i++) {
-            const char *a = t->vocab[tok[i]], *b = t->vocab[tok[i + 1]];
-            size_t la = strlen(a), lb = strlen(b);
-            memcpy(buf, a, la);
-            memcpy(buf + la, b, lb + 1);
-            int id = lookup(t, buf);
-            if (id >= 0 && t->score[id] > best) {
-                best = t->score[id];
-                best_id = id;
-                best_at = i;
-            }
-        }
-        if (best_id < 0) break;
-        tok[best_at] = best_id;
-        memmove(tok + best_at + 1, tok + best_at + 2, (n - best_at - 2) * sizeof(int));
-        n--;
+    int rc = merge_pairs(t, tok, &n, buf);
+    if (rc != KMV_OK) {
+        free(tok);
+        free(buf);
+        return rc;
     }
     free(buf);
     *tokens = tok;

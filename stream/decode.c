@@ -176,11 +176,32 @@ static int needs_prep(const kmv_stream *s) {
     return s->drawn_n != n || s->drawn_w != h1_weight(s);
 }
 
-/* Plan and fill the tables for this size (q samples the queries for the
- * plan's cost) and draw the sketch's rows below H1; or record a refused
- * plan (an attention stream, which samples without tables, still draws).
- * The only writer of the state steps share. */
-static int prepare(kmv_stream *s, const float *q, double *seconds) {
+/* The rows a plan samples its queries' cost from: stored keys, taken as
+ * queries, from the random order just past the keys the cost model
+ * compares them with (so no key meets itself). A sample of the stream's
+ * own keys rather than the query at hand: one unlucky first query must not
+ * leave every step at this size exact, and the plan is then a function of
+ * the stream alone. An attention key's lifted coordinate is zeroed, as a
+ * query's is. Returns the row count, into *out (free with the allocator),
+ * or 0 when out of memory. */
+static size_t plan_sample(const kmv_stream *s, float **out) {
+    const kmv__keystore *ks = &s->ix->ks;
+    size_t n = ks->n, d = ks->d;
+    size_t cnt = n < KMV__PLAN_QUERIES ? n : KMV__PLAN_QUERIES;
+    size_t from = n >= KMV__PLAN_KEYS + cnt ? KMV__PLAN_KEYS : n - cnt;
+    float *rows = kmv__malloc_array(&s->ix->alloc, cnt ? cnt : 1, d * sizeof(float));
+    *out = rows;
+    if (rows == NULL) return 0;
+    memcpy(rows, ks->rows + from * d, cnt * d * sizeof(float));
+    if (s->attn)
+        for (size_t i = 0; i < cnt; i++) rows[i * d + d - 1] = 0.0f;
+    return cnt;
+}
+
+/* Plan and fill the tables for this size and draw the sketch's rows below
+ * H1; or record a refused plan (an attention stream, which samples without
+ * tables, still draws). The only writer of the state steps share. */
+static int prepare(kmv_stream *s, double *seconds) {
     double t0 = kmv__now();
     kmv_index *ix = s->ix;
     const kmv_params *pa = &ix->params;
@@ -191,9 +212,16 @@ static int prepare(kmv_stream *s, const float *q, double *seconds) {
      * needs all of them found: each with delta / (4 n), as the tables
      * serve until the keys double. */
     double miss = s->attn ? 0.25 * pa->delta / (double)n : 0.5 * pa->delta;
-    if (!(s->attn && plan_refused(s)))
-        rc = kmv__index_ensure_lsh(ix, q, 1, kmv__heavy_threshold(pa, n, 1), miss,
-                                   ix->force_approx ? INFINITY : 0.25 * row_cost(s), 1.0);
+    if (!(s->attn && plan_refused(s))) {
+        float *sample;
+        size_t m = plan_sample(s, &sample);
+        rc = m == 0 ? KMV_ENOMEM
+                    : kmv__index_ensure_lsh(ix, sample, m, kmv__heavy_threshold(pa, n, 1), miss,
+                                            ix->force_approx ? INFINITY
+                                                             : 0.25 * row_cost(s) * (double)m,
+                                            1.0);
+        kmv__free(&ix->alloc, sample);
+    }
     int refused = rc == 1;
     if (refused) {
         s->decode_refused_n = n;
@@ -643,6 +671,7 @@ answer:
                             ? INFINITY /* none */
                             : pa->eps * sqrt(s->wmax) / (1.0 - pa->eps);
     }
+    if (S.mode == KMV_MODE_EXACT) S.error_bound = 0.0; /* asked for exact */
     for (size_t col = 0; col < c; col++) y[col] = (float)t.est[col];
     S.seconds = kmv__now() - t0;
     if (st != NULL) *st = S;
@@ -672,7 +701,7 @@ int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st, i
         if (needs_prep(s)) {
             /* Exclusive: the refusals counted meanwhile are this plan's. */
             unsigned long r0 = kmv__meter_refusals(&ix->meter);
-            rc = prepare(s, q, &prep);
+            rc = prepare(s, &prep);
             if (rc == KMV_ENOMEM && kmv__meter_refusals(&ix->meter) != r0) {
                 /* Past the cap the tables (a cache) go and the steps run
                  * exact, as the index's products do, until the keys

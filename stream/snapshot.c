@@ -17,7 +17,8 @@
 #include <xxhash.h>
 
 #include "kmv/alloc.h"
-#include "kmv/atomicfile.h"
+#include "kmv/fileio.h"
+#include "kmv/output.h"
 #include "kmv/context.h"
 #include "stream/stream.h"
 
@@ -110,11 +111,8 @@ int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err
     uint64_t sum = XXH3_64bits_digest(xs);
     XXH3_freeState(xs);
     parts[5].data = &sum;
-    const char *step;
-    int errnum;
-    if (kmv__write_atomic(path, parts, 6, &step, &errnum) != 0)
-        return kmv__file_error(err, err_len, path, KMV_EIO, "%s: %s", step, strerror(errnum));
-    return KMV_OK;
+    /* Outside the memory cap: the writer's few KB are not the stream's. */
+    return kmv__write_parts(path, &ix->meter.base, parts, 6, err, err_len);
 }
 
 /* Bytes the payload of h takes, or 0 when its sizes overflow. */

@@ -5,6 +5,8 @@ set -u
 
 KMV=${KMV:-./kmv}
 GEN=${NPYGEN:-./tests/npygen}
+SCHEMA=${SCHEMA:-./tests/stats_schema.py}
+STATS_DOC=${STATS_DOC:-docs/stats.md}
 T=$(mktemp -d "${TEST_TMPDIR:-/tmp}/kmv_cli.XXXXXX")
 trap 'rm -rf "$T"' EXIT
 pass=0
@@ -108,10 +110,10 @@ if grep -q '"mode": "fallback"' "$T/sa.json" && grep -q '"fallback_reason": "sma
 printf 'old' >"$T/keep.npy"
 expect 1 "dimension mismatch" -- $KMV matvec --exact --sigma 1 --out "$T/keep.npy" --queries "$T/q.npy" --keys "$T/k5.npy" --x "$T/x.npy"
 if [ "$(cat "$T/keep.npy")" = old ]; then ok; else bad "keep.npy was changed by a failed run"; fi
-expect 1 "nodir/y.npy.*No such file" -- $KMV matvec --exact --sigma 1 --out "$T/nodir/y.npy" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
+expect 1 "nodir/y.npy: cannot write: its directory does not exist" -- $KMV matvec --exact --sigma 1 --out "$T/nodir/y.npy" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
 
 # A stats file that cannot be written fails the run and publishes nothing.
-expect 1 "cannot write .*nodir/s.json" -- $KMV matvec --exact --sigma 1 --out "$T/y.npy" --stats "$T/nodir/s.json" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
+expect 1 "nodir/s.json: cannot write" -- $KMV matvec --exact --sigma 1 --out "$T/y.npy" --stats "$T/nodir/s.json" --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy"
 absent "$T/y.npy"
 # Logits beyond float's range are refused, not answered with NaN.
 expect 1 "logits could exceed float32" -- $KMV attention --exact --scale 1e39 --q "$T/q.npy" --k "$T/k.npy" --v "$T/v.npy" --out "$T/o.npy"
@@ -143,6 +145,34 @@ if grep -q '"causal": true' "$T/so.json"; then ok; else bad "attention stats lac
 expect 0 "" -- $KMV attention --exact --q "$T/q.npy" --k "$T/k.npy" --v "$T/x.npy" --scale 0.5 --out "$T/o1.npy"
 expect 0 "^1 50 1 " -- $GEN stat "$T/o1.npy"
 
+# Every stats file holds exactly the fields docs/stats.md documents for its
+# run, with their types: exact, fallback, measured, attention (exact,
+# fallback, empirical), forced approximate.
+schema() { if python3 "$SCHEMA" "$STATS_DOC" "$1"; then ok; else bad "stats schema: $(cat "$1")"; fi; }
+for f in s.json sa.json sc.json so.json ss.json se.json; do schema "$T/$f"; done
+expect 0 "" -- $KMV attention --q "$T/q.npy" --k "$T/k.npy" --v "$T/v.npy" --delta 0.05 --measure-error --out "$T/om.npy" --stats "$T/sm.json"
+schema "$T/sm.json"
+if grep -Eq '"error_measured": [0-9.e-]+,' "$T/sm.json" && grep -q '"delta": 0.05' "$T/sm.json"; then ok; else bad "attention --delta/--measure-error: $(cat "$T/sm.json")"; fi
+# The effective scale and the lifted sigma, not zeros: d = 6.
+if grep -q '"scale": 0.408248' "$T/sm.json" && grep -q '"sigma": 1.565084' "$T/sm.json"; then ok; else bad "attention scale/sigma: $(cat "$T/sm.json")"; fi
+# An exact run has no approx block, no budget, and claims error 0.
+if ! grep -q '"approx"' "$T/s.json" && grep -q '"error_bound": 0,' "$T/s.json" &&
+    grep -q '"error_measured": null' "$T/s.json"; then ok; else bad "exact stats: $(cat "$T/s.json")"; fi
+if ! grep -q attn_budget "$T/sa.json"; then ok; else bad "a Gaussian run names an attention budget"; fi
+# Fallbacks claim the same bound, whatever their reason: eps.
+if grep -q '"error_bound": 0.1,' "$T/sa.json"; then ok; else bad "fallback bound: $(cat "$T/sa.json")"; fi
+# --force-approx runs the approximate path on an input too small to gain;
+# --measure-error's exact product is then a phase of its own.
+expect 0 "" -- $KMV matvec --force-approx --measure-error --sigma 1 --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --out "$T/yf.npy" --stats "$T/sf.json"
+if grep -q '"mode": "approx"' "$T/sf.json"; then ok; else bad "--force-approx: $(cat "$T/sf.json")"; fi
+if awk -F': ' '/"measure"/ {gsub(/,/, "", $2); exit !($2 > 0)}' "$T/sf.json"; then ok; else bad "no measure phase: $(cat "$T/sf.json")"; fi
+schema "$T/sf.json"
+# Attention over no keys names the file.
+$GEN write "$T/k0.npy" 0 6 1 >/dev/null
+$GEN write "$T/v0.npy" 0 3 1 >/dev/null
+expect 1 "k0.npy holds no keys" -- $KMV attention --q "$T/q.npy" --k "$T/k0.npy" --v "$T/v0.npy" --out "$T/o0.npy"
+absent "$T/o0.npy"
+
 # kmv prefix: usage errors, then a table checked against a brute force.
 PF=(prefix --queries "$T/q.npy" --keys "$T/k.npy")
 expect 0 "usage: kmv prefix.*--attention" -- $KMV prefix --help
@@ -164,6 +194,11 @@ if [ "$out" = "i,c,ratio_next,ratio_double,approx_seconds,exact_seconds,speedup,
  10 25 40 50" ]; then ok; else bad "prefix table rows: $out"; fi
 if awk -F, 'NR > 1 && !($8 >= 0 && $8 <= $9) {exit 1}' "$T/p.csv"; then ok; else bad "prefix error above eps"; fi
 if [ "$(head -c 4 "$T/p.png" | od -An -c | tr -d ' ')" = "211PNG" ]; then ok; else bad "prefix plot is not a PNG"; fi
+# The image format follows the name: SVG for .svg; a name that says none is refused.
+expect 0 "" -- $KMV "${PF[@]}" --sigma 0.7 --start 40 --out "$T/p2.csv" --plot "$T/p.svg"
+if grep -q "<svg" "$T/p.svg"; then ok; else bad "prefix --plot p.svg is not an SVG"; fi
+expect 2 "name the image .png, .svg or .pdf" -- $KMV "${PF[@]}" --sigma 0.7 --out "$T/p3.csv" --plot "$T/p.jpg"
+absent "$T/p3.csv"
 # c and the ratios of K[:50, :50] by brute force: every entry, sorted.
 want=$( { $GEN dump "$T/q.npy"; echo; $GEN dump "$T/k.npy"; } | awk -v s=0.7 '
     NF == 0 {part = 1; next}
@@ -182,6 +217,7 @@ if awk -F, 'NR > 1 && !($8 >= 0 && $8 <= $9) {exit 1} END {exit NR < 2}' "$T/pa.
 # The demo runs on the shipped sample and reports its checks.
 expect 0 "error vs float64.*bound 1e-5" -- $KMV demo
 expect 0 "ms, mode (approx|fallback)" -- $KMV demo
+expect 0 "per kernel entry, 1 thread\)" -- $KMV demo --threads 1
 # Part 4: a row per doubling up to 65536 keys, the error within eps.
 out=$($KMV demo --threads 2 2>&1)
 if grep -Eq "^ +65536 +[0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+x " <<<"$out"; then ok; else bad "demo lacks the stream's 65536 row: $out"; fi
@@ -199,6 +235,21 @@ expect 0 "top-1 agreement with exact 1.0000, mean KL.* 0 nats" -- $KMV decode "$
 printf 'The cat sat on the mat. It was a sunny day and the cat was happy.\n' > "$T/story.txt"
 expect 0 "[0-9]+ positions; exact attention: [0-9.]+% of forward time, mean log-loss [0-9.]+" -- $KMV decode "${M[@]}" --text-file "$T/story.txt" --exact
 expect 0 "steps approximate" -- $KMV decode "${M[@]}" --text-file "$T/story.txt" --force-approx --eps 0.3
+# Positions and attention steps agree: one step per layer and query head
+# (5 x 8 for stories260K) at each position run.
+out=$($KMV decode "${M[@]}" --text-file "$T/story.txt" --force-approx 2>&1)
+np=$(sed -n 's/.*: \([0-9]*\) positions;.*/\1/p' <<<"$out")
+ns=$(sed -n 's/.* of \([0-9]*\) steps approximate.*/\1/p' <<<"$out")
+if [ -n "$np" ] && [ "$ns" = $((np * 40)) ]; then ok; else bad "decode: $np positions but $ns steps: $out"; fi
+printf 'text\0with a NUL' >"$T/bin.txt"
+expect 1 "bin.txt: not UTF-8 text" -- $KMV decode "${M[@]}" --text-file "$T/bin.txt" --exact
+printf '\xff\xfe bad bytes' >"$T/bin2.txt"
+expect 1 "bin2.txt: not UTF-8 text" -- $KMV decode "${M[@]}" --text-file "$T/bin2.txt" --exact
+expect 1 "nope.txt: cannot open: No such file" -- $KMV decode "${M[@]}" --text-file "$T/nope.txt" --exact
+# A text longer than the old 1 MiB limit is read whole and scored up to the
+# model's context.
+awk 'BEGIN {for (i = 0; i < 40000; i++) print "The cat sat on the mat and looked at the sun."}' >"$T/long.txt"
+expect 0 "scoring the first 513 of [0-9]+ tokens" -- $KMV decode "${M[@]}" --text-file "$T/long.txt" --exact
 # --dump-qk: a ZIP of .npy files, q/k/v per layer, positions x heads x head size.
 expect 0 "" -- $KMV decode "${M[@]}" --prompt "Once upon a time" --steps 30 --exact --dump-qk "$T/qk.npz"
 if [ "$(head -c 4 "$T/qk.npz" | od -An -tx1 | tr -d ' ')" = 504b0304 ] &&

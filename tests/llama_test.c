@@ -49,6 +49,110 @@ static void round_trip(void **state) {
     assert_non_null(strstr(err, "no byte tokens"));
 }
 
+/* A second reading of the tokenizer file and run.c's encode() as written:
+ * linear lookups and a rescan of every pair per merge. The library's heap
+ * of candidates must give the same tokens. */
+typedef struct ref_vocab {
+    int n;
+    char **str;
+    float *score;
+} ref_vocab;
+
+static void ref_load(ref_vocab *v) {
+    FILE *f = fopen(TOK, "rb");
+    assert_non_null(f);
+    int32_t maxlen;
+    assert_int_equal(fread(&maxlen, 4, 1, f), 1);
+    v->n = 512;
+    v->str = calloc(512, sizeof(char *));
+    v->score = calloc(512, sizeof(float));
+    for (int i = 0; i < 512; i++) {
+        int32_t len;
+        assert_int_equal(fread(&v->score[i], 4, 1, f), 1);
+        assert_int_equal(fread(&len, 4, 1, f), 1);
+        v->str[i] = calloc((size_t)len + 1, 1);
+        assert_int_equal(fread(v->str[i], 1, (size_t)len, f), (size_t)len);
+    }
+    fclose(f);
+}
+
+static int ref_lookup(const ref_vocab *v, const char *s) {
+    for (int i = 0; i < v->n; i++)
+        if (strcmp(v->str[i], s) == 0) return i;
+    return -1;
+}
+
+static size_t ref_encode(const ref_vocab *v, const char *text, int *tok) {
+    size_t n = 0;
+    char buf[64];
+    tok[n++] = 1;
+    if (text[0] != '\0') tok[n++] = ref_lookup(v, " ");
+    for (const unsigned char *c = (const unsigned char *)text; *c;) {
+        size_t len = 1;
+        while (len < 4 && (c[len] & 0xC0) == 0x80) len++;
+        memcpy(buf, c, len);
+        buf[len] = '\0';
+        int id = ref_lookup(v, buf);
+        if (id >= 0) tok[n++] = id;
+        else
+            for (size_t i = 0; i < len; i++) tok[n++] = c[i] + 3;
+        c += len;
+    }
+    for (;;) {
+        float best = -1e10f;
+        int best_id = -1;
+        size_t at = 0;
+        for (size_t i = 0; i + 1 < n; i++) {
+            snprintf(buf, sizeof buf, "%s%s", v->str[tok[i]], v->str[tok[i + 1]]);
+            int id = ref_lookup(v, buf);
+            if (id >= 0 && v->score[id] > best) {
+                best = v->score[id];
+                best_id = id;
+                at = i;
+            }
+        }
+        if (best_id < 0) break;
+        tok[at] = best_id;
+        memmove(tok + at + 1, tok + at + 2, (n - at - 2) * sizeof(int));
+        n--;
+    }
+    return n;
+}
+
+static void encode_matches_reference(void **state) {
+    (void)state;
+    static const char *words[] = {"the", "cat", " ", "  ", "sat", "on", "mat", ".", ",",
+                                  "Lily", "happy", "\n", "café", "東京", "🙂", "ing", "x",
+                                  "\"", "'s", "zzzq", "a", "once", "upon", "time"};
+    llm_tokenizer *t;
+    char err[256];
+    assert_int_equal(llm_tokenizer_load(TOK, 512, &t, err, sizeof err), KMV_OK);
+    ref_vocab v;
+    ref_load(&v);
+    uint64_t s = 7;
+    char text[1024];
+    int ref[1200];
+    for (int round = 0; round < 200; round++) {
+        text[0] = '\0';
+        size_t words_in = 1 + (size_t)(round % 60);
+        for (size_t w = 0; w < words_in; w++) {
+            s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+            strcat(text, words[(s >> 33) % (sizeof words / sizeof *words)]);
+        }
+        int *tok;
+        size_t n;
+        assert_int_equal(llm_encode(t, text, 1, &tok, &n), KMV_OK);
+        size_t rn = ref_encode(&v, text, ref);
+        assert_int_equal(n, rn);
+        assert_memory_equal(tok, ref, n * sizeof(int));
+        free(tok);
+    }
+    for (int i = 0; i < v.n; i++) free(v.str[i]);
+    free(v.str);
+    free(v.score);
+    llm_tokenizer_free(t);
+}
+
 static void write_bytes(const char *path, const unsigned char *b, size_t n) {
     FILE *f = fopen(path, "wb");
     assert_non_null(f);
@@ -132,6 +236,7 @@ static void forward_refusals(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(round_trip),
+        cmocka_unit_test(encode_matches_reference),
         cmocka_unit_test(loader_refusals),
         cmocka_unit_test(forward_refusals),
     };

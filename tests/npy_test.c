@@ -284,7 +284,13 @@ static void test_write_mode_follows_umask(void **state) {
     assert_int_equal(kmv_npy_write(path, in, 1, 2, 1, err, sizeof err), KMV_OK);
     assert_int_equal(stat(path, &st), 0);
     assert_int_equal(st.st_mode & 0777, 0640);
+    /* A file already there keeps its mode, whatever the umask. */
     umask(022);
+    assert_int_equal(chmod(path, 0600), 0);
+    assert_int_equal(kmv_npy_write(path, in, 1, 2, 1, err, sizeof err), KMV_OK);
+    assert_int_equal(stat(path, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0600);
+    assert_int_equal(unlink(path), 0);
     assert_int_equal(kmv_npy_write(path, in, 1, 2, 1, err, sizeof err), KMV_OK);
     assert_int_equal(stat(path, &st), 0);
     assert_int_equal(st.st_mode & 0777, 0644);
@@ -801,7 +807,7 @@ static void test_write_missing_dir(void **state) {
     path_of("no_such_dir", dir, sizeof dir);
     snprintf(path, sizeof path, "%s/out.npy", dir);
     CHECK_ERR(kmv_npy_write(path, in, 1, 2, 1, err, sizeof err), KMV_EIO, err, path,
-              "No such file or directory");
+              "its directory does not exist");
     assert_int_equal(stat(dir, &st), -1);
     assert_false(dir_has_tmp(g_dir));
 }
@@ -813,7 +819,7 @@ static void test_write_parent_is_file(void **state) {
     put_file("plain_file", "x", 1, file, sizeof file);
     snprintf(path, sizeof path, "%s/out.npy", file);
     CHECK_ERR(kmv_npy_write(path, in, 1, 2, 1, err, sizeof err), KMV_EIO, err, path,
-              "temporary file");
+              "not a directory");
     assert_false(dir_has_tmp(g_dir));
 }
 
@@ -824,7 +830,8 @@ static void test_write_target_is_directory(void **state) {
     (void)state;
     path_of("a_dir", path, sizeof path);
     assert_int_equal(mkdir(path, 0755), 0);
-    CHECK_ERR(kmv_npy_write(path, in, 1, 2, 1, err, sizeof err), KMV_EIO, err, path, "rename");
+    CHECK_ERR(kmv_npy_write(path, in, 1, 2, 1, err, sizeof err), KMV_EIO, err, path,
+              "is a directory");
     assert_int_equal(stat(path, &st), 0);
     assert_true(S_ISDIR(st.st_mode));
     assert_false(dir_has_tmp(g_dir));

@@ -169,6 +169,46 @@ static void test_guarantee_glove(void **state) {
     free(x);
 }
 
+/* A plan must not hang on the step that happens to make it. With the
+ * first step's query as the plan's only cost sample, these seeds of 16384
+ * clustered keys left every one of 32 steps exact with no tables (one
+ * unlucky query predicted too many candidates); planned from the stream's
+ * own keys, they approximate, within eps. */
+static void test_plan_from_keys(void **state) {
+    (void)state;
+    const size_t n = 16384, d = 64, m = 32;
+    const uint64_t seeds[] = {17, 43, 58};
+    float *k = malloc(n * d * sizeof(float)), *q = malloc(m * d * sizeof(float));
+    float *x = malloc(n * sizeof(float));
+    for (size_t u = 0; u < sizeof seeds / sizeof seeds[0]; u++) {
+        dg_clustered(k, n, q, m, d, 16, 1.0, seeds[u]);
+        dg_x(x, n, DG_X_GAUSS, seeds[u]);
+        kmv_ctx *ctx = make_ctx(1.0, seeds[u], 0, 0);
+        kmv_stream *s = make_stream(ctx, d, 1, 0);
+        assert_int_equal(kmv_stream_append_keys(s, k, x, n), KMV_OK);
+        int approx = 0, beyond = 0;
+        for (size_t i = 0; i < m; i++) {
+            float y, ye;
+            kmv_stats st;
+            assert_int_equal(kmv_stream_decode(s, q + i * d, &y, &st), KMV_OK);
+            exact_prefix(q + i * d, 1, k, n, d, x, 1, 1.0, 0, &ye);
+            approx += st.mode == KMV_MODE_APPROX;
+            beyond += rel_error(&y, &ye, 1, x, n) > 0.1;
+        }
+        kmv_stream_info info;
+        assert_int_equal(kmv_stream_info_get(s, &info), KMV_OK);
+        print_message("seed %llu: %d of %zu steps approximate, %d tables, %d past eps\n",
+                      (unsigned long long)seeds[u], approx, m, info.lsh_tables, beyond);
+        assert_true(approx >= 24 && info.lsh_tables > 0);
+        assert_true(beyond <= 1);
+        kmv_stream_free(s);
+        kmv_ctx_free(ctx);
+    }
+    free(k);
+    free(q);
+    free(x);
+}
+
 /* One block or many (of random sizes, queries interleaved): the same
  * answers, bit for bit, from products and decoding steps. */
 static void test_order_independence(void **state) {
@@ -845,6 +885,7 @@ int main(void) {
         cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_order_independence),
         cmocka_unit_test(test_fresh_x),
+        cmocka_unit_test(test_plan_from_keys),
         cmocka_unit_test(test_no_rebuild),
         cmocka_unit_test(test_amortized_growth),
         cmocka_unit_test(test_snapshot_continue),

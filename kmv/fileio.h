@@ -1,27 +1,11 @@
-/* Internal: files that appear whole or not at all, and reading a file whole.
- *
- * A writer fills a temporary file beside the target (rename(2) is atomic
- * only within one file system), syncs it, renames it over the target and
- * syncs the directory, so a crash at any point leaves the old file or the
- * complete new one. Shared by the .npy writer and stream snapshots. */
-#ifndef KMV_ATOMICFILE_H
-#define KMV_ATOMICFILE_H
+/* Internal: reading files whole or in full, and "path: message" errors.
+ * Writing is output.c's (kmv_output_open() in kmv.h). */
+#ifndef KMV_FILEIO_H
+#define KMV_FILEIO_H
 
 #include <stddef.h>
 
 #include "kmv/kmv.h"
-
-typedef struct kmv__part {
-    const void *data;
-    size_t len;
-} kmv__part;
-
-/* Write the concatenation of parts[0..nparts) to path as above, with the
- * mode open(2) would give (0644 less the umask). Returns 0, or -1 with
- * *step naming what failed and *errnum its errno (nothing is left behind:
- * the temporary file is removed). */
-int kmv__write_atomic(const char *path, const kmv__part *parts, size_t nparts,
-                      const char **step, int *errnum);
 
 #if defined(__GNUC__)
 #define KMV__PRINTF(fmt, args) __attribute__((format(printf, fmt, args)))
@@ -46,4 +30,4 @@ int kmv__read_full(int fd, void *buf, size_t n, size_t *got);
 int kmv__read_whole(const char *path, const kmv_allocator *a, size_t max, unsigned char **buf,
                     size_t *len);
 
-#endif /* KMV_ATOMICFILE_H */
+#endif /* KMV_FILEIO_H */
