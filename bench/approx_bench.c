@@ -17,6 +17,7 @@
  * the smallest n to the largest. --quick stops at n = 16384; --only runs one
  * configuration (e.g. clustered:100:gauss) and --n one size, for profiling;
  * --approx-only skips the exact runs (its ratios and errors mean nothing). */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -11,6 +11,7 @@
  *   assumption_a_length.csv  i, paragraphs, mean c, standard deviation
  *   assumption_a_{c,next,double}.png and assumption_a_length.png (gnuplot)
  * The paper found c <= 4.6 on BERT. Public API and the llama runner only. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

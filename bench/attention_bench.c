@@ -29,6 +29,7 @@
  *   zero      the output 0.
  * The sampling methods' sample counts are found by bisection. A method
  * that misses the band at every setting is printed with met = 0. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>

@@ -18,6 +18,7 @@
  *   engine_vs_floor      engine_ns / (gemm_ns + exp_ns): 1.0 is the floor
  *   speedup_vs_naive     naive_ns / engine_ns (per thread: naive uses one)
  */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <cblas.h>
 #include <math.h>
 #include <stdio.h>

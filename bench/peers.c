@@ -1,4 +1,5 @@
 /* Peer estimators of normalized attention; see peers.h. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "bench/peers.h"
 
 #include <cblas.h>

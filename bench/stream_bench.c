@@ -18,6 +18,7 @@
  *     their ratio, and the worst ||y - exact|| / ||x|| against eps = 0.1.
  *  3. Kx for the current prefix after streaming 64 blocks against one
  *     block: the same answer, and the ratio of their times. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

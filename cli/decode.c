@@ -2,6 +2,7 @@
  * through kmv attention streams (llama/). Unless --exact, an exact
  * session runs beside the approximate one on the same tokens, so every
  * position compares the two next-token distributions. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <errno.h>
 #include <math.h>
 #include <stdint.h>

@@ -2,6 +2,7 @@
  * checked against a float64 evaluation and a plain loop on a subset of rows;
  * then a stream growing token by token, its decoding step against the exact
  * row. It uses only the public API, like any program embedding kmv. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,4 +1,4 @@
-#define _XOPEN_SOURCE 700 /* POSIX.1-2008: sigaction, fstat; before any header */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "cli/io.h"
 
 #include <errno.h>

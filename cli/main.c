@@ -1,4 +1,5 @@
 /* kmv: the command-line tool, a thin layer over kmv/kmv.h. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <stdio.h>
 #include <string.h>
 

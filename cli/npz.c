@@ -1,6 +1,7 @@
 /* .npz archives; see npz.h. The ZIP layout (APPNOTE 4.3): per entry a
  * local header and the bytes, then the central directory and its end
  * record; every entry "stored" (method 0), so np.load reads it as is. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "cli/npz.h"
 
 #include <stdint.h>

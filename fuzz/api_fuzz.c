@@ -19,6 +19,7 @@
  * returns a non-finite number; with a memory cap (some inputs set a small
  * one) an index never holds more than it, and KMV_ELIMIT comes only from
  * a cap. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>

@@ -3,6 +3,7 @@
  * crash input kept as regress-* in fuzz/corpus/NAME on each change.
  * Usage: replay FILE...   A harness detects a broken promise by aborting;
  * here that fails the test and the name of the input is on stderr. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,6 +1,7 @@
 /* The public operations: validate once, then hand a kmv__problem to an
  * engine. Everything an engine may assume about its input is established
  * here, so the engines carry no argument checks of their own. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <float.h>
 #include <limits.h>
 #include <math.h>

@@ -17,6 +17,7 @@
  * seen through a window of s_min samples, costs a row at most 1/16 of its
  * share Bs^2 / m. Keys with larger x_j^2 than h allows join the exactly
  * summed columns H1 (with those above n^gamma). */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

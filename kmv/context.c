@@ -1,4 +1,5 @@
 /* Parameters and the context handle: defaults live here and only here. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <string.h>
 

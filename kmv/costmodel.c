@@ -1,4 +1,5 @@
 /* LSH shape selection by predicted cost; see costmodel.h. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "kmv/costmodel.h"
 
 #include <math.h>

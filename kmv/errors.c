@@ -1,5 +1,6 @@
 /* Error names and messages, generated from the one X-macro in kmv.h so a new
  * code cannot be added without its message. Also the version queries. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "kmv/kmv.h"
 
 #define KMV__STR2(x) #x

@@ -14,6 +14,7 @@
  * small next to norms; keys are centred, and where the predicted loss still
  * exceeds 4e-6 of a kernel value its dot products are taken in double.
  */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "kmv/exact.h"
 
 #include <cblas.h>

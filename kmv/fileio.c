@@ -1,4 +1,5 @@
 /* Reading files, and messages that name them; see fileio.h. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "kmv/fileio.h"
 
 #include <errno.h>

@@ -1,5 +1,6 @@
 /* The finiteness scan every entry point runs on its operands (contract in
  * kmv.h). */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 
 #include "kmv/kmv.h"

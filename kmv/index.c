@@ -1,4 +1,5 @@
 /* The index's life cycle and argument checks; the product is approx.c. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <limits.h>
 #include <stdatomic.h>
 #include <string.h>

@@ -7,6 +7,7 @@
  * (target_clones), so one binary uses AVX-512 or AVX2 where the CPU has it
  * and SSE2 elsewhere, without -march flags that would tie it to one machine.
  */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "kmv/kernel.h"
 
 #include <stdint.h>

@@ -1,4 +1,5 @@
 /* The randomly ordered key store; see keystore.h for why it is ordered. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "kmv/keystore.h"
 
 #include <string.h>

@@ -29,7 +29,8 @@
  * Threads. Which calls may overlap:
  *  - Anywhere, any number at once: the version and error-name queries,
  *    kmv_params_init/check, kmv_find_nonfinite, kmv_ctx_create,
- *    kmv_npy_read, and kmv_npy_write on distinct paths.
+ *    kmv_npy_read, kmv_output_target, and kmv_npy_write on distinct
+ *    paths; kmv_output handles, one thread each.
  *  - On one context: any number of kmv_matvec, kmv_attention and
  *    kmv_index_create calls at once (the context is read-only after
  *    creation); kmv_ctx_free only when none is running.

@@ -2,6 +2,7 @@
  * kmv.h). Norms are taken in double so that the bound from
  * kmv_max_sq_norm() and the check here agree exactly: the key with the
  * largest norm gets an extra coordinate of 0, never a refusal. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 
 #include "kmv/kmv.h"

@@ -1,4 +1,5 @@
 /* Euclidean LSH tables; see lsh.h. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "kmv/lsh.h"
 
 #include <cblas.h>

@@ -1,6 +1,7 @@
 /* NumPy .npy reading and writing, so data can move between kmv and Python
  * without a conversion step. Header parsing is kept apart from file I/O so
  * that it can be fuzzed on its own. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <errno.h>
 #include <fcntl.h>
 #include <float.h>

@@ -1,6 +1,6 @@
 /* Output files written whole or not at all, by the rules kmv_output_open()
  * states in kmv.h. */
-#define _XOPEN_SOURCE 700 /* POSIX.1-2008 and realpath(3), before any header */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "kmv/output.h"
 
 #include <errno.h>

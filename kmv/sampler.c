@@ -1,4 +1,5 @@
 /* Window sampling of light keys; see sampler.h. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "kmv/sampler.h"
 
 #include <math.h>

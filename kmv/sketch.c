@@ -1,4 +1,5 @@
 /* The x^2-grouped kernel-density sketch; see sketch.h. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "kmv/sketch.h"
 
 #include <math.h>

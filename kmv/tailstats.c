@@ -8,6 +8,7 @@
  * handled as logarithms, -||q - k||^2 / (2 sigma^2), so a matrix whose
  * entries all underflow float (or double) still has well-defined
  * statistics: c and the ratios do not change when every entry is scaled. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <cblas.h>
 #include <math.h>
 #include <stdlib.h>

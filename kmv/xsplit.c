@@ -1,4 +1,5 @@
 /* Preprocessing x; see xsplit.h. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "kmv/xsplit.h"
 
 #include <math.h>

@@ -1,4 +1,5 @@
 /* llama2.c checkpoints through kmv attention streams; see llama.h. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "llama/llama.h"
 
 #include <errno.h>

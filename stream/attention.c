@@ -14,6 +14,7 @@
  * cap step concurrently, which the stream allows; each row's answer is
  * the one it would have alone, so the output does not depend on the
  * threads. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <string.h>
 

@@ -8,6 +8,7 @@
  * weight instead of zeroing them), the exactly summed keys are found from
  * the top groups of the x^2-grouped sketch, the sketch's draws are kept
  * until keys arrive, and candidates are deduplicated by sorting them. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

@@ -9,6 +9,7 @@
  *   XXH3-64 of every byte above.
  * The LSH tables are not stored: they are a function of their shape, the
  * seed and the keys in id order, so loading rebuilds them bit for bit. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <errno.h>
 #include <limits.h>
 #include <math.h>

@@ -1,4 +1,5 @@
 /* The stream's life cycle, appends and batch products; see kmv.h. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <limits.h>
 #include <math.h>
 #include <stdatomic.h>

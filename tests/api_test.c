@@ -1,6 +1,7 @@
 /* The public API's contract: params and their ranges, error codes and
  * messages, version, contexts, argument checks, and allocation failure at
  * every allocation of every call. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>

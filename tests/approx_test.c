@@ -10,6 +10,7 @@
  * bound more than 4 times with probability 0.34% if the true failure rate
  * is delta, so "at most 4 failures" rejects a correct engine rarely and an
  * engine failing at 5 delta (about 99.6% of the time) almost always. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

@@ -3,6 +3,7 @@
  * softmax; the lift's bound rising as longer keys arrive; the relative
  * guarantee of an approximate step and its exact fallback; block splits;
  * refused calls and failed appends. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

@@ -2,6 +2,7 @@
  * attention stream over the keys and a decoding step per query row, so
  * that every row carries the step's bound on its normalized output. The
  * tests set params.force_approx to run it at sizes a unit test affords. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

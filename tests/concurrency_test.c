@@ -12,6 +12,7 @@
  * to it and every parallel region would be reported. The calls' own
  * threading is covered by the other configurations (same answers for any
  * thread count, exact_test) and by ASan; TSan covers what callers share. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>

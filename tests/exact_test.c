@@ -1,5 +1,6 @@
 /* The exact engine against a float64 reference: both kernels, vector and
  * matrix x, causal and not, edge shapes, large logits, real GloVe rows. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

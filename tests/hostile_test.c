@@ -4,6 +4,7 @@
  * original inputs; these are the same bugs as readable scenarios).
  * The CLI's side of the table (messages, exit statuses, no output file)
  * is tests/cli_test.sh. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <float.h>
 #include <math.h>
 #include <setjmp.h>

@@ -1,6 +1,7 @@
 /* Lemma 4.1's reduction (kmv_attention_lift): the identity between the
  * attention logit and the lifted Gaussian, normalized attention computed as
  * a ratio of two lifted Gaussian products, and the refusals. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>

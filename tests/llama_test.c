@@ -2,6 +2,7 @@
  * (byte fallback included), and the checkpoint loader's refusals. The
  * forward pass is pinned end to end by cli_test (the model's own greedy
  * output). */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>

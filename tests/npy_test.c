@@ -1,5 +1,6 @@
 /* Tests for kmv_npy_read / kmv_npy_write. Every malformed file is built byte
  * by byte here, so the tests need neither numpy nor data files. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>

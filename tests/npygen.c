@@ -7,6 +7,7 @@
  *                           NaN or infinity
  *   npygen dump FILE        prints the values, one row per line
  */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>

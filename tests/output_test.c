@@ -3,7 +3,7 @@
  * written in place and kept, symbolic links followed and kept, an existing
  * file's mode kept, a missing directory refused at open, and no temporary
  * file left by any failure. */
-#define _XOPEN_SOURCE 700 /* mkfifo, symlink, fork; before any header */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>

@@ -1,6 +1,7 @@
 /* kmv_tail_stats_get: Assumption A's statistics against a brute force that
  * holds and sorts all n^2 entries, including matrices whose entries all
  * underflow, under several thread counts, and the refusals. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
