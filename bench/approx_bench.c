@@ -22,16 +22,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#define KMV_STATIC_LINKING_ONLY /* the engine's counters and knobs */
 #include "kmv/kmv.h"
+#include "kmv/kmv_experimental.h"
+#include "tools/clock.h"
 #include "tests/datagen.h"
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* Peak bytes live through the hook. The library allocates from its worker
  * threads too, so the counters are atomic. */
@@ -82,9 +78,9 @@ static double once(const float *q, size_t m, const float *k, size_t n, size_t d,
     p.allocator = (kmv_allocator){p_alloc, p_free, &pk};
     kmv_ctx *ctx;
     if (kmv_ctx_create(&p, &ctx) != KMV_OK) return -1.0;
-    double t0 = now();
+    double t0 = tool_now();
     int rc = kmv_matvec(ctx, q, m, k, n, d, x, 1, y, st);
-    double t = now() - t0;
+    double t = tool_now() - t0;
     kmv_ctx_free(ctx);
     if (rc != KMV_OK) {
         fprintf(stderr, "%s: %s\n", exact ? "exact" : "approx", kmv_strerror(rc));
@@ -120,7 +116,9 @@ static int run(const float *q, size_t m, const float *k, size_t n, size_t d, con
     for (size_t i = 0; i < m; i++) e2 += ((double)y[i] - ye[i]) * ((double)y[i] - ye[i]);
     for (size_t j = 0; j < n; j++) x2 += (double)x[j] * x[j];
     r->err = sqrt(e2 / x2);
-    r->est = r->st.error_estimate;
+    kmv_stats_x sx;
+    kmv_stats_get_x(&r->st, &sx);
+    r->est = sx.error_estimate;
     r->mode = r->st.mode;
     r->reason = r->st.fallback_reason;
     free(y);
@@ -224,22 +222,24 @@ int main(int argc, char **argv) {
             memset(&r, 0, sizeof r);
             /* Small products repeat: their times are milliseconds. */
             if (run(q, n, k, n, d, x, cfgs[ci].sigma, 0.1, threads, n <= 16384 ? 3 : 1, &r) == 0) {
+                kmv_stats_x sx;
+                kmv_stats_get_x(&r.st, &sx);
                 char line[512];
                 snprintf(line, sizeof line,
                          "%s,%zu,%zu,%s,%.2f,%.2f,%.4f,%.4f,%.2f,%.4f,%.4f,%s,%s,%.3g,%d,%d,%.1f,%.1f,%zu,%.1f,%.1f\n",
                          cfgs[ci].data, n, d, cfgs[ci].xname, cfgs[ci].sigma, 0.1, r.t_approx, r.t_exact,
                          r.t_exact / r.t_approx, r.err, r.est,
                          r.mode == KMV_MODE_APPROX ? "approx" : "fallback",
-                         kmv_fallback_name(r.reason), r.st.heavy_threshold, r.st.lsh_tables,
-                         r.st.lsh_hash_len, (double)r.st.lsh_candidates / (double)n,
-                         (double)r.st.samples / (double)n, r.st.rows_exact,
+                         kmv_fallback_name(r.reason), sx.heavy_threshold, sx.lsh_tables,
+                         sx.lsh_hash_len, (double)sx.lsh_candidates / (double)n,
+                         (double)sx.samples / (double)n, r.st.rows_exact,
                          (double)r.peak_approx / 1048576.0, (double)r.peak_exact / 1048576.0);
                 fputs(line, stdout);
                 fflush(stdout);
                 if (out) fputs(line, out);
                 fprintf(stderr, "  phases: lsh %.3f s, heavy %.3f s, sample %.3f s; steps/row %.0f\n",
-                        r.st.seconds_lsh, r.st.seconds_heavy, r.st.seconds_sample,
-                        (double)r.st.lsh_steps / (double)n);
+                        sx.seconds_lsh, sx.seconds_heavy, sx.seconds_sample,
+                        (double)sx.lsh_steps / (double)n);
                 if (!n_first) {
                     n_first = n;
                     t_first = r.t_approx;

@@ -17,7 +17,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#define KMV_STATIC_LINKING_ONLY /* Assumption A statistics */
 #include "kmv/kmv.h"
+#include "kmv/kmv_experimental.h"
 #include "llama/llama.h"
 #include "llama/tokenizer.h"
 
@@ -134,7 +136,7 @@ int main(int argc, char **argv) {
                     kmv_tail_stats ts;
                     if (kmv_attention_lift(qh, i, hs, 0, alpha, ql) != KMV_OK ||
                         kmv_attention_lift(kh, i, hs, 1, alpha, kl) != KMV_OK ||
-                        kmv_tail_stats_get(ctx, ql, kl, i, hs + 1, &ts) != KMV_OK)
+                        kmv_tail_stats_compute(ctx, ql, kl, i, hs + 1, &ts) != KMV_OK)
                         die("statistics");
                     size_t u = l * H + h;
                     if (ts.c > cmax[u]) cmax[u] = ts.c;

@@ -35,16 +35,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "bench/peers.h"
+#define KMV_STATIC_LINKING_ONLY /* the engine's counters and knobs */
 #include "kmv/kmv.h"
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#include "kmv/kmv_experimental.h"
+#include "tools/clock.h"
 
 static void check(int rc, const char *what) {
     if (rc != KMV_OK) {
@@ -91,11 +87,11 @@ typedef enum { M_UNIFORM, M_KDEFORMER, M_BIMW } method;
 
 static result run_peer(const bench *b, method mt, size_t s, uint64_t seed) {
     result r = {(double)s, 0, 0, 0, b->pp.m, 0};
-    double t0 = now();
+    double t0 = tool_now();
     int rc = mt == M_UNIFORM     ? peer_uniform(&b->pp, s, seed, b->y)
              : mt == M_KDEFORMER ? peer_kdeformer(&b->pp, KDE_BLOCK, KDE_BITS, KDE_PROBE, s, seed, b->y)
                                  : peer_bimw(&b->pp, s, seed, b->y);
-    r.seconds = now() - t0;
+    r.seconds = tool_now() - t0;
     if (rc != 0) {
         fprintf(stderr, "attention_bench: out of memory in a peer\n");
         exit(1);
@@ -141,13 +137,16 @@ static result tune_kmv(const bench *b, int budget, const float *k, size_t n, siz
         kmv_params pa;
         kmv_params_init(&pa);
         pa.eps = eps[u];
-        pa.attn_budget = budget;
+        kmv_params_x px;
+        kmv_params_get_x(&pa, &px);
+        px.attn_budget = budget;
+        kmv_params_set_x(&pa, &px);
         kmv_ctx *ca;
         check(kmv_ctx_create(&pa, &ca), "ctx");
         kmv_stats st;
-        double t0 = now();
+        double t0 = tool_now();
         check(kmv_attention(ca, k, n, k, n, d, v, c, b->y, &st), "kmv");
-        r.seconds = now() - t0;
+        r.seconds = tool_now() - t0;
         kmv_ctx_free(ca);
         r.knob = eps[u];
         r.rows_approx = n - st.rows_exact;
@@ -229,9 +228,9 @@ int main(int argc, char **argv) {
                    target, y};
         double te = INFINITY;
         for (int rep = 0; rep < (n <= 16384 ? 2 : 1); rep++) { /* the faster of two */
-            double t0 = now();
+            double t0 = tool_now();
             check(kmv_attention(ce, g.data, n, g.data, n, d, v, c, ye, NULL), "exact");
-            double t = now() - t0;
+            double t = tool_now() - t0;
             te = t < te ? t : te;
         }
         for (size_t u = 0; u < n * c; u++) b.vn += (double)v[u] * v[u];

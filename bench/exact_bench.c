@@ -24,15 +24,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "kmv/kmv.h"
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#include "tools/clock.h"
 
 static float *random_matrix(size_t count, uint64_t seed) {
     float *v = malloc(count * sizeof(float));
@@ -55,7 +49,7 @@ static double engine_seconds(double sigma, int want_wide, const float *q, const 
     double best = INFINITY;
     for (int r = 0; r < reps; r++) {
         kmv_stats st;
-        double t = now();
+        double t = tool_now();
         if (kmv_matvec(ctx, q, n, k, n, d, x, c, y, &st) != KMV_OK) {
             fprintf(stderr, "exact_bench: kmv_matvec failed\n");
             exit(1);
@@ -65,7 +59,7 @@ static double engine_seconds(double sigma, int want_wide, const float *q, const 
                     st.wide_dots ? "float64" : "float32");
             exit(1);
         }
-        t = now() - t;
+        t = tool_now() - t;
         best = t < best ? t : best;
     }
     kmv_ctx_free(ctx);
@@ -77,13 +71,13 @@ static double gemm_seconds(const float *q, const float *k, size_t n, size_t d, f
     const size_t slab = 1024;
     double best = INFINITY;
     for (int r = 0; r < reps; r++) {
-        double t = now();
+        double t = tool_now();
         for (size_t i0 = 0; i0 < n; i0 += slab) {
             size_t bi = n - i0 < slab ? n - i0 : slab;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)bi, (int)n, (int)d, 1.0f,
                         q + i0 * d, (int)d, k, (int)d, 0.0f, s, (int)n);
         }
-        t = now() - t;
+        t = tool_now() - t;
         best = t < best ? t : best;
     }
     return best;
@@ -91,7 +85,7 @@ static double gemm_seconds(const float *q, const float *k, size_t n, size_t d, f
 
 static double naive_seconds(const float *q, const float *k, size_t rows, size_t n, size_t d,
                             const float *x, float *y) {
-    double t = now();
+    double t = tool_now();
     for (size_t i = 0; i < rows; i++) {
         float acc = 0.0f;
         for (size_t j = 0; j < n; j++) {
@@ -104,7 +98,7 @@ static double naive_seconds(const float *q, const float *k, size_t rows, size_t 
         }
         y[i] = acc;
     }
-    return now() - t;
+    return tool_now() - t;
 }
 
 /* Threads the engine runs on with default params. */

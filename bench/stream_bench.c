@@ -23,27 +23,35 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
+#define KMV_STATIC_LINKING_ONLY /* the engine's counters and knobs */
 #include "kmv/kmv.h"
-#include "stream/stream.h" /* the forced-tables series only */
+#include "kmv/kmv_experimental.h"
+#include "tools/clock.h"
 #include "tests/datagen.h"
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static kmv_ctx *ctx_for(double sigma, int exact) {
+/* forced: the approximate path even where the cost model would run
+ * exact, so tables exist at every size. */
+static kmv_ctx *ctx_for(double sigma, int exact, int forced) {
     kmv_params p;
     kmv_params_init(&p);
     p.sigma = sigma;
     p.eps = 0.1;
     p.exact = exact;
+    kmv_params_x px;
+    kmv_params_get_x(&p, &px);
+    px.force_approx = forced;
+    kmv_params_set_x(&p, &px);
     kmv_ctx *ctx;
     if (kmv_ctx_create(&p, &ctx) != KMV_OK) exit(1);
     return ctx;
+}
+
+/* The tables a step reports. */
+static int last_tables(const kmv_stats *st) {
+    kmv_stats_x sx;
+    kmv_stats_get_x(st, &sx);
+    return sx.lsh_tables;
 }
 
 static void check(int rc, const char *what) {
@@ -75,23 +83,22 @@ static void appending(int forced) {
         float *x = malloc(total * sizeof(float));
         dg_clustered(k, total, q, 1, d, 16, 1.0, 5 + n);
         dg_x(x, total, DG_X_GAUSS, 6 + n);
-        kmv_ctx *ctx = ctx_for(1.0, 0);
+        kmv_ctx *ctx = ctx_for(1.0, 0, forced);
         kmv_stream *s;
         check(kmv_stream_create(ctx, d, 1, &s), "create");
         check(kmv_stream_append_keys(s, k, x, n), "append");
-        s->ix->force_approx = forced;
         float y;
         check(kmv_stream_decode(s, q, &y, NULL), "decode");
         kmv_stream_info a, b;
-        kmv_stream_info_get(s, &a);
+        kmv_stream_get_info(s, &a);
         double t[16], sum = 0.0;
         for (size_t u = 0; u < nblk; u++) {
-            double t0 = now();
+            double t0 = tool_now();
             check(kmv_stream_append_keys(s, k + (n + u * blk) * d, x + n + u * blk, blk), "append");
-            t[u] = (now() - t0) / (double)blk;
+            t[u] = (tool_now() - t0) / (double)blk;
             sum += t[u];
         }
-        kmv_stream_info_get(s, &b);
+        kmv_stream_get_info(s, &b);
         qsort(t, nblk, sizeof(double), cmp_double);
         double median = 0.5 * (t[nblk / 2 - 1] + t[nblk / 2]);
         printf("%s,%zu,%.2f,%.2f,%.1f,%d,", forced ? "forced" : "model", n, 1e6 * median,
@@ -112,7 +119,7 @@ static void appending(int forced) {
 /* Decoding steps for `steps` queries against n keys, approximate and exact. */
 static void decoding(const char *name, const float *k, size_t n, const float *qs, size_t steps,
                      size_t d, double sigma, const float *x) {
-    kmv_ctx *ca = ctx_for(sigma, 0), *ce = ctx_for(sigma, 1);
+    kmv_ctx *ca = ctx_for(sigma, 0, 0), *ce = ctx_for(sigma, 1, 0);
     kmv_stream *sa, *se;
     check(kmv_stream_create(ca, d, 1, &sa), "create");
     check(kmv_stream_create(ce, d, 1, &se), "create");
@@ -122,32 +129,34 @@ static void decoding(const char *name, const float *k, size_t n, const float *qs
     for (size_t j = 0; j < n; j++) x2 += (double)x[j] * x[j];
     float y, ye;
     kmv_stats st;
-    double tb = now();
+    double tb = tool_now();
     check(kmv_stream_decode(sa, qs, &y, &st), "decode"); /* builds the tables */
-    tb = now() - tb;
+    tb = tool_now() - tb;
     double ta = 0.0, te = 0.0, worst = 0.0, cands = 0.0, samples = 0.0, th = 0.0, ts = 0.0;
     int approx = 0;
     for (size_t i = 0; i < steps; i++) {
         const float *q = qs + i * d;
-        double t0 = now();
+        double t0 = tool_now();
         check(kmv_stream_decode(sa, q, &y, &st), "decode");
-        double t1 = now();
+        double t1 = tool_now();
         check(kmv_stream_decode(se, q, &ye, NULL), "decode");
-        double t2 = now();
+        double t2 = tool_now();
         ta += t1 - t0;
         te += t2 - t1;
         approx += st.mode == KMV_MODE_APPROX;
-        cands += (double)st.lsh_candidates;
-        samples += (double)st.samples;
-        th += st.seconds_heavy;
-        ts += st.seconds_sample;
+        kmv_stats_x sx;
+        kmv_stats_get_x(&st, &sx);
+        cands += (double)sx.lsh_candidates;
+        samples += (double)sx.samples;
+        th += sx.seconds_heavy;
+        ts += sx.seconds_sample;
         double e = fabs((double)y - ye) / sqrt(x2);
         worst = e > worst ? e : worst;
     }
     printf("%s,%zu,%zu,%.1f,%.1f,%.2f,%.5f,%d/%zu,%.0f,%.0f,%.1f,%.1f,%.3f,%d\n", name, n, d,
            1e6 * ta / (double)steps, 1e6 * te / (double)steps, te / ta, worst, approx, steps,
            cands / (double)steps, samples / (double)steps, 1e6 * th / (double)steps,
-           1e6 * ts / (double)steps, tb, st.lsh_tables);
+           1e6 * ts / (double)steps, tb, last_tables(&st));
     kmv_stream_free(sa);
     kmv_stream_free(se);
     kmv_ctx_free(ca);
@@ -163,7 +172,10 @@ static void attention_decoding(const char *name, const float *k, size_t n, size_
     kmv_params p;
     kmv_params_init(&p);
     p.eps = 0.1;
-    p.attn_budget = budget;
+    kmv_params_x px;
+    kmv_params_get_x(&p, &px);
+    px.attn_budget = budget;
+    kmv_params_set_x(&p, &px);
     kmv_ctx *ca, *ce;
     check(kmv_ctx_create(&p, &ca), "ctx");
     p.exact = 1;
@@ -180,11 +192,11 @@ static void attention_decoding(const char *name, const float *k, size_t n, size_
     int approx = 0;
     for (size_t i = 0; i < steps; i++) {
         const float *q = k + ((i * 7919) % n) * d;
-        double t0 = now();
+        double t0 = tool_now();
         check(kmv_stream_decode(sa, q, &y, &st), "decode");
-        double t1 = now();
+        double t1 = tool_now();
         check(kmv_stream_decode(se, q, &ye, NULL), "decode");
-        double t2 = now();
+        double t2 = tool_now();
         ta += t1 - t0;
         te += t2 - t1;
         approx += st.mode == KMV_MODE_APPROX;
@@ -207,7 +219,7 @@ static void streamed_vs_batch(void) {
     float *x = malloc(n * sizeof(float));
     dg_clustered(k, n, q, n, d, 16, 1.0, 11);
     dg_x(x, n, DG_X_GAUSS, 12);
-    kmv_ctx *ctx = ctx_for(1.0, 0);
+    kmv_ctx *ctx = ctx_for(1.0, 0, 0);
     kmv_stream *a, *b;
     check(kmv_stream_create(ctx, d, 1, &a), "create");
     check(kmv_stream_create(ctx, d, 1, &b), "create");
@@ -225,24 +237,27 @@ static void streamed_vs_batch(void) {
     double best_a = INFINITY, best_b = INFINITY;
     kmv_stats sb;
     for (int rep = 0; rep < 5; rep++) {
-        double t0 = now();
+        double t0 = tool_now();
         check(kmv_stream_matvec(a, NULL, y, &st), "matvec");
-        double t1 = now();
+        double t1 = tool_now();
         check(kmv_stream_matvec(b, NULL, yb, &sb), "matvec");
-        double t2 = now();
+        double t2 = tool_now();
         best_a = t1 - t0 < best_a ? t1 - t0 : best_a;
         best_b = t2 - t1 < best_b ? t2 - t1 : best_b;
     }
     /* The streamed tables were planned at the last doubling, for fewer
      * keys: the candidates show what that costs. */
+    kmv_stats_x xa, xb;
+    kmv_stats_get_x(&st, &xa);
+    kmv_stats_get_x(&sb, &xb);
     printf("# Kx at n = m = %zu, d = %zu (clustered), best of 5: one block %.4f s, %zu blocks %.4f s, "
            "ratio %.2f, same answer: %s, mode %s; tables (L, k) %d x %d vs %d x %d, "
            "candidates %.2fM vs %.2fM\n",
            n, d, best_a, blocks, best_b, best_b / best_a,
            memcmp(y, yb, n * sizeof(float)) == 0 ? "yes" : "NO",
-           st.mode == KMV_MODE_APPROX ? "approx" : "fallback", st.lsh_tables, st.lsh_hash_len,
-           sb.lsh_tables, sb.lsh_hash_len, 1e-6 * (double)st.lsh_candidates,
-           1e-6 * (double)sb.lsh_candidates);
+           st.mode == KMV_MODE_APPROX ? "approx" : "fallback", xa.lsh_tables, xa.lsh_hash_len,
+           xb.lsh_tables, xb.lsh_hash_len, 1e-6 * (double)xa.lsh_candidates,
+           1e-6 * (double)xb.lsh_candidates);
     free(y);
     free(yb);
     kmv_stream_free(a);

@@ -50,8 +50,11 @@ int args_common_params(const char *cmd, opt *opts, size_t n, kmv_params *p) {
     }
     p->exact = args_seen(opts, n, "exact");
     p->measure_error = args_seen(opts, n, "measure-error");
-    p->force_approx = args_seen(opts, n, "force-approx");
-    if (args_seen(opts, n, "empirical")) p->attn_budget = KMV_BUDGET_EMPIRICAL;
+    kmv_params_x x;
+    kmv_params_get_x(p, &x);
+    x.force_approx = args_seen(opts, n, "force-approx");
+    if (args_seen(opts, n, "empirical")) x.attn_budget = KMV_BUDGET_EMPIRICAL;
+    kmv_params_set_x(p, &x);
     return EXIT_OK;
 }
 

@@ -6,7 +6,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define KMV_STATIC_LINKING_ONLY /* --force-approx, --empirical */
 #include "kmv/kmv.h"
+#include "kmv/kmv_experimental.h"
 
 /* Exit statuses of the tool. */
 enum { EXIT_OK = 0, EXIT_FAIL = 1, EXIT_USAGE = 2 };

@@ -256,10 +256,8 @@ int cmd_decode(int argc, char **argv) {
     }
     if (tfile != NULL) steps = ntok > 0 ? ntok - 1 : 0;
 
-    p.force_approx = args_seen(o, no, "force-approx");
     kmv_params pe = p;
-    pe.exact = 1;
-    pe.force_approx = 0;
+    pe.exact = 1; /* which runs exact whatever the experimental knobs say */
     int dump = io_output(&outs, "dump-qk") != NULL;
     if (llm_session_create(model, &pe, dump, &se) != KMV_OK) {
         fprintf(stderr, "kmv " CMD ": cannot create the exact session\n");

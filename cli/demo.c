@@ -12,6 +12,7 @@
 #include "cli/commands.h"
 #include "cli/io.h"
 #include "cli/text.h"
+#include "tools/clock.h"
 #include "kmv/kmv.h"
 
 #define SAMPLE "glove100d_first4096.npy"
@@ -20,7 +21,7 @@
 /* The textbook loop in float, the speed any user could write in a minute. */
 static double naive_seconds(const float *q, const float *k, size_t m, size_t n, size_t d,
                             const float *x, double sigma, float *y) {
-    double t = cli_now();
+    double t = tool_now();
     float c = (float)(1.0 / (2.0 * sigma * sigma));
     for (size_t i = 0; i < m; i++) {
         float acc = 0.0f;
@@ -34,7 +35,7 @@ static double naive_seconds(const float *q, const float *k, size_t m, size_t n, 
         }
         y[i] = acc;
     }
-    return cli_now() - t;
+    return tool_now() - t;
 }
 
 /* Largest |y - ref| over rows [0, m), as a fraction of sum_j |K_ij x_j|
@@ -160,10 +161,10 @@ static int stream_part(int threads) {
     size_t have = 0, size = 4096, step = 0;
     double worst_all = 0.0, x2 = 0.0;
     for (; size <= n; size *= 2) {
-        double t0 = cli_now();
+        double t0 = tool_now();
         if ((err = kmv_stream_append_keys(sa, k + have * d, x + have, size - have)) != KMV_OK)
             goto done;
-        double t_append = cli_now() - t0;
+        double t_append = tool_now() - t0;
         if ((err = kmv_stream_append_keys(se, k + have * d, x + have, size - have)) != KMV_OK)
             goto done;
         for (size_t j = have; j < size; j++) x2 += (double)x[j] * x[j];
@@ -172,22 +173,22 @@ static int stream_part(int threads) {
         /* The first step after a doubling plans and fills the tables
          * (amortized over the doubling); it is timed apart. */
         float y, ye;
-        double tb = cli_now();
+        double tb = tool_now();
         if ((err = kmv_stream_decode(sa, q + step * d, &y, &st)) != KMV_OK) goto done;
-        tb = cli_now() - tb;
+        tb = tool_now() - tb;
         for (size_t i = 0; i < STREAM_STEPS; i++, step++) {
             const float *qi = q + step * d;
-            double t1 = cli_now();
+            double t1 = tool_now();
             if ((err = kmv_stream_decode(sa, qi, &y, &st)) != KMV_OK) goto done;
-            double t2 = cli_now();
+            double t2 = tool_now();
             if ((err = kmv_stream_decode(se, qi, &ye, NULL)) != KMV_OK) goto done;
-            te += cli_now() - t2;
+            te += tool_now() - t2;
             ta += t2 - t1;
             double e = fabs((double)y - ye) / sqrt(x2);
             worst = e > worst ? e : worst;
         }
         kmv_stream_info info;
-        kmv_stream_info_get(sa, &info);
+        kmv_stream_get_info(sa, &info);
         printf("   %6zu %14.2f %13.1f %13.1f %8.1fx %12.2e %7d\n", size,
                1e6 * t_append / (double)(size - have), 1e6 * ta / STREAM_STEPS,
                1e6 * te / STREAM_STEPS, te / ta, worst, info.lsh_tables);

@@ -19,7 +19,10 @@
 #include "cli/io.h"
 #include "cli/stats.h"
 #include "cli/text.h"
+#include "tools/clock.h"
+#define KMV_STATIC_LINKING_ONLY /* Assumption A statistics */
 #include "kmv/kmv.h"
+#include "kmv/kmv_experimental.h"
 
 #define CMD "prefix"
 #define DEFAULT_PREFIXES 64
@@ -114,7 +117,7 @@ out:
 
 /* Progress on stderr once a run passes two seconds. */
 static void progress(double t0, double *last, size_t i, size_t n) {
-    double t = cli_now();
+    double t = tool_now();
     if (t - t0 < 2.0 || t - *last < (isatty(STDERR_FILENO) ? 0.5 : 5.0)) return;
     *last = t;
     fprintf(stderr, "kmv " CMD ": prefix %zu of %zu (%.0f%% of the work, %.1f s)\n", i, n,
@@ -201,7 +204,7 @@ static int run_prefixes(run *r, const kmv_array *Q, const kmv_array *K, size_t s
         goto out;
     }
     text_put(t, "i,c,ratio_next,ratio_double,approx_seconds,exact_seconds,speedup,error,eps,mode\n");
-    double t0 = cli_now(), last = t0;
+    double t0 = tool_now(), last = t0;
     size_t fed = 0;
     for (size_t i = start;; i += step) {
         if (i > n) i = n;
@@ -210,16 +213,16 @@ static int run_prefixes(run *r, const kmv_array *Q, const kmv_array *K, size_t s
         if (err == KMV_OK) err = kmv_stream_append_queries(s, r->qs + fed * sd, i - fed);
         fed = i;
         kmv_stats st, se;
-        double ta = cli_now();
+        double ta = tool_now();
         if (err == KMV_OK) err = kmv_stream_matvec(s, NULL, y, &st);
-        ta = cli_now() - ta;
-        double te = cli_now();
+        ta = tool_now() - ta;
+        double te = tool_now();
         if (err == KMV_OK)
             err = r->attn ? kmv_attention(exact, Q->data, i, K->data, i, d, r->x, c, ye, &se)
                           : kmv_matvec(exact, Q->data, i, K->data, i, d, r->x, c, ye, &se);
-        te = cli_now() - te;
+        te = tool_now() - te;
         kmv_tail_stats ts;
-        if (err == KMV_OK) err = kmv_tail_stats_get(ctx, r->qs, r->ks, i, sd, &ts);
+        if (err == KMV_OK) err = kmv_tail_stats_compute(ctx, r->qs, r->ks, i, sd, &ts);
         if (err != KMV_OK) {
             fprintf(stderr, "kmv " CMD ": at prefix %zu: %s (%s)\n", i, kmv_strerror(err),
                     kmv_errname(err));

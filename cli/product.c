@@ -14,6 +14,7 @@
 #include "cli/io.h"
 #include "cli/stats.h"
 #include "cli/text.h"
+#include "tools/clock.h"
 #include "kmv/kmv.h"
 
 /* Progress on stderr for runs longer than two seconds: a line redrawn in
@@ -26,7 +27,7 @@ typedef struct progress {
 
 static void show_progress(void *opaque, double fraction) {
     progress *pr = opaque;
-    double t = cli_now();
+    double t = tool_now();
     if (t - pr->start < 2.0) return;
     if (fraction < 1.0 && t - pr->last < (pr->tty ? 0.2 : 5.0)) return;
     if (fraction >= 1.0 && !pr->shown) return;
@@ -76,7 +77,7 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
 
     io_outputs outs;
     if ((rc = io_outputs_open(cmd, o, no, &outs)) != EXIT_OK) return rc;
-    double t0 = cli_now();
+    double t0 = tool_now();
     kmv_array Q = {0}, K = {0}, X = {0};
     kmv_ctx *ctx = NULL;
     float *y = NULL;
@@ -100,8 +101,8 @@ static int run(const char *cmd, int attn, opt *o, size_t no, int argc, char **ar
                 kpath);
         goto done;
     }
-    double t_load = cli_now() - t0;
-    progress pr = {cmd, cli_now(), 0.0, isatty(STDERR_FILENO), 0};
+    double t_load = tool_now() - t0;
+    progress pr = {cmd, tool_now(), 0.0, isatty(STDERR_FILENO), 0};
     p.progress = show_progress;
     p.progress_opaque = &pr;
 

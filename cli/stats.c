@@ -24,6 +24,10 @@ static void num(text *t, const char *name, double v, int last) {
 
 void stats_json(text *t, const char *cmd, const kmv_params *p, int attn, const kmv_stats *st,
                 double t_load) {
+    kmv_stats_x sx;
+    kmv_params_x px;
+    kmv_stats_get_x(st, &sx);
+    kmv_params_get_x(p, &px);
     /* What ran, not what was asked: attention's effective scale and the
      * bandwidth of the Gaussian it lifts to (Lemma 4.1). */
     double scale = attn ? (p->attn_scale > 0.0 ? p->attn_scale : 1.0 / sqrt((double)st->dim)) : NAN;
@@ -49,9 +53,9 @@ void stats_json(text *t, const char *cmd, const kmv_params *p, int attn, const k
     num(t, "load", t_load, 0);
     num(t, "prepare", st->seconds_prepare, 0);
     num(t, "kernel", st->seconds_kernel, 0);
-    num(t, "lsh", st->seconds_lsh, 0);
-    num(t, "heavy", st->seconds_heavy, 0);
-    num(t, "sample", st->seconds_sample, 0);
+    num(t, "lsh", sx.seconds_lsh, 0);
+    num(t, "heavy", sx.seconds_heavy, 0);
+    num(t, "sample", sx.seconds_sample, 0);
     num(t, "measure", st->seconds_measure, 1);
     text_put(t, "  }");
     if (st->mode == KMV_MODE_EXACT) { /* the approximate engine never ran */
@@ -62,23 +66,23 @@ void stats_json(text *t, const char *cmd, const kmv_params *p, int attn, const k
     text_put(t, "    \"fallback_reason\": \"%s\",\n", kmv_fallback_name(st->fallback_reason));
     if (attn)
         text_put(t, "    \"attn_budget\": \"%s\",\n",
-                 p->attn_budget == KMV_BUDGET_EMPIRICAL ? "empirical" : "certified");
+                 px.attn_budget == KMV_BUDGET_EMPIRICAL ? "empirical" : "certified");
     text_put(t, "    \"keys_exact\": %zu,\n    \"keys_dropped\": %zu,\n    \"keys_sampled\": %zu,\n",
-             st->keys_exact, st->keys_dropped, st->keys_sampled);
-    num(t, "heavy_threshold", st->heavy_threshold, 0);
-    text_put(t, "    \"lsh_tables\": %d,\n    \"lsh_hash_len\": %d,\n", st->lsh_tables,
-             st->lsh_hash_len);
-    num(t, "lsh_width", st->lsh_width, 0);
+             sx.keys_exact, sx.keys_dropped, sx.keys_sampled);
+    num(t, "heavy_threshold", sx.heavy_threshold, 0);
+    text_put(t, "    \"lsh_tables\": %d,\n    \"lsh_hash_len\": %d,\n", sx.lsh_tables,
+             sx.lsh_hash_len);
+    num(t, "lsh_width", sx.lsh_width, 0);
     text_put(t,
              "    \"lsh_candidates\": %llu,\n    \"lsh_steps\": %llu,\n    \"heavy_pairs\": %llu,\n"
              "    \"sketch_evals\": %llu,\n    \"samples\": %llu,\n",
-             (unsigned long long)st->lsh_candidates, (unsigned long long)st->lsh_steps,
-             (unsigned long long)st->heavy_pairs, (unsigned long long)st->sketch_evals,
-             (unsigned long long)st->samples);
+             (unsigned long long)sx.lsh_candidates, (unsigned long long)sx.lsh_steps,
+             (unsigned long long)sx.heavy_pairs, (unsigned long long)sx.sketch_evals,
+             (unsigned long long)sx.samples);
     text_put(t, "    \"rows_exact\": %zu,\n    \"rows_resampled\": %zu,\n", st->rows_exact,
-             st->rows_resampled);
-    num(t, "cost_ratio", st->cost_ratio, 0);
+             sx.rows_resampled);
+    num(t, "cost_ratio", sx.cost_ratio, 0);
     text_put(t, "    \"error_estimate\": ");
-    text_num(t, st->error_estimate);
+    text_num(t, sx.error_estimate);
     text_put(t, "\n  }\n}\n");
 }

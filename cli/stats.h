@@ -4,7 +4,9 @@
 #define KMV_CLI_STATS_H
 
 #include "cli/text.h"
+#define KMV_STATIC_LINKING_ONLY /* the engine's counters */
 #include "kmv/kmv.h"
+#include "kmv/kmv_experimental.h"
 
 /* Append the JSON object for one call: p its params, attn whether it was
  * attention, t_load the seconds spent loading its inputs. */

@@ -6,7 +6,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 void text_put(text *t, const char *fmt, ...) {
     if (t->failed) return;
@@ -60,10 +59,4 @@ void text_free(text *t) {
     free(t->s);
     t->s = NULL;
     t->len = t->cap = 0;
-}
-
-double cli_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }

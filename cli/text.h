@@ -1,4 +1,4 @@
-/* A growing text buffer (tables, JSON) and a clock, for the kmv tool. */
+/* A growing text buffer (tables, JSON), for the kmv tool. */
 #ifndef KMV_CLI_TEXT_H
 #define KMV_CLI_TEXT_H
 
@@ -20,8 +20,5 @@ void text_add(text *t, const void *data, size_t len);
 void text_num(text *t, double v);
 
 void text_free(text *t);
-
-/* Monotonic seconds. */
-double cli_now(void);
 
 #endif /* KMV_CLI_TEXT_H */

@@ -28,7 +28,7 @@
 
 #include <unistd.h>
 
-#include "kmv/index.h"
+#include "engine/index.h"
 #include "kmv/kmv.h"
 #include "stream/stream.h"
 
@@ -72,7 +72,7 @@ static void check_code(int rc) {
 }
 
 static void check_held(const kmv_index *ix) {
-    if (cap != 0 && kmv_index_peak_bytes(ix) > cap) VIOLATED("index held more than its cap");
+    if (cap != 0 && kmv_index_get_peak_bytes(ix) > cap) VIOLATED("index held more than its cap");
 }
 
 static int has_nonfinite(const float *v, size_t count) {
@@ -89,19 +89,19 @@ static void check_finite(int rc, const float *v, size_t count) {
 
 static void check_stream_held(const kmv_stream *s) {
     kmv_stream_info info;
-    if (kmv_stream_info_get(s, &info) != KMV_OK) VIOLATED("info refused");
+    if (kmv_stream_get_info(s, &info) != KMV_OK) VIOLATED("info refused");
     if (cap != 0 && info.bytes > cap) VIOLATED("stream held more than its cap");
 }
 
 static size_t stream_rows(const kmv_stream *s, int keys) {
     kmv_stream_info info;
-    kmv_stream_info_get(s, &info);
+    kmv_stream_get_info(s, &info);
     return keys ? info.n_keys : info.n_queries;
 }
 
 static int is_attention(const kmv_stream *s) {
     kmv_stream_info info;
-    return kmv_stream_info_get(s, &info) == KMV_OK && info.attention;
+    return kmv_stream_get_info(s, &info) == KMV_OK && info.attention;
 }
 
 /* The stream ops (see the top). Returns the stream to keep. */
@@ -245,19 +245,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             check_code(rc);
             if (rc == KMV_OK) ix->force_approx = (int)(byte(&in) & 1);
         } else if (op == 1 && ix != NULL) { /* append keys */
-            size_t cnt = byte(&in) % 17, before = kmv_index_size(ix);
+            size_t cnt = byte(&in) % 17, before = kmv_index_get_size(ix);
             fill(&in, k, cnt * d);
             rc = kmv_index_append(ix, k, cnt);
             check_code(rc);
             if (has_nonfinite(k, cnt * d) && rc != KMV_ENONFINITE) VIOLATED("non-finite key taken");
-            if (rc != KMV_OK && kmv_index_size(ix) != before) VIOLATED("refused append changed size");
+            if (rc != KMV_OK && kmv_index_get_size(ix) != before) VIOLATED("refused append changed size");
             check_held(ix);
-            if (kmv_index_size(ix) > MAXN * 4) { /* keep the runs short */
+            if (kmv_index_get_size(ix) > MAXN * 4) { /* keep the runs short */
                 kmv_index_free(ix);
                 ix = NULL;
             }
         } else if (op == 2 && ix != NULL) { /* index product */
-            size_t m = byte(&in) % 9, c = 1 + byte(&in) % MAXC, n = kmv_index_size(ix);
+            size_t m = byte(&in) % 9, c = 1 + byte(&in) % MAXC, n = kmv_index_get_size(ix);
             fill(&in, q, m * d);
             fill(&in, x, n * c);
             kmv_stats st;

@@ -57,7 +57,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         return 0;
     }
     kmv_stream_info info;
-    if (kmv_stream_info_get(s, &info) != KMV_OK) abort();
+    if (kmv_stream_get_info(s, &info) != KMV_OK) abort();
     /* Every key and query came from the file's bytes. */
     if (info.dim == 0 || info.n_cols == 0) abort();
     if ((info.n_keys + info.n_queries) > len / 4 / info.dim + 1) abort();

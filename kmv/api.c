@@ -7,12 +7,12 @@
 #include <math.h>
 #include <string.h>
 
-#include "kmv/alloc.h"
-#include "kmv/attention.h"
-#include "kmv/context.h"
-#include "kmv/exact.h"
-#include "kmv/index.h"
-#include "kmv/timer.h"
+#include "common/alloc.h"
+#include "stream/attention_batch.h"
+#include "common/params.h"
+#include "algo/exact.h"
+#include "engine/index.h"
+#include "common/timer.h"
 
 
 /* Every element count an engine forms (operands, copies, per-block scratch)
@@ -50,14 +50,14 @@ typedef enum { OP_GAUSS, OP_ATTN } op_kind;
 
 /* The per-row bound an attention call guarantees (kmv.h), for a call the
  * exact engine answered in its place: eps sqrt(1 + R^2) / (1 - eps). */
-static double attn_bound(const kmv_params *pa, const float *v, size_t n, size_t c) {
+static double attn_bound(const kmv__params *pa, const float *v, size_t n, size_t c) {
     double r = kmv_max_sq_norm(v, n, c);
     return pa->eps * sqrt(1.0 + r) / (1.0 - pa->eps);
 }
 
 /* kmv_matvec's approximate path: an index built for this one call. */
 static int approx_once(const kmv_ctx *ctx, const float *q, size_t m, const float *k, size_t n,
-                       size_t d, const float *x, size_t c, float *y, kmv_stats *stats,
+                       size_t d, const float *x, size_t c, float *y, kmv__stats *stats,
                        double t0) {
     kmv_index *ix = NULL;
     int rc = kmv_index_create(ctx, d, &ix);
@@ -75,10 +75,10 @@ static int approx_once(const kmv_ctx *ctx, const float *q, size_t m, const float
 }
 
 static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const float *k,
-               size_t n, size_t d, const float *x, size_t c, float *y, kmv_stats *stats) {
+               size_t n, size_t d, const float *x, size_t c, float *y, kmv__stats *stats) {
     double t0 = kmv__now();
     if (ctx == NULL) return KMV_EINVAL;
-    const kmv_params *pa = &ctx->params;
+    const kmv__params *pa = &ctx->params;
     if (d == 0) return KMV_EINVAL;
     if (!fits(m, d) || !fits(n, d) || !fits(n, c) || !fits(m, c) || !fits(m + n + 1, d + 1) ||
         m > SIZE_MAX / 64 || n > SIZE_MAX / 64)
@@ -167,11 +167,17 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
 int kmv_matvec(const kmv_ctx *ctx, const float *queries, size_t n_queries, const float *keys,
                size_t n_keys, size_t dim, const float *x, size_t n_cols, float *y,
                kmv_stats *stats) {
-    return run(ctx, OP_GAUSS, queries, n_queries, keys, n_keys, dim, x, n_cols, y, stats);
+    kmv__stats S;
+    int rc = run(ctx, OP_GAUSS, queries, n_queries, keys, n_keys, dim, x, n_cols, y, &S);
+    if (rc == KMV_OK) kmv__stats_export(&S, stats);
+    return rc;
 }
 
 int kmv_attention(const kmv_ctx *ctx, const float *q, size_t n_queries, const float *k,
                   size_t n_keys, size_t dim, const float *v, size_t n_cols, float *out,
                   kmv_stats *stats) {
-    return run(ctx, OP_ATTN, q, n_queries, k, n_keys, dim, v, n_cols, out, stats);
+    kmv__stats S;
+    int rc = run(ctx, OP_ATTN, q, n_queries, k, n_keys, dim, v, n_cols, out, &S);
+    if (rc == KMV_OK) kmv__stats_export(&S, stats);
+    return rc;
 }

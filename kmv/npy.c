@@ -15,9 +15,9 @@
 #include <sys/types.h>
 #include <unistd.h>
 
-#include "kmv/alloc.h"
-#include "kmv/fileio.h"
-#include "kmv/output.h"
+#include "common/alloc.h"
+#include "common/fileio.h"
+#include "common/output.h"
 #include "kmv/kmv.h"
 
 /* Floats move between file and memory as raw bytes, which is only right when

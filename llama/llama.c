@@ -7,9 +7,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "llama/fail.h"
+#include "tools/clock.h"
 
 struct llm_model {
     llm_config c;
@@ -116,12 +116,6 @@ struct llm_session {
     llm_attn_stats as;
 };
 
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 void llm_session_free(llm_session *s) {
     if (s == NULL) return;
     const llm_config *c = &s->m->c;
@@ -202,7 +196,7 @@ int llm_forward(llm_session *s, int token, const float **logits) {
     const llm_model *m = s->m;
     const llm_config *c = &m->c;
     if (s->failed || token < 0 || token >= c->vocab_size || s->pos >= c->seq_len) return KMV_EINVAL;
-    double t0 = now();
+    double t0 = tool_now();
     size_t dim = (size_t)c->dim, hid = (size_t)c->hidden_dim, hs = dim / (size_t)c->n_heads;
     size_t kv = hs * (size_t)c->n_kv_heads, kv_mul = (size_t)(c->n_heads / c->n_kv_heads);
     size_t pos = (size_t)s->pos, T = (size_t)c->seq_len;
@@ -230,7 +224,7 @@ int llm_forward(llm_session *s, int token, const float **logits) {
             memcpy(s->dk + (l * T + pos) * kv, s->k, kv * sizeof(float));
             memcpy(s->dv + (l * T + pos) * kv, s->v, kv * sizeof(float));
         }
-        double ta = now();
+        double ta = tool_now();
         for (size_t g = 0; g < (size_t)c->n_kv_heads; g++) {
             kmv_stream *st = s->st[l * (size_t)c->n_kv_heads + g];
             int rc = kmv_stream_append_keys(st, s->k + g * hs, s->v + g * hs, 1);
@@ -253,7 +247,7 @@ int llm_forward(llm_session *s, int token, const float **logits) {
                 return rc;
             }
         }
-        s->t_attn += now() - ta;
+        s->t_attn += tool_now() - ta;
         matmul(s->xb2, s->xb, m->wo + l * dim * dim, dim, dim);
         for (size_t i = 0; i < dim; i++) s->x[i] += s->xb2[i];
         rmsnorm(s->xb, s->x, m->rms_ffn + l * dim, dim);
@@ -269,7 +263,7 @@ int llm_forward(llm_session *s, int token, const float **logits) {
     rmsnorm(s->x, s->x, m->rms_final, dim);
     matmul(s->logits, s->x, m->wcls, dim, (size_t)c->vocab_size);
     s->pos++;
-    s->t_all += now() - t0;
+    s->t_all += tool_now() - t0;
     *logits = s->logits;
     return KMV_OK;
 }

@@ -14,13 +14,13 @@
 #include <string.h>
 #include <xxhash.h>
 
-#include "kmv/alloc.h"
-#include "kmv/context.h"
-#include "kmv/costmodel.h"
-#include "kmv/kernel.h"
-#include "kmv/rng.h"
-#include "kmv/sampler.h"
-#include "kmv/timer.h"
+#include "common/alloc.h"
+#include "common/params.h"
+#include "algo/costmodel.h"
+#include "algo/kernel.h"
+#include "common/rng.h"
+#include "algo/light.h"
+#include "common/timer.h"
 #include "stream/stream.h"
 
 /* Below this many keys an exact row costs microseconds: no tables. */
@@ -205,7 +205,7 @@ static size_t plan_sample(const kmv_stream *s, float **out) {
 static int prepare(kmv_stream *s, double *seconds) {
     double t0 = kmv__now();
     kmv_index *ix = s->ix;
-    const kmv_params *pa = &ix->params;
+    const kmv__params *pa = &ix->params;
     size_t n = ix->ks.n;
     int rc = KMV_OK;
     /* A Gaussian step's misses cost variance, so each heavy key may be
@@ -280,7 +280,7 @@ static int prepare(kmv_stream *s, double *seconds) {
 static int attn_light(const kmv_stream *s, const float *q, float inv2s2, float fk, double tau,
                       step *t, size_t nh, const kmv__keymask *mask, double W, float sh,
                       size_t *sn, double *dev, double *lo) {
-    const kmv_params *pa = &s->ix->params;
+    const kmv__params *pa = &s->ix->params;
     const kmv__keystore *ks = &s->ix->ks;
     size_t n = ks->n, c = s->c;
     int certified = pa->attn_budget == KMV_BUDGET_CERTIFIED;
@@ -361,16 +361,16 @@ static int attn_light(const kmv_stream *s, const float *q, float inv2s2, float f
 /* One step on prepared state, reading the stream only; with no_plan (a
  * plan that did not fit params.max_bytes), the exact row. prep: seconds
  * this call spent preparing. */
-static int decode_once(const kmv_stream *s, const float *q, float *y, kmv_stats *st, int no_plan,
+static int decode_once(const kmv_stream *s, const float *q, float *y, kmv__stats *st, int no_plan,
                        int defer, double prep) {
     double t0 = kmv__now() - prep;
     const kmv_index *ix = s->ix;
-    const kmv_params *pa = &ix->params;
+    const kmv__params *pa = &ix->params;
     const kmv_allocator *a = &ix->alloc;
     const kmv__keystore *ks = &ix->ks;
     size_t n = ks->n, d = s->d, c = s->c;
     float inv2s2 = (float)(0.5 / (pa->sigma * pa->sigma));
-    kmv_stats S;
+    kmv__stats S;
     memset(&S, 0, sizeof S);
     S.mode = KMV_MODE_APPROX;
     S.n_keys = n;
@@ -689,7 +689,7 @@ out:
  * change. A step's own scratch refused by the cap (the steps beside it
  * hold theirs) costs that step only: it reruns as the exact row, which
  * needs less, and the tables stay. */
-int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st, int defer) {
+int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv__stats *st, int defer) {
     kmv_index *ix = s->ix;
     double prep = 0.0;
     int rc = KMV_OK;

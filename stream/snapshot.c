@@ -17,10 +17,10 @@
 #include <string.h>
 #include <xxhash.h>
 
-#include "kmv/alloc.h"
-#include "kmv/fileio.h"
-#include "kmv/output.h"
-#include "kmv/context.h"
+#include "common/alloc.h"
+#include "common/fileio.h"
+#include "common/output.h"
+#include "common/params.h"
 #include "stream/stream.h"
 
 /* Fields move between file and memory as raw bytes. */
@@ -58,7 +58,7 @@ int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err
         return kmv__file_error(err, err_len, path, KMV_EUNSUPPORTED,
                                "attention streams cannot be saved in this version");
     const kmv_index *ix = s->ix;
-    const kmv_params *p = &ix->params;
+    const kmv__params *p = &ix->params;
     size_t n = ix->ks.n, d = s->d, c = s->c, m = s->m;
     snap_header h;
     memset(&h, 0, sizeof h);
@@ -135,8 +135,8 @@ static size_t payload_bytes(const snap_header *h) {
 }
 
 /* ctx's params with the algorithm's taken from the file. */
-static kmv_params header_params(const kmv_ctx *ctx, const snap_header *h) {
-    kmv_params p = ctx->params;
+static kmv__params header_params(const kmv_ctx *ctx, const snap_header *h) {
+    kmv__params p = ctx->params;
     p.sigma = h->sigma;
     p.eps = h->eps;
     p.delta = h->delta;
@@ -153,7 +153,7 @@ static kmv_params header_params(const kmv_ctx *ctx, const snap_header *h) {
 /* The parts of a checked file, rebuilt into a stream. */
 static int rebuild(const kmv_ctx *ctx, const snap_header *h, const unsigned char *body,
                    kmv_stream **out) {
-    kmv_params p = header_params(ctx, h);
+    kmv__params p = header_params(ctx, h);
     size_t n = (size_t)h->n, d = (size_t)h->d, c = (size_t)h->c, m = (size_t)h->m;
     const float *rows = (const float *)(const void *)body;
     const uint32_t *id_at = (const uint32_t *)(const void *)(body + n * d * 4);
@@ -253,10 +253,10 @@ int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char
     if (why == NULL) {
         /* The checksum held, but a file can be made to pass it: every field
          * is still checked before use. */
-        kmv_params p = header_params(ctx, &h);
+        kmv__params p = header_params(ctx, &h);
         size_t n = (size_t)h.n, d = (size_t)h.d, c = (size_t)h.c, m = (size_t)h.m;
         const unsigned char *body = buf + sizeof h;
-        if (kmv_params_check(&p) != KMV_OK || (h.causal != 0 && h.causal != 1) ||
+        if (kmv__params_check(&p) != KMV_OK || (h.causal != 0 && h.causal != 1) ||
             (h.exact != 0 && h.exact != 1) || (h.refused_cap != 0 && h.refused_cap != 1))
             why = "inconsistent: parameters out of range";
         else if (d == 0 || c == 0 || d > INT_MAX / 64 || c > INT_MAX || n > KMV__KEYS_MAX)

@@ -5,12 +5,12 @@
 #include <stdatomic.h>
 #include <string.h>
 
-#include "kmv/alloc.h"
-#include "kmv/context.h"
-#include "kmv/sampler.h"
+#include "common/alloc.h"
+#include "common/params.h"
+#include "algo/light.h"
 #include "stream/stream.h"
 
-int kmv__stream_new(const kmv_ctx *ctx, const kmv_params *params, size_t dim, size_t n_cols,
+int kmv__stream_new(const kmv_ctx *ctx, const kmv__params *params, size_t dim, size_t n_cols,
                     kmv_stream **out) {
     kmv_index *ix;
     int rc = kmv_index_create(ctx, dim, &ix);
@@ -45,9 +45,9 @@ int kmv_stream_create(const kmv_ctx *ctx, size_t dim, size_t n_cols, kmv_stream 
     return kmv__stream_new(ctx, &ctx->params, dim, n_cols, out);
 }
 
-int kmv__stream_attention_new(const kmv_ctx *ctx, const kmv_params *params, size_t dim,
+int kmv__stream_attention_new(const kmv_ctx *ctx, const kmv__params *params, size_t dim,
                               size_t n_cols, kmv_stream **out) {
-    kmv_params p = *params;
+    kmv__params p = *params;
     double scale = p.attn_scale > 0.0 ? p.attn_scale : 1.0 / sqrt((double)dim);
     p.sigma = kmv_attention_sigma(scale, dim);
     p.causal = 0; /* a step sees every key so far */
@@ -271,17 +271,23 @@ int kmv_stream_matvec(kmv_stream *s, const float *x_fresh, float *y, kmv_stats *
     /* The index sizes its scratch from x; an empty stream has none. */
     static const float none = 0.0f;
     if (x == NULL) x = &none;
-    return kmv__index_matvec_checked(s->ix, s->q ? s->q : &none, s->m, x, s->c, y, stats);
+    kmv__stats S;
+    int rc = kmv__index_matvec_checked(s->ix, s->q ? s->q : &none, s->m, x, s->c, y, &S);
+    if (rc == KMV_OK) kmv__stats_export(&S, stats);
+    return rc;
 }
 
 int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_stats *stats) {
     if (s == NULL || query == NULL || y == NULL) return KMV_EINVAL;
     if (kmv_find_nonfinite(query, s->d - (size_t)s->attn, NULL) != KMV_OK) return KMV_ENONFINITE;
-    if (!s->attn) return kmv__stream_decode(s, query, y, stats, 0);
-    return kmv__stream_attn_decode(s, query, y, stats, 0);
+    kmv__stats S;
+    int rc = s->attn ? kmv__stream_attn_decode(s, query, y, &S, 0)
+                     : kmv__stream_decode(s, query, y, &S, 0);
+    if (rc == KMV_OK) kmv__stats_export(&S, stats);
+    return rc;
 }
 
-int kmv__stream_attn_decode(kmv_stream *s, const float *query, float *y, kmv_stats *stats,
+int kmv__stream_attn_decode(kmv_stream *s, const float *query, float *y, kmv__stats *stats,
                             int defer) {
     if (s->ix->ks.n == 0) return KMV_EEMPTY; /* a softmax over nothing */
     /* The lifted query (extra coordinate 0) and the row with its ones
@@ -304,7 +310,7 @@ int kmv__stream_attn_decode(kmv_stream *s, const float *query, float *y, kmv_sta
     return rc;
 }
 
-int kmv_stream_info_get(const kmv_stream *s, kmv_stream_info *info) {
+int kmv_stream_get_info(const kmv_stream *s, kmv_stream_info *info) {
     if (s == NULL || info == NULL) return KMV_EINVAL;
     const kmv_index *ix = s->ix;
     memset(info, 0, sizeof *info);

@@ -7,9 +7,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "kmv/index.h"
-#include "kmv/kmv.h"
-#include "kmv/sketch.h"
+#include "engine/index.h"
+#include "common/params.h"
+#include "algo/sketch.h"
 
 /* Windows an attention step may draw before it runs the exact row. */
 #define KMV__ATTN_ROUNDS 4
@@ -60,7 +60,7 @@ int kmv__stream_append_queries(kmv_stream *s, const float *q, size_t count);
 
 /* An attention stream of dim-dimensional keys and n_cols values under
  * params (checked), past kmv_stream_attention_create()'s checks. */
-int kmv__stream_attention_new(const kmv_ctx *ctx, const kmv_params *params, size_t dim,
+int kmv__stream_attention_new(const kmv_ctx *ctx, const kmv__params *params, size_t dim,
                               size_t n_cols, kmv_stream **out);
 
 /* Attention keys (count x (d - 1)) with V (count x (c - 1)), lifted;
@@ -72,14 +72,14 @@ int kmv__stream_attn_append(kmv_stream *s, const float *keys, const float *v, si
  * step that would compute the exact row returns at once with st->mode
  * not KMV_MODE_APPROX (st required) and y untouched, for a caller that
  * sums such rows together (batch attention, on the exact engine). */
-int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv_stats *st, int defer);
+int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv__stats *st, int defer);
 
 /* kmv_stream_decode() on an attention stream past validation, with defer
  * as for kmv__stream_decode(). */
-int kmv__stream_attn_decode(kmv_stream *s, const float *query, float *y, kmv_stats *st, int defer);
+int kmv__stream_attn_decode(kmv_stream *s, const float *query, float *y, kmv__stats *st, int defer);
 
 /* A stream for dim x n_cols under params (already checked). */
-int kmv__stream_new(const kmv_ctx *ctx, const kmv_params *params, size_t dim, size_t n_cols,
+int kmv__stream_new(const kmv_ctx *ctx, const kmv__params *params, size_t dim, size_t n_cols,
                     kmv_stream **out);
 
 #endif /* KMV_STREAM_H */

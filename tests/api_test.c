@@ -98,7 +98,7 @@ static void test_ctx(void **state) {
     assert_int_equal(kmv_ctx_create(NULL, NULL), KMV_EINVAL);
     assert_int_equal(kmv_ctx_create(NULL, &ctx), KMV_OK);
     assert_non_null(ctx);
-    assert_true(kmv_ctx_params(ctx)->sigma == 1.0);
+    assert_true(kmv_ctx_get_params(ctx)->sigma == 1.0);
     kmv_ctx_free(ctx);
     kmv_ctx_free(NULL);
 }

@@ -20,11 +20,11 @@
 
 #include <cmocka.h>
 
-#include "kmv/alloc.h"
-#include "kmv/exact.h"
-#include "kmv/index.h"
+#include "common/alloc.h"
+#include "algo/exact.h"
+#include "engine/index.h"
 #include "kmv/kmv.h"
-#include "kmv/lsh.h"
+#include "algo/lsh.h"
 #include "tests/datagen.h"
 #include "tests/testutil.h"
 
@@ -126,9 +126,9 @@ static void guarantee(const dataset *ds, dg_xkind kind, size_t c, const char *na
         if (e > 0.1) failures++;
         worst = e > worst ? e : worst;
         sum += e;
-        samples += st.samples;
-        heavy += st.heavy_pairs;
-        with_h1 += st.keys_exact > 0;
+        samples += tu_x(&st).samples;
+        heavy += tu_x(&st).heavy_pairs;
+        with_h1 += tu_x(&st).keys_exact > 0;
     }
     printf("  %-24s failures %d/%d, mean error %.4f, worst %.4f, samples/row %.0f, heavy/row "
            "%.1f, runs with exact columns %zu\n",
@@ -237,7 +237,7 @@ static void recall_case(const dataset *ds, const char *name) {
     for (uint64_t s = 1; s <= 5; s++) {
         kmv_stats st;
         assert_int_equal(approx(ds, x, 1, s, 0, y, &st), KMV_OK);
-        double kappa = st.heavy_threshold;
+        double kappa = tu_x(&st).heavy_threshold;
         assert_true(kappa > 0.0);
         uint64_t t = 0;
         for (size_t i = 0; i < ds->m; i++)
@@ -251,7 +251,7 @@ static void recall_case(const dataset *ds, const char *name) {
                  * pairs clearly above the threshold */
                 t += exp(-d2 / (2.0 * ds->sigma * ds->sigma)) >= kappa * 1.001;
             }
-        found += st.heavy_pairs;
+        found += tu_x(&st).heavy_pairs;
         truth += t;
     }
     double target = 1.0 - 0.5 * 0.01;
@@ -399,7 +399,7 @@ static void test_grows_in_place(void **state) {
         at += blocks[i];
     }
     assert_int_equal(at, ds.n);
-    assert_int_equal(kmv_index_size(b), ds.n);
+    assert_int_equal(kmv_index_get_size(b), ds.n);
     a->force_approx = b->force_approx = 1;
     assert_int_equal(kmv_index_matvec(a, ds.q, ds.m, x, 1, y1, NULL), KMV_OK);
     assert_int_equal(kmv_index_matvec(b, ds.q, ds.m, x, 1, y2, NULL), KMV_OK);
@@ -484,9 +484,9 @@ static void test_bad_input(void **state) {
     float k[8] = {0, 1, 2, 3, 4, 5, 6, NAN};
     assert_int_equal(kmv_index_append(ix, NULL, 2), KMV_EINVAL);
     assert_int_equal(kmv_index_append(ix, k, 2), KMV_ENONFINITE);
-    assert_int_equal(kmv_index_size(ix), 0);
+    assert_int_equal(kmv_index_get_size(ix), 0);
     assert_int_equal(kmv_index_append(ix, k, 1), KMV_OK);
-    assert_int_equal(kmv_index_size(ix), 1);
+    assert_int_equal(kmv_index_get_size(ix), 1);
     float x[1] = {INFINITY}, y[1] = {7.0f}, q[4] = {0};
     assert_int_equal(kmv_index_matvec(ix, q, 1, x, 1, y, NULL), KMV_ENONFINITE);
     assert_true(y[0] == 7.0f);
@@ -503,17 +503,18 @@ static void test_bad_input(void **state) {
     assert_int_equal(st.mode, KMV_MODE_FALLBACK);
     /* Parameter ranges of the approximate engine. */
     kmv_params_init(&p);
-    p.alpha = 0.0;
-    assert_int_equal(kmv_params_check(&p), KMV_EINVAL);
-    kmv_params_init(&p);
-    p.gamma = NAN;
-    assert_int_equal(kmv_params_check(&p), KMV_EINVAL);
-    kmv_params_init(&p);
-    p.sketch_size = 8;
-    assert_int_equal(kmv_params_check(&p), KMV_EINVAL);
-    kmv_params_init(&p);
-    p.min_samples = 1 << 20;
-    assert_int_equal(kmv_params_check(&p), KMV_EINVAL);
+    kmv_params_x px = tu_px(&p);
+    px.alpha = 0.0;
+    assert_int_equal(kmv_params_set_x(&p, &px), KMV_EINVAL);
+    px = tu_px(&p);
+    px.gamma = NAN;
+    assert_int_equal(kmv_params_set_x(&p, &px), KMV_EINVAL);
+    px = tu_px(&p);
+    px.sketch_size = 8;
+    assert_int_equal(kmv_params_set_x(&p, &px), KMV_EINVAL);
+    px = tu_px(&p);
+    px.min_samples = 1 << 20;
+    assert_int_equal(kmv_params_set_x(&p, &px), KMV_EINVAL);
     assert_string_equal(kmv_fallback_name(KMV_FALLBACK_SAMPLES), "samples");
     assert_string_equal(kmv_fallback_name(99), "unknown");
     kmv_ctx_free(ctx);
@@ -558,7 +559,7 @@ static void test_allocation_failures(void **state) {
                 rc = kmv_index_append(ix, more.k, more.n);
                 if (rc != KMV_OK) {
                     append_failures++;
-                    assert_int_equal(kmv_index_size(ix), ds.n);
+                    assert_int_equal(kmv_index_get_size(ix), ds.n);
                     as.fail_at = 0; /* no more failures */
                     assert_int_equal(kmv_index_matvec(ix, ds.q, ds.m, x, 1, y, NULL), KMV_OK);
                     assert_memory_equal(y, y0, ds.m * sizeof(float));
@@ -612,16 +613,16 @@ static void test_memory_cap(void **state) {
 
     /* What the approximate and the exact product need, uncapped. */
     kmv_index *ix = capped_index(&ds, 0);
-    assert_int_equal(kmv_index_bytes(ix), 0);
+    assert_int_equal(kmv_index_get_bytes(ix), 0);
     assert_int_equal(kmv_index_append(ix, ds.k, ds.n), KMV_OK);
-    size_t keys_bytes = kmv_index_bytes(ix);
+    size_t keys_bytes = kmv_index_get_bytes(ix);
     assert_true(keys_bytes >= ds.n * ds.d * sizeof(float));
     assert_int_equal(fallback_product(ix, &ds, x, y), KMV_OK);
-    size_t exact_peak = kmv_index_peak_bytes(ix);
+    size_t exact_peak = kmv_index_get_peak_bytes(ix);
     kmv_stats st;
     assert_int_equal(kmv_index_matvec(ix, ds.q, ds.m, x, 1, y1, &st), KMV_OK);
     assert_int_equal(st.mode, KMV_MODE_APPROX);
-    size_t approx_peak = kmv_index_peak_bytes(ix);
+    size_t approx_peak = kmv_index_get_peak_bytes(ix);
     kmv_index_free(ix);
     assert_true(approx_peak > exact_peak);
 
@@ -632,10 +633,10 @@ static void test_memory_cap(void **state) {
     assert_int_equal(kmv_index_matvec(ix, ds.q, ds.m, x, 1, y, &st), KMV_OK);
     assert_int_equal(st.mode, KMV_MODE_APPROX);
     assert_memory_equal(y, y1, ds.m * sizeof(float));
-    assert_true(kmv_index_peak_bytes(ix) <= approx_peak);
+    assert_true(kmv_index_get_peak_bytes(ix) <= approx_peak);
     assert_int_equal(kmv_index_append(ix, more.k, more.n), KMV_ELIMIT);
-    assert_int_equal(kmv_index_size(ix), ds.n);
-    assert_true(kmv_index_peak_bytes(ix) <= approx_peak);
+    assert_int_equal(kmv_index_get_size(ix), ds.n);
+    assert_true(kmv_index_get_peak_bytes(ix) <= approx_peak);
     assert_int_equal(kmv_index_matvec(ix, ds.q, ds.m, x, 1, y, &st), KMV_OK);
     assert_memory_equal(y, y1, ds.m * sizeof(float));
     kmv_index_free(ix);
@@ -649,22 +650,22 @@ static void test_memory_cap(void **state) {
     assert_int_equal(st.fallback_reason, KMV_FALLBACK_MEMORY);
     assert_string_equal(kmv_fallback_name(KMV_FALLBACK_MEMORY), "memory");
     assert_true(rel_error(y, ye, ds.m, x, ds.n) < 1e-5);
-    assert_true(kmv_index_peak_bytes(ix) <= exact_peak);
+    assert_true(kmv_index_get_peak_bytes(ix) <= exact_peak);
     /* The tables were dropped; the next product skips the plan it knows
      * does not fit, with the same answer. */
     assert_false(ix->lsh_built);
     memcpy(y1, y, ds.m * sizeof(float));
     assert_int_equal(kmv_index_matvec(ix, ds.q, ds.m, x, 1, y, &st), KMV_OK);
     assert_int_equal(st.fallback_reason, KMV_FALLBACK_MEMORY);
-    assert_int_equal(st.heavy_pairs, 0);
+    assert_int_equal(tu_x(&st).heavy_pairs, 0);
     assert_memory_equal(y, y1, ds.m * sizeof(float));
     kmv_index_free(ix);
 
     /* Not even the keys fit: the append is refused. */
     ix = capped_index(&ds, keys_bytes / 2);
     assert_int_equal(kmv_index_append(ix, ds.k, ds.n), KMV_ELIMIT);
-    assert_int_equal(kmv_index_size(ix), 0);
-    assert_int_equal(kmv_index_bytes(ix), 0);
+    assert_int_equal(kmv_index_get_size(ix), 0);
+    assert_int_equal(kmv_index_get_bytes(ix), 0);
     kmv_index_free(ix);
 
     /* One-shot calls on a context: each call's working memory is capped.

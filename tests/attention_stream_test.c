@@ -78,7 +78,7 @@ static void exact_steps_as_keys_grow(void **state) {
         }
     }
     kmv_stream_info info;
-    assert_int_equal(kmv_stream_info_get(s, &info), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(s, &info), KMV_OK);
     assert_int_equal(info.attention, 1);
     assert_int_equal(info.n_keys, n);
     assert_int_equal(info.dim, D);
@@ -115,7 +115,7 @@ static void approximate_steps_within_bound(void **state) {
         assert_true(fabs(err - st.error_measured) < 1e-5 + 1e-3 * err);
         if (st.mode == KMV_MODE_APPROX) {
             approx++;
-            assert_true(st.samples > 0 && st.heavy_pairs > 0);
+            assert_true(tu_x(&st).samples > 0 && tu_x(&st).heavy_pairs > 0);
             misses += err > st.error_bound;
             worst = err > worst ? err : worst;
             bound = st.error_bound;
@@ -153,7 +153,9 @@ static kmv_ctx *ctx_budget(double eps, int budget) {
     kmv_params p;
     kmv_params_init(&p);
     p.eps = eps;
-    p.attn_budget = budget;
+    kmv_params_x px = tu_px(&p);
+    px.attn_budget = budget;
+    kmv_params_set_x(&p, &px);
     return ctx_from(&p);
 }
 
@@ -189,9 +191,9 @@ static void spread_attention(void **state) {
                 continue;
             }
             assert_int_equal(st.mode, KMV_MODE_APPROX);
-            assert_int_equal(st.heavy_pairs, 0);
+            assert_int_equal(tu_x(&st).heavy_pairs, 0);
             assert_true(isinf(st.error_bound));
-            assert_true(st.samples >= 500 && st.samples < n / 2);
+            assert_true(tu_x(&st).samples >= 500 && tu_x(&st).samples < n / 2);
             assert_true(err < 0.1); /* eps / z_err of the row's scale, typically */
             worst = err > worst ? err : worst;
         }
@@ -304,7 +306,7 @@ static void blocks_do_not_matter(void **state) {
         at += cnt;
     }
     kmv_stream_info info;
-    assert_int_equal(kmv_stream_info_get(many, &info), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(many, &info), KMV_OK);
     assert_true(info.relifts >= 2);
     for (size_t i = 0; i < m; i++) {
         float a[C], b[C];
@@ -347,7 +349,7 @@ static void refusals(void **state) {
     v[1] = INFINITY;
     assert_int_equal(kmv_stream_append_keys(s, k, v, 1), KMV_ENONFINITE);
     kmv_stream_info info;
-    assert_int_equal(kmv_stream_info_get(s, &info), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(s, &info), KMV_OK);
     assert_int_equal(info.n_keys, 1);
     kmv_stream_free(s);
     kmv_ctx_free(ctx);
@@ -369,7 +371,7 @@ static void failed_appends_change_nothing(void **state) {
     float before[C], after[C];
     assert_int_equal(kmv_stream_decode(s, q, before, NULL), KMV_OK);
     kmv_stream_info i0, i1;
-    assert_int_equal(kmv_stream_info_get(s, &i0), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(s, &i0), KMV_OK);
     int failures = 0;
     for (long f = 1;; f++) {
         as.calls = 0;
@@ -379,7 +381,7 @@ static void failed_appends_change_nothing(void **state) {
         if (rc == KMV_OK) break;
         failures++;
         assert_int_equal(rc, KMV_ENOMEM);
-        assert_int_equal(kmv_stream_info_get(s, &i1), KMV_OK);
+        assert_int_equal(kmv_stream_get_info(s, &i1), KMV_OK);
         assert_int_equal(i1.n_keys, i0.n_keys);
         assert_true(i1.key_bound == i0.key_bound);
         assert_int_equal(i1.relifts, i0.relifts);
@@ -387,7 +389,7 @@ static void failed_appends_change_nothing(void **state) {
         assert_memory_equal(before, after, sizeof before);
     }
     assert_true(failures >= 3);
-    assert_int_equal(kmv_stream_info_get(s, &i1), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(s, &i1), KMV_OK);
     assert_int_equal(i1.relifts, i0.relifts + 1);
     assert_int_equal(kmv_stream_decode(s, q, after, NULL), KMV_OK);
     assert_true(ref_err(after, q, k, n, v) < 2e-5);

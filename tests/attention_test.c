@@ -43,7 +43,9 @@ static kmv_ctx *ctx_with(int causal, int measure, int force, kmv_allocator *a) {
     kmv_params_init(&p);
     p.causal = causal;
     p.measure_error = measure;
-    p.force_approx = force;
+    kmv_params_x px = tu_px(&p);
+    px.force_approx = force;
+    kmv_params_set_x(&p, &px);
     p.seed = 11;
     p.n_threads = 1;
     if (a != NULL) p.allocator = *a;
@@ -86,7 +88,7 @@ static void rows_within_bound(void **state) {
         assert_int_equal(kmv_attention(ctx, q, m, keys, N, D, v, C, out, &st), KMV_OK);
         assert_int_equal(st.mode, KMV_MODE_APPROX);
         assert_true(st.error_bound > 0.0 && st.error_bound < 1.0);
-        assert_true(st.samples > 0);
+        assert_true(tu_x(&st).samples > 0);
         double fro = row_errors(out, q, m, causal, rows);
         assert_true(fabs(fro - st.error_measured) <= 1e-6 + 1e-3 * fro);
         int misses = 0;
@@ -110,7 +112,7 @@ static void deterministic(void **state) {
     assert_int_equal(kmv_attention(ctx, queries, M, keys, N, D, v, C, a, NULL), KMV_OK);
     assert_int_equal(kmv_attention(ctx, queries, M, keys, N, D, v, C, b, NULL), KMV_OK);
     assert_memory_equal(a, b, M * C * sizeof(float));
-    kmv_params p = *kmv_ctx_params(ctx);
+    kmv_params p = *kmv_ctx_get_params(ctx);
     p.n_threads = 3;
     kmv_ctx *c3;
     assert_int_equal(kmv_ctx_create(&p, &c3), KMV_OK);

@@ -24,7 +24,7 @@
 
 #include <cmocka.h>
 
-#include "kmv/index.h"
+#include "engine/index.h"
 #include "kmv/kmv.h"
 #include "stream/stream.h"
 #include "tests/datagen.h"
@@ -254,7 +254,7 @@ static void test_concurrent_decoding(void **state) {
     s->ix->force_approx = 1;
     decode_rounds(s, STREAM_ROUNDS, KMV_MODE_APPROX);
     kmv_stream_info info;
-    assert_int_equal(kmv_stream_info_get(s, &info), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(s, &info), KMV_OK);
     assert_true(info.lsh_tables > 0);
     kmv_stream_free(s);
 }
@@ -268,10 +268,10 @@ static void test_concurrent_decoding_at_cap(void **state) {
     probe->ix->force_approx = 1;
     assert_int_equal(kmv_stream_append_keys(probe, keys, v, N), KMV_OK);
     kmv_stream_info bare, planned;
-    assert_int_equal(kmv_stream_info_get(probe, &bare), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(probe, &bare), KMV_OK);
     float y[STREAM_COLS];
     assert_int_equal(kmv_stream_decode(probe, queries, y, NULL), KMV_OK);
-    assert_int_equal(kmv_stream_info_get(probe, &planned), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(probe, &planned), KMV_OK);
     kmv_stream_free(probe);
     assert_true(planned.bytes > bare.bytes + ((size_t)64 << 10));
     kmv_stream *s = make_stream(bare.bytes + (planned.bytes - bare.bytes) / 2);

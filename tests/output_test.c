@@ -311,7 +311,7 @@ static void test_stream_save(void **state) {
     assert_int_equal(st.st_mode & 07777, 0600);
     assert_int_equal(kmv_stream_load(ctx, path, &t, err, sizeof err), KMV_OK);
     kmv_stream_info info;
-    assert_int_equal(kmv_stream_info_get(t, &info), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(t, &info), KMV_OK);
     assert_int_equal(info.n_keys, n);
     kmv_stream_free(t);
     /* Through a FIFO: the bytes read back are the file's. */

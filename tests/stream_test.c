@@ -197,7 +197,7 @@ static void test_plan_from_keys(void **state) {
             beyond += rel_error(&y, &ye, 1, x, n) > 0.1;
         }
         kmv_stream_info info;
-        assert_int_equal(kmv_stream_info_get(s, &info), KMV_OK);
+        assert_int_equal(kmv_stream_get_info(s, &info), KMV_OK);
         print_message("seed %llu: %d of %zu steps approximate, %d tables, %d past eps\n",
                       (unsigned long long)seeds[u], approx, m, info.lsh_tables, beyond);
         assert_true(approx >= 24 && info.lsh_tables > 0);
@@ -277,12 +277,12 @@ static void test_no_rebuild(void **state) {
     float y;
     assert_int_equal(kmv_stream_decode(s, q, &y, NULL), KMV_OK);
     kmv_stream_info a, b;
-    assert_int_equal(kmv_stream_info_get(s, &a), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(s, &a), KMV_OK);
     assert_true(a.lsh_tables > 0);
     assert_int_equal(a.table_builds, 1);
     assert_int_equal(kmv_stream_append_keys(s, k + n * d, x + n, 1), KMV_OK);
     assert_int_equal(kmv_stream_decode(s, q, &y, NULL), KMV_OK);
-    assert_int_equal(kmv_stream_info_get(s, &b), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(s, &b), KMV_OK);
     assert_int_equal(b.n_keys, n + 1);
     assert_int_equal(b.keys_hashed - a.keys_hashed, 1);
     assert_int_equal(b.table_inserts - a.table_inserts, (uint64_t)a.lsh_tables);
@@ -313,7 +313,7 @@ static void test_amortized_growth(void **state) {
         assert_int_equal(kmv_stream_append_keys(s, k + n0 * d, x + n0, blk), KMV_OK);
         float y;
         assert_int_equal(kmv_stream_decode(s, k + n0 * d, &y, NULL), KMV_OK);
-        assert_int_equal(kmv_stream_info_get(s, &info), KMV_OK);
+        assert_int_equal(kmv_stream_get_info(s, &info), KMV_OK);
         most = info.lsh_tables > most ? info.lsh_tables : most;
     }
     print_message("amortized: %llu builds, %.1f inserts per key, at most %d tables\n",
@@ -350,9 +350,9 @@ static void test_fresh_x(void **state) {
           *y3 = malloc(n * sizeof(float));
     assert_int_equal(kmv_stream_matvec(a, NULL, y1, NULL), KMV_OK);
     kmv_stream_info i1, i2;
-    assert_int_equal(kmv_stream_info_get(a, &i1), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(a, &i1), KMV_OK);
     assert_int_equal(kmv_stream_matvec(a, x2, y2, NULL), KMV_OK);
-    assert_int_equal(kmv_stream_info_get(a, &i2), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(a, &i2), KMV_OK);
     assert_int_equal(i1.table_builds, i2.table_builds);
     assert_int_equal(i1.keys_hashed, i2.keys_hashed);
     assert_int_equal(kmv_stream_matvec(b, NULL, y3, NULL), KMV_OK);
@@ -397,8 +397,8 @@ static void test_snapshot_continue(void **state) {
     assert_int_equal(kmv_stream_load(ctx, path, &b, err, sizeof err), KMV_OK);
     b->ix->force_approx = 1;
     kmv_stream_info ia, ib;
-    assert_int_equal(kmv_stream_info_get(a, &ia), KMV_OK);
-    assert_int_equal(kmv_stream_info_get(b, &ib), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(a, &ia), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(b, &ib), KMV_OK);
     assert_int_equal(ia.n_keys, ib.n_keys);
     assert_int_equal(ia.lsh_tables, ib.lsh_tables);
     assert_int_equal(ia.table_inserts, ib.table_inserts);
@@ -407,7 +407,7 @@ static void test_snapshot_continue(void **state) {
         assert_int_equal(kmv_stream_matvec(a, NULL, ya, &sa), KMV_OK);
         assert_int_equal(kmv_stream_matvec(b, NULL, yb, NULL), KMV_OK);
         assert_int_equal(sa.mode, KMV_MODE_APPROX);
-        assert_memory_equal(ya, yb, kmv_stream_info_get(a, &ia) == KMV_OK ? ia.n_queries * c * sizeof(float) : 0);
+        assert_memory_equal(ya, yb, kmv_stream_get_info(a, &ia) == KMV_OK ? ia.n_queries * c * sizeof(float) : 0);
         float da[2], db[2];
         assert_int_equal(kmv_stream_decode(a, q + 5 * d, da, NULL), KMV_OK);
         assert_int_equal(kmv_stream_decode(b, q + 5 * d, db, NULL), KMV_OK);
@@ -527,9 +527,9 @@ static void test_bad_input(void **state) {
     x[1] = INFINITY;
     assert_int_equal(kmv_stream_append_keys(s, k, x, 2), KMV_ENONFINITE);
     x[1] = 2;
-    assert_int_equal(kmv_stream_info_get(s, &(kmv_stream_info){0}), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(s, &(kmv_stream_info){0}), KMV_OK);
     kmv_stream_info info;
-    assert_int_equal(kmv_stream_info_get(s, &info), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(s, &info), KMV_OK);
     assert_int_equal(info.n_keys, 0);
     assert_int_equal(kmv_stream_append_keys(s, k, x, 2), KMV_OK);
     assert_int_equal(kmv_stream_append_keys(s, k, x, SIZE_MAX / 2), KMV_EOVERFLOW);
@@ -578,7 +578,7 @@ static void test_step_scratch_at_cap(void **state) {
     assert_int_equal(kmv_stream_decode(twin, q, yt, NULL), KMV_OK);
     assert_int_equal(st.mode, KMV_MODE_APPROX);
     kmv_stream_info before, after;
-    assert_int_equal(kmv_stream_info_get(s, &before), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(s, &before), KMV_OK);
     /* Room for the exact row's scratch (about 2 KB), not the search's. */
     s->ix->meter.cap = before.bytes + (3u << 10);
     assert_int_equal(kmv_stream_decode(s, q + d, y, &st), KMV_OK);
@@ -589,7 +589,7 @@ static void test_step_scratch_at_cap(void **state) {
     assert_int_equal(kmv_stream_append_keys(ex, k, x, n), KMV_OK);
     assert_int_equal(kmv_stream_decode(ex, q + d, ye, NULL), KMV_OK);
     assert_memory_equal(y, ye, sizeof y); /* the exact row, bit for bit */
-    assert_int_equal(kmv_stream_info_get(s, &after), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(s, &after), KMV_OK);
     assert_int_equal(after.lsh_tables, before.lsh_tables);
     assert_int_equal(after.table_builds, before.table_builds);
     s->ix->meter.cap = 0;
@@ -639,7 +639,7 @@ static void test_memory_cap(void **state) {
     }
     assert_int_equal(rc, KMV_ELIMIT);
     kmv_stream_info after;
-    assert_int_equal(kmv_stream_info_get(s, &after), KMV_OK);
+    assert_int_equal(kmv_stream_get_info(s, &after), KMV_OK);
     assert_int_equal(after.n_keys, n + added);
     assert_true(after.bytes <= p.max_bytes);
     assert_int_equal(kmv_stream_decode(s, q, y1, NULL), KMV_OK);
@@ -682,7 +682,7 @@ static void test_snapshot_empty(void **state) {
         assert_int_equal(kmv_stream_load(ctx, path, &b, err, sizeof err), KMV_OK);
         b->ix->force_approx = 1;
         kmv_stream_info info;
-        assert_int_equal(kmv_stream_info_get(b, &info), KMV_OK);
+        assert_int_equal(kmv_stream_get_info(b, &info), KMV_OK);
         assert_int_equal(info.n_keys, 0);
         assert_int_equal(info.n_queries, with_queries ? 4 : 0);
         float ya[4], yb[4];
@@ -856,7 +856,7 @@ static void test_kill_during_save(void **state) {
         int rc = kmv_stream_load(ctx, path, &c, err, sizeof err);
         if (rc != KMV_OK) fail_msg("trial %d (kill after %ld us): %s", trial, wait, err);
         kmv_stream_info info;
-        assert_int_equal(kmv_stream_info_get(c, &info), KMV_OK);
+        assert_int_equal(kmv_stream_get_info(c, &info), KMV_OK);
         float y;
         assert_int_equal(kmv_stream_decode(c, q, &y, NULL), KMV_OK);
         if (info.n_keys == n0 && y == ya) {

@@ -8,7 +8,23 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#define KMV_STATIC_LINKING_ONLY /* tests read the engine's counters and set its knobs */
 #include "kmv/kmv.h"
+#include "kmv/kmv_experimental.h"
+
+/* The engine's counters of a call. */
+static inline kmv_stats_x tu_x(const kmv_stats *st) {
+    kmv_stats_x x;
+    kmv_stats_get_x(st, &x);
+    return x;
+}
+
+/* p's experimental knobs, to change and set back with kmv_params_set_x(). */
+static inline kmv_params_x tu_px(const kmv_params *p) {
+    kmv_params_x x;
+    kmv_params_get_x(p, &x);
+    return x;
+}
 
 static inline uint64_t tu_next(uint64_t *s) {
     /* splitmix64: tiny, and good enough to make test data. */

@@ -18,8 +18,8 @@
 #include <omp.h>
 #endif
 
-#include "kmv/alloc.h"
-#include "kmv/context.h"
+#include "common/alloc.h"
+#include "common/params.h"
 
 #define ROWS_PER_BLOCK 32
 
@@ -83,7 +83,7 @@ static int cmp_desc(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
-int kmv_tail_stats_get(const kmv_ctx *ctx, const float *queries, const float *keys, size_t n,
+int kmv_tail_stats_compute(const kmv_ctx *ctx, const float *queries, const float *keys, size_t n,
                        size_t dim, kmv_tail_stats *out) {
     if (ctx == NULL || out == NULL || dim == 0) return KMV_EINVAL;
     if (n < 2) return KMV_EEMPTY;
@@ -94,7 +94,7 @@ int kmv_tail_stats_get(const kmv_ctx *ctx, const float *queries, const float *ke
         kmv_find_nonfinite(keys, n * dim, NULL) != KMV_OK)
         return KMV_ENONFINITE;
 
-    const kmv_params *pa = &ctx->params;
+    const kmv__params *pa = &ctx->params;
     int threads = kmv__threads(pa);
     size_t heap = 2 * n;
     kmv__meter meter;

@@ -15,7 +15,7 @@
  * exceeds 4e-6 of a kernel value its dot products are taken in double.
  */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
-#include "kmv/exact.h"
+#include "algo/exact.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -25,8 +25,8 @@
 #include <omp.h>
 #endif
 
-#include "kmv/alloc.h"
-#include "kmv/kernel.h"
+#include "common/alloc.h"
+#include "algo/kernel.h"
 
 /* BQ x BK floats of dot products (128 KiB) stay in a core's L2 while the exp
  * pass and the product with x reread them. Measured by bench/exact_bench. */

@@ -26,7 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "kmv/keystore.h"
+#include "algo/keystore.h"
 
 typedef struct kmv__sketch_group {
     int64_t m;       /* weights in ((1+eps)^(m-1), (1+eps)^m] */

@@ -1,11 +1,11 @@
 /* The randomly ordered key store; see keystore.h for why it is ordered. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
-#include "kmv/keystore.h"
+#include "algo/keystore.h"
 
 #include <string.h>
 
-#include "kmv/alloc.h"
-#include "kmv/rng.h"
+#include "common/alloc.h"
+#include "common/rng.h"
 
 void kmv__keystore_init(kmv__keystore *ks, size_t d, uint64_t seed) {
     memset(ks, 0, sizeof *ks);

@@ -20,8 +20,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "kmv/keystore.h"
-#include "kmv/rng.h"
+#include "algo/keystore.h"
+#include "common/rng.h"
 
 /* Keys a window may use, beyond the heavy list: ids <= id_lim (a causal
  * row), and, when wp is not NULL, positions whose weight wp[p] is below whi

@@ -5,7 +5,7 @@
 
 #include <stddef.h>
 
-#include "kmv/kmv.h"
+#include "common/params.h"
 
 /* kmv_attention()'s approximate path, past run()'s checks (finite
  * operands, n >= 1, m >= 1, c >= 1, logits within range; scale
@@ -14,6 +14,6 @@
  * error_measured ||O - O_hat||_F / ||V||_F under params.measure_error. */
 int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const float *k,
                           size_t n, size_t d, const float *v, size_t c, double scale,
-                          float *out, kmv_stats *stats);
+                          float *out, kmv__stats *stats);
 
 #endif /* KMV_ATTENTION_H */

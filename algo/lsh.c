@@ -1,6 +1,6 @@
 /* Euclidean LSH tables; see lsh.h. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
-#include "kmv/lsh.h"
+#include "algo/lsh.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -11,9 +11,9 @@
 #include <omp.h>
 #endif
 
-#include "kmv/alloc.h"
-#include "kmv/kernel.h"
-#include "kmv/rng.h"
+#include "common/alloc.h"
+#include "algo/kernel.h"
+#include "common/rng.h"
 
 double kmv__lsh_collision(double u) {
     if (u <= 0.0) return 1.0;

@@ -1,12 +1,12 @@
 /* LSH shape selection by predicted cost; see costmodel.h. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
-#include "kmv/costmodel.h"
+#include "algo/costmodel.h"
 
 #include <math.h>
 
-#include "kmv/alloc.h"
-#include "kmv/kernel.h"
-#include "kmv/rng.h"
+#include "common/alloc.h"
+#include "algo/kernel.h"
+#include "common/rng.h"
 
 #define PLAN_QUERIES KMV__PLAN_QUERIES
 #define PLAN_KEYS KMV__PLAN_KEYS

@@ -3,14 +3,14 @@
 #ifndef KMV_INDEX_H
 #define KMV_INDEX_H
 
-#include "kmv/alloc.h"
-#include "kmv/costmodel.h"
-#include "kmv/keystore.h"
-#include "kmv/kmv.h"
-#include "kmv/lsh.h"
+#include "common/alloc.h"
+#include "algo/costmodel.h"
+#include "algo/keystore.h"
+#include "common/params.h"
+#include "algo/lsh.h"
 
 struct kmv_index {
-    kmv_params params;
+    kmv__params params;
     kmv__meter meter;    /* counts and caps (params.max_bytes) what alloc takes */
     kmv_allocator alloc; /* draws through meter */
     size_t d;
@@ -42,13 +42,13 @@ struct kmv_index {
 /* The approximate product; see kmv_index_matvec(). Operands are validated
  * by the caller (index.c). */
 int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
-                       float *y, kmv_stats *st);
+                       float *y, kmv__stats *st);
 
 /* kmv_index_append() and kmv_index_matvec() past their argument checks,
  * for callers that made them already (kmv_matvec's one-shot index). */
 int kmv__index_append_checked(kmv_index *ix, const float *keys, size_t n_keys);
 int kmv__index_matvec_checked(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
-                              float *y, kmv_stats *stats);
+                              float *y, kmv__stats *stats);
 
 /* Plan (and build from the stored keys) LSH tables for heavy threshold
  * kappa, unless the tables held were planned for a threshold at most twice
@@ -73,15 +73,15 @@ int kmv__index_fill_lsh(kmv_index *ix, kmv__lsh_shape shape);
 /* The heavy threshold for n keys and m queries: min(n^-alpha,
  * eps sqrt(min_samples / (16 m h))), h = min(n^gamma, WEIGHT_RATIO); see
  * the top of approx.c. */
-double kmv__heavy_threshold(const kmv_params *p, size_t n, size_t m);
+double kmv__heavy_threshold(const kmv__params *p, size_t n, size_t m);
 
 /* Where H1 starts, as a multiple of the mean weight, for tables at
  * threshold kappa: n^gamma, or lower where kappa's bound needs, >= 1. */
-double kmv__h1_ratio(const kmv_params *p, size_t n, size_t m, double kappa);
+double kmv__h1_ratio(const kmv__params *p, size_t n, size_t m, double kappa);
 
 /* The exact engine for the whole product, reported as a fallback for
  * reason (a kmv_fallback); for plans that did not fit params.max_bytes. */
 int kmv__approx_fallback(const kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
-                         float *y, int reason, kmv_stats *st);
+                         float *y, int reason, kmv__stats *st);
 
 #endif /* KMV_INDEX_H */

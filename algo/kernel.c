@@ -8,7 +8,7 @@
  * and SSE2 elsewhere, without -march flags that would tie it to one machine.
  */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
-#include "kmv/kernel.h"
+#include "algo/kernel.h"
 
 #include <stdint.h>
 

@@ -1,5 +1,5 @@
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
-#include "kmv/alloc.h"
+#include "common/alloc.h"
 
 #include <stdalign.h>
 #include <stdatomic.h>

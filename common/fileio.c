@@ -1,6 +1,6 @@
 /* Reading files, and messages that name them; see fileio.h. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
-#include "kmv/fileio.h"
+#include "common/fileio.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -13,7 +13,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
-#include "kmv/alloc.h"
+#include "common/alloc.h"
 
 /* Keeps each read(2)/write(2) below SSIZE_MAX and Linux's 2 GiB cap. */
 #define IO_MAX ((size_t)1 << 30)

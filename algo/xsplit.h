@@ -14,7 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "kmv/keystore.h"
+#include "algo/keystore.h"
 
 typedef struct kmv__xsplit {
     double nx2;      /* ||x||^2 (Frobenius for V), in double */

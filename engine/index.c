@@ -4,9 +4,9 @@
 #include <stdatomic.h>
 #include <string.h>
 
-#include "kmv/alloc.h"
-#include "kmv/context.h"
-#include "kmv/index.h"
+#include "common/alloc.h"
+#include "common/params.h"
+#include "engine/index.h"
 
 int kmv_index_create(const kmv_ctx *ctx, size_t dim, kmv_index **out) {
     if (out == NULL) return KMV_EINVAL;
@@ -35,11 +35,11 @@ void kmv_index_free(kmv_index *ix) {
     kmv__free(&base, ix);
 }
 
-size_t kmv_index_size(const kmv_index *ix) { return ix ? ix->ks.n : 0; }
+size_t kmv_index_get_size(const kmv_index *ix) { return ix ? ix->ks.n : 0; }
 
-size_t kmv_index_bytes(const kmv_index *ix) { return ix ? atomic_load(&ix->meter.live) : 0; }
+size_t kmv_index_get_bytes(const kmv_index *ix) { return ix ? atomic_load(&ix->meter.live) : 0; }
 
-size_t kmv_index_peak_bytes(const kmv_index *ix) {
+size_t kmv_index_get_peak_bytes(const kmv_index *ix) {
     return ix ? atomic_load(&ix->meter.peak) : 0;
 }
 
@@ -80,11 +80,14 @@ int kmv_index_matvec(kmv_index *ix, const float *q, size_t m, const float *x, si
     if (kmv_find_nonfinite(q, m * d, NULL) != KMV_OK ||
         kmv_find_nonfinite(x, n * c, NULL) != KMV_OK)
         return KMV_ENONFINITE;
-    return kmv__index_matvec_checked(ix, q, m, x, c, y, stats);
+    kmv__stats S;
+    int rc = kmv__index_matvec_checked(ix, q, m, x, c, y, &S);
+    if (rc == KMV_OK) kmv__stats_export(&S, stats);
+    return rc;
 }
 
 int kmv__index_matvec_checked(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
-                              float *y, kmv_stats *stats) {
+                              float *y, kmv__stats *stats) {
     kmv__meter_reset(&ix->meter);
     int rc;
     if (ix->refused_n == ix->ks.n + 1) {

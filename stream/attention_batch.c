@@ -18,18 +18,18 @@
 #include <math.h>
 #include <string.h>
 
-#include "kmv/alloc.h"
-#include "kmv/attention.h"
-#include "kmv/context.h"
-#include "kmv/exact.h"
-#include "kmv/timer.h"
+#include "common/alloc.h"
+#include "stream/attention_batch.h"
+#include "common/params.h"
+#include "algo/exact.h"
+#include "common/timer.h"
 #include "stream/stream.h"
 
 /* Rows stepped before deciding whether the approximate path gains. */
 #define PROBE_ROWS 32
 
 /* Add one row's step to the batch's stats. */
-static void tally(kmv_stats *S, const kmv_stats *st, size_t *approx, size_t *why) {
+static void tally(kmv__stats *S, const kmv__stats *st, size_t *approx, size_t *why) {
     S->samples += st->samples;
     S->lsh_candidates += st->lsh_candidates;
     S->heavy_pairs += st->heavy_pairs;
@@ -43,10 +43,10 @@ static void tally(kmv_stats *S, const kmv_stats *st, size_t *approx, size_t *why
 
 int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const float *k,
                           size_t n, size_t d, const float *v, size_t c, double scale,
-                          float *out, kmv_stats *stats) {
+                          float *out, kmv__stats *stats) {
     double t0 = kmv__now();
-    const kmv_params *pa = &ctx->params;
-    kmv_params p = *pa;
+    const kmv__params *pa = &ctx->params;
+    kmv__params p = *pa;
     p.attn_scale = scale;
     p.measure_error = 0; /* measured here, on the whole output */
     kmv_stream *s;
@@ -63,7 +63,7 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
         rc = KMV_ENOMEM;
         goto out;
     }
-    kmv_stats S;
+    kmv__stats S;
     memset(&S, 0, sizeof S);
     size_t approx = 0, rows_done = 0, why[8] = {0};
     int nt = kmv__threads(pa), gave_up = 0;
@@ -74,7 +74,7 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
         if (pa->causal && have < n && have <= i)
             rc = kmv_stream_append_keys(s, k + have * d, v + have * c, (i < n ? i + 1 : n) - have);
         if (rc != KMV_OK) break;
-        kmv_stats st;
+        kmv__stats st;
         rc = kmv__stream_attn_decode(s, q + i * d, res + i * c, &st, defer);
         if (rc != KMV_OK) break;
         deferred[i] = defer && st.mode != KMV_MODE_APPROX;
@@ -102,7 +102,7 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
         int prc = KMV_OK;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 8)
         for (size_t i = from; i < m; i++) {
-            kmv_stats st;
+            kmv__stats st;
             memset(&st, 0, sizeof st);
             int seen;
 #pragma omp atomic read

@@ -14,8 +14,8 @@
 
 #include <stddef.h>
 
-#include "kmv/keystore.h"
-#include "kmv/lsh.h"
+#include "algo/keystore.h"
+#include "algo/lsh.h"
 
 /* One entry of the exact engine (blocked GEMM, vectorized exp). */
 static inline double kmv__cost_exact(double d) { return 0.5 + 0.025 * d; }

@@ -1,11 +1,11 @@
 /* Window sampling of light keys; see sampler.h. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
-#include "kmv/sampler.h"
+#include "algo/light.h"
 
 #include <math.h>
 #include <string.h>
 
-#include "kmv/kernel.h"
+#include "algo/kernel.h"
 
 #define CHUNK 256
 

@@ -26,16 +26,16 @@
 #include <omp.h>
 #endif
 
-#include "kmv/alloc.h"
-#include "kmv/context.h"
-#include "kmv/exact.h"
-#include "kmv/index.h"
-#include "kmv/kernel.h"
-#include "kmv/rng.h"
-#include "kmv/sampler.h"
-#include "kmv/sketch.h"
-#include "kmv/timer.h"
-#include "kmv/xsplit.h"
+#include "common/alloc.h"
+#include "common/params.h"
+#include "algo/exact.h"
+#include "engine/index.h"
+#include "algo/kernel.h"
+#include "common/rng.h"
+#include "algo/light.h"
+#include "algo/sketch.h"
+#include "common/timer.h"
+#include "algo/xsplit.h"
 
 #define QB 16           /* queries per block of the row passes */
 #define BUILD_BLOCK 8192 /* keys copied out of the random order per append */
@@ -506,7 +506,7 @@ int kmv__index_fill_lsh(kmv_index *ix, kmv__lsh_shape shape) {
     return KMV_OK;
 }
 
-double kmv__heavy_threshold(const kmv_params *pa, size_t n, size_t m) {
+double kmv__heavy_threshold(const kmv__params *pa, size_t n, size_t m) {
     double h = pow((double)n, pa->gamma);
     if (h > WEIGHT_RATIO) h = WEIGHT_RATIO;
     if (h < 1.0) h = 1.0;
@@ -517,7 +517,7 @@ double kmv__heavy_threshold(const kmv_params *pa, size_t n, size_t m) {
     return kappa < 0x1p-60 ? 0x1p-60 : kappa;
 }
 
-double kmv__h1_ratio(const kmv_params *pa, size_t n, size_t m, double kappa) {
+double kmv__h1_ratio(const kmv__params *pa, size_t n, size_t m, double kappa) {
     /* H1 at n^gamma, or lower where kappa's bound needs. */
     double hi = pa->eps * pa->eps * (double)pa->min_samples / (16.0 * (double)m * kappa * kappa);
     if (hi > pow((double)n, pa->gamma)) hi = pow((double)n, pa->gamma);
@@ -561,7 +561,7 @@ static double visible_entries(const kmv_index *ix, size_t m) {
 
 /* The exact engine in place of the plan; S keeps what planning found. */
 static int run_fallback(const kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
-                        float *y, kmv_stats *S) {
+                        float *y, kmv__stats *S) {
     double tk = kmv__now();
     int threads = 1;
     int rc = exact_product(ix, q, m, x, c, y, kmv__threads(&ix->params), &threads);
@@ -574,13 +574,13 @@ static int run_fallback(const kmv_index *ix, const float *q, size_t m, const flo
     return KMV_OK;
 }
 
-static void progress(const kmv_params *p, double f) {
+static void progress(const kmv__params *p, double f) {
     if (p->progress != NULL) p->progress(p->progress_opaque, f);
 }
 
 /* The stats every product starts from, approximate or fallback. */
-static kmv_stats stats_start(const kmv_index *ix, size_t m, size_t c) {
-    kmv_stats S;
+static kmv__stats stats_start(const kmv_index *ix, size_t m, size_t c) {
+    kmv__stats S;
     memset(&S, 0, sizeof S);
     S.mode = KMV_MODE_APPROX;
     S.n_keys = ix->ks.n;
@@ -594,9 +594,9 @@ static kmv_stats stats_start(const kmv_index *ix, size_t m, size_t c) {
 }
 
 int kmv__approx_fallback(const kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
-                         float *y, int reason, kmv_stats *st) {
+                         float *y, int reason, kmv__stats *st) {
     double t0 = kmv__now();
-    kmv_stats S = stats_start(ix, m, c);
+    kmv__stats S = stats_start(ix, m, c);
     if (ix->params.measure_error) S.error_measured = 0.0;
     S.fallback_reason = reason;
     int rc = run_fallback(ix, q, m, x, c, y, &S);
@@ -608,12 +608,12 @@ int kmv__approx_fallback(const kmv_index *ix, const float *q, size_t m, const fl
 }
 
 int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
-                       float *y, kmv_stats *st) {
+                       float *y, kmv__stats *st) {
     double t0 = kmv__now();
-    const kmv_params *pa = &ix->params;
+    const kmv__params *pa = &ix->params;
     const kmv_allocator *a = &ix->alloc;
     size_t n = ix->ks.n, d = ix->d;
-    kmv_stats S = stats_start(ix, m, c);
+    kmv__stats S = stats_start(ix, m, c);
     int nt = S.n_threads;
     /* Everything that can fail is taken before the first write to y, so a
      * failed call leaves y as it was: the measurement's exact product runs

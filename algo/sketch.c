@@ -1,12 +1,12 @@
 /* The x^2-grouped kernel-density sketch; see sketch.h. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
-#include "kmv/sketch.h"
+#include "algo/sketch.h"
 
 #include <math.h>
 #include <string.h>
 
-#include "kmv/alloc.h"
-#include "kmv/rng.h"
+#include "common/alloc.h"
+#include "common/rng.h"
 
 /* Groups hold weights within a factor 1 + eps. For eps below 1e-6 the
  * base stays at 1 + 1e-6: a spread that small is immaterial next to the

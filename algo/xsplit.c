@@ -1,11 +1,11 @@
 /* Preprocessing x; see xsplit.h. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
-#include "kmv/xsplit.h"
+#include "algo/xsplit.h"
 
 #include <math.h>
 #include <string.h>
 
-#include "kmv/alloc.h"
+#include "common/alloc.h"
 
 void kmv__xsplit_free(kmv__xsplit *xs, const kmv_allocator *a) {
     kmv__free(a, xs->h1);

@@ -1,7 +1,7 @@
 /* Output files written whole or not at all, by the rules kmv_output_open()
  * states in kmv.h. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
-#include "kmv/output.h"
+#include "common/output.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -13,8 +13,8 @@
 #include <sys/types.h>
 #include <unistd.h>
 
-#include "kmv/alloc.h"
-#include "kmv/fileio.h"
+#include "common/alloc.h"
+#include "common/fileio.h"
 
 /* Room for a resolved path and for its temporary's suffix. Linux's
  * PATH_MAX is 4096: a longer path cannot be opened anyway. */
