@@ -26,8 +26,10 @@ static double collision(const double *tab, double u) {
     return tab[i] + (f - i) * (tab[i + 1] - tab[i]);
 }
 
-int kmv__lsh_choose(const kmv_allocator *al, const kmv__keystore *ks, const float *q, size_t m, double r_near,
-                    double miss, double keys_per_query, uint64_t seed, kmv__lsh_plan *out) {
+int kmv__lsh_choose(const kmv_allocator *al, const kmv__keystore *ks, const float *q, size_t m,
+                    double r_near, double miss, double keys_per_query, uint64_t seed,
+                    kmv__lsh_plan *out, int *found) {
+    *found = 0;
     size_t n = ks->n, d = ks->d;
     size_t pq = m < PLAN_QUERIES ? m : PLAN_QUERIES;
     size_t pk = n < PLAN_KEYS ? n : PLAN_KEYS;
@@ -95,5 +97,6 @@ int kmv__lsh_choose(const kmv_allocator *al, const kmv__keystore *ks, const floa
     kmv__free(al, pw);
     kmv__free(al, pk_pow);
     kmv__free(al, dist);
-    return isfinite(best) ? KMV_OK : 1;
+    *found = isfinite(best);
+    return KMV_OK;
 }

@@ -63,11 +63,12 @@ typedef struct kmv__lsh_plan {
  * probability >= 1 - miss, at the least predicted cost. The prediction
  * uses distances from up to 32 queries to the first 256 keys of the random
  * order (a uniform sample). keys_per_query is n / m when the keys still
- * need hashing, else 0. Returns KMV_OK and fills *out, 1 when no
- * shape with at most KMV__LSH_MAX_TABLES tables reaches the recall, or
- * KMV_ENOMEM. Deterministic in seed. */
+ * need hashing, else 0. Returns KMV_OK, with *found set when a shape of
+ * at most KMV__LSH_MAX_TABLES tables reaches the recall (then *out is
+ * it), or KMV_ENOMEM. Deterministic in seed. */
 #define KMV__LSH_MAX_TABLES 160
-int kmv__lsh_choose(const kmv_allocator *al, const kmv__keystore *ks, const float *q, size_t m, double r_near,
-                    double miss, double keys_per_query, uint64_t seed, kmv__lsh_plan *out);
+int kmv__lsh_choose(const kmv_allocator *al, const kmv__keystore *ks, const float *q, size_t m,
+                    double r_near, double miss, double keys_per_query, uint64_t seed,
+                    kmv__lsh_plan *out, int *found);
 
 #endif /* KMV_COSTMODEL_H */

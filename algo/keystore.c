@@ -75,3 +75,14 @@ int kmv__keystore_append(kmv__keystore *ks, const kmv_allocator *a, const float 
     }
     return KMV_OK;
 }
+
+void kmv__keystore_restore(kmv__keystore *ks, const float *rows, const uint32_t *id_at,
+                           uint64_t rng) {
+    size_t n = ks->n;
+    if (n > 0) { /* an empty store has no arrays to copy into */
+        memcpy(ks->rows, rows, n * ks->d * sizeof(float));
+        memcpy(ks->id_at, id_at, n * sizeof(uint32_t));
+    }
+    for (size_t pos = 0; pos < n; pos++) ks->pos_of[id_at[pos]] = (uint32_t)pos;
+    ks->rng = rng;
+}

@@ -43,6 +43,12 @@ int kmv__keystore_reserve(kmv__keystore *ks, const kmv_allocator *a, size_t coun
 int kmv__keystore_append(kmv__keystore *ks, const kmv_allocator *a, const float *k,
                          size_t count);
 
+/* Put the n keys held in a saved order (rows[pos] is key id_at[pos]'s
+ * row) and continue the shuffle from rng: what the appends that made that
+ * order left. */
+void kmv__keystore_restore(kmv__keystore *ks, const float *rows, const uint32_t *id_at,
+                           uint64_t rng);
+
 void kmv__keystore_free(kmv__keystore *ks, const kmv_allocator *a);
 
 /* Key id's row. */

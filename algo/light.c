@@ -1,4 +1,4 @@
-/* Window sampling of light keys; see sampler.h. */
+/* Window sampling of light keys; see light.h. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include "algo/light.h"
 
@@ -24,11 +24,14 @@ int kmv__contains(const uint32_t *ids, size_t len, uint32_t id) {
     return lo < len && ids[lo] == id;
 }
 
-double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const float *q,
-                   float inv2s2, float shift, float kappa, const uint32_t *heavy, size_t n_heavy,
-                   const kmv__keymask *mask, size_t off, size_t s, float *scratch, double *acc,
-                   double *est) {
-    size_t n = ks->n, d = ks->d;
+double kmv__window(const kmv__light *l, size_t off, size_t s, const kmv__light_buf *b) {
+    const kmv__keystore *ks = l->ks;
+    const kmv__keymask *mask = l->mask;
+    const float *xp = l->xp, *q = l->q;
+    float inv2s2 = l->inv2s2, shift = l->shift, kappa = l->kappa, *scratch = b->chunk;
+    const uint32_t *heavy = l->heavy;
+    size_t n = ks->n, d = ks->d, c = l->c, n_heavy = l->n_heavy;
+    double *acc = b->acc, *est = b->est;
     double *sum = acc, *sq = acc + c;
     memset(acc, 0, 2 * c * sizeof(double));
     size_t done = 0;

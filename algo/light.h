@@ -1,4 +1,5 @@
-/* Internal: sampling the light keys (Algorithm 2, lines 8 to 10).
+/* Internal: ApproxLight, sampling the light keys (Algorithm 2, lines 8
+ * to 10).
  *
  * Row i's light sum, sum over j in T \ S_i of K_ij x_j, is estimated from s
  * consecutive positions of the key store's random order starting at a
@@ -14,8 +15,8 @@
  * "permuted" estimator). Median of means is replaced by a plain mean with
  * the variance budget set for the whole vector (approx.c): per-row medians
  * would buy a union bound over rows that the l2 guarantee does not need. */
-#ifndef KMV_SAMPLER_H
-#define KMV_SAMPLER_H
+#ifndef KMV_ALGO_LIGHT_H
+#define KMV_ALGO_LIGHT_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -34,27 +35,37 @@ typedef struct kmv__keymask {
     double whi;
 } kmv__keymask;
 
-/* The window positions [off, off + s) mod n, s in [1, n]. With s = n and
- * heavy = NULL the result is the exact sum over all stored keys (variance
- * 0). Keys with K_ij >= kappa whose id is in heavy[0..n_heavy) (ascending)
- * are skipped, and so are keys outside mask (NULL: none).
- *
- * @param xp       n x c weights in store order (0 outside T)
- * @param inv2s2   1 / (2 sigma^2)
- * @param shift    subtracted from every squared distance before the exp
- *                 (at most the smallest one): the kernel values times
- *                 exp(shift inv2s2), which an attention step cancels in
- *                 its ratio; 0 for the plain kernel
- * @param scratch  256 floats
- * @param acc      2 c doubles of scratch
- * @param est      c outputs: the estimate of the light sum, per column
- * @return         the estimate's variance summed over columns (the
- *                 without-replacement formula on the window's own values);
- *                 0 when s = n or s = 1 */
-double kmv__window(const kmv__keystore *ks, const float *xp, size_t c, const float *q,
-                   float inv2s2, float shift, float kappa, const uint32_t *heavy, size_t n_heavy,
-                   const kmv__keymask *mask, size_t off, size_t s, float *scratch, double *acc,
-                   double *est);
+/* What every window of one row reads. Keys with K >= kappa whose id is in
+ * heavy[0..n_heavy) (ascending) are skipped, and so are keys outside mask
+ * (NULL: none). */
+typedef struct kmv__light {
+    const kmv__keystore *ks;
+    const float *xp;  /* n x c values in store order (0 outside T) */
+    size_t c;
+    const float *q;
+    float inv2s2;     /* 1 / (2 sigma^2) */
+    float shift;      /* subtracted from every squared distance before the
+                         exp (at most the smallest one): the kernel values
+                         times exp(shift inv2s2), which an attention step
+                         cancels in its ratio; 0 for the plain kernel */
+    float kappa;
+    const uint32_t *heavy;
+    size_t n_heavy;
+    const kmv__keymask *mask;
+} kmv__light;
+
+/* A window's scratch and result. */
+typedef struct kmv__light_buf {
+    float *chunk; /* 256 floats */
+    double *acc;  /* 2 c: the window's per-column sums and sums of squares */
+    double *est;  /* c: the estimate of the light sum, per column */
+} kmv__light_buf;
+
+/* The window positions [off, off + s) mod n, s in [1, n]: est the
+ * estimate. With s = n and no heavy list, the exact sum over every stored
+ * key. Returns the estimate's variance summed over columns (the without-
+ * replacement formula on the window's own values); 0 when s = n or 1. */
+double kmv__window(const kmv__light *l, size_t off, size_t s, const kmv__light_buf *b);
 
 /* The variance of one column's estimate from the window kmv__window()
  * left in acc (its 2 c doubles), for s of n positions: the without-
@@ -78,4 +89,4 @@ int kmv__cmp_u32(const void *pa, const void *pb);
 /* Whether id is in the ascending list ids[0..len). */
 int kmv__contains(const uint32_t *ids, size_t len, uint32_t id);
 
-#endif /* KMV_SAMPLER_H */
+#endif /* KMV_ALGO_LIGHT_H */

@@ -17,6 +17,9 @@
 
 double kmv__lsh_collision(double u) {
     if (u <= 0.0) return 1.0;
+    /* A distance past float's range (its square overflowed) never
+     * collides; the formula would give NaN, which makes every cost NaN. */
+    if (!(u < INFINITY)) return 0.0;
     /* p(u) = 1 - 2 Phi(-1/u) - 2u/sqrt(2 pi) (1 - exp(-1/(2u^2))). */
     double t = 1.0 / u;
     double phi = 0.5 * erfc(t / sqrt(2.0));

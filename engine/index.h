@@ -1,87 +1,101 @@
-/* Internal: the index's layout, shared by index.c (its life cycle) and
- * approx.c (the product). */
-#ifndef KMV_INDEX_H
-#define KMV_INDEX_H
+/* Internal: an index of keys for the layers above the engine: the key
+ * store's random order, the heavy search's tables over it, its params and
+ * metered allocator, and ApproxKMV's product over it (batch.c). Its layout
+ * is the engine's own (index_layout.h): callers go through these
+ * functions. */
+#ifndef KMV_ENGINE_INDEX_H
+#define KMV_ENGINE_INDEX_H
 
-#include "common/alloc.h"
+#include <stddef.h>
+#include <stdint.h>
+
 #include "algo/costmodel.h"
+#include "algo/heavy.h"
 #include "algo/keystore.h"
+#include "common/alloc.h"
 #include "common/params.h"
-#include "algo/lsh.h"
-
-struct kmv_index {
-    kmv__params params;
-    kmv__meter meter;    /* counts and caps (params.max_bytes) what alloc takes */
-    kmv_allocator alloc; /* draws through meter */
-    size_t d;
-    kmv__keystore ks;
-    kmv__lsh lsh;       /* valid when lsh_built */
-    int lsh_built;
-    size_t lsh_n;       /* keys when the tables were planned */
-    double kappa;       /* heavy threshold they were planned for */
-    kmv__lsh_plan plan;
-    size_t refused_n;   /* 1 + the key count at which the approximate plan
-                           last passed params.max_bytes (0: never): products
-                           at that count go straight to the exact engine */
-    /* Work counters, all time: what "grows in place" is tested by. */
-    uint64_t keys_hashed;   /* keys projected into the LSH tables */
-    uint64_t table_inserts; /* (key, table) inserts */
-    uint64_t table_builds;  /* times the tables were planned and filled */
-    int skip_tables;    /* appends leave the tables alone: the caller
-                           drops them once the append has succeeded */
-    int force_approx;   /* params.force_approx (tests set it directly):
-                           skip every cost-model fallback, so the
-                           approximate path's guarantee can be measured on
-                           inputs where exact would be cheaper */
-};
 
 /* Below this many kernel entries (about 10 ms of exact work) planning and
  * building tables cost more than approximation can save: exact runs. */
 #define KMV__APPROX_MIN_ENTRIES 8388608.0
 
-/* The approximate product; see kmv_index_matvec(). Operands are validated
- * by the caller (index.c). */
-int kmv__approx_matvec(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
-                       float *y, kmv__stats *st);
+/* An empty index of dim-dimensional keys under p, its memory drawn from
+ * base through a meter capped at p->max_bytes. KMV_OK or KMV_ENOMEM. */
+int kmv__index_new(const kmv__params *p, const kmv_allocator *base, size_t dim, kmv_index **out);
 
-/* kmv_index_append() and kmv_index_matvec() past their argument checks,
- * for callers that made them already (kmv_matvec's one-shot index). */
-int kmv__index_append_checked(kmv_index *ix, const float *keys, size_t n_keys);
+/* What the index holds and runs under. */
+const kmv__keystore *kmv__index_keys(const kmv_index *ix);
+/* The keys for rewriting a coordinate in place (an attention stream's
+ * lift); the caller drops the tables, which hashed the old rows. */
+kmv__keystore *kmv__index_keys_mut(kmv_index *ix);
+const kmv__params *kmv__index_params(const kmv_index *ix);
+const kmv_allocator *kmv__index_alloc(const kmv_index *ix); /* metered */
+kmv__meter *kmv__index_meter(kmv_index *ix);
+int kmv__index_force_approx(const kmv_index *ix);
+void kmv__index_set_force_approx(kmv_index *ix, int on);
+
+/* Append n_keys keys past their checks; with tables = 0 the tables are
+ * left alone (the caller drops them once the append has succeeded). On
+ * error the keys and tables are as they were. */
+int kmv__index_append_keys(kmv_index *ix, const float *keys, size_t n_keys, int tables);
+
+/* The product; see kmv_index_matvec(). Operands checked by the caller. */
 int kmv__index_matvec_checked(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
                               float *y, kmv__stats *stats);
 
-/* Plan (and build from the stored keys) LSH tables for heavy threshold
- * kappa, unless the tables held were planned for a threshold at most twice
- * as fine at no less than half the keys. q (m rows) samples the queries
- * for the plan's cost prediction; keys_per_query is the share of the
- * build each query pays (n / m for one product; about 1 for a decoding
- * loop, which appends a key per query). Returns KMV_OK, KMV_ENOMEM, or 1
- * when no shape's predicted heavy-search cost for the m queries is within
- * cap (nothing is built or dropped then). */
-int kmv__index_ensure_lsh(kmv_index *ix, const float *q, size_t m, double kappa, double miss,
-                          double cap, double keys_per_query);
+/* ------------------------------------------------------- the heavy search */
 
-/* (Re)build the tables of the given shape from every stored key, in id
- * order, so that the same keys, shape and seed give the same tables
- * however the keys arrived. KMV_OK (lsh_built set) or KMV_ENOMEM (no
- * tables left). The caller sets lsh_n, kappa, plan and the counters. */
-int kmv__index_fill_lsh(kmv_index *ix, kmv__lsh_shape shape);
+/* What a plan is asked: tables whose search finds each key with
+ * K >= kappa with probability >= 1 - miss, costing the m queries q (or
+ * stand-ins for them) at most cap; keys_per_query is the share of the build
+ * each query pays (n / m for one product, about 1 for a decoding loop,
+ * which appends a key per query). */
+typedef struct kmv__plan_req {
+    const float *q;
+    size_t m;
+    double kappa, miss, cap, keys_per_query;
+} kmv__plan_req;
 
-/* h: the largest x_j^2 / mean(x^2) left to sampling. */
-#define WEIGHT_RATIO 16
+/* Plan and fill the tables for rq, unless those held were planned for a
+ * threshold at most twice as fine at no less than half the keys. KMV_OK
+ * (*refused: no shape fits the cap; nothing built or dropped then) or
+ * KMV_ENOMEM. */
+int kmv__index_plan(kmv_index *ix, const kmv__plan_req *rq, int *refused);
 
-/* The heavy threshold for n keys and m queries: min(n^-alpha,
- * eps sqrt(min_samples / (16 m h))), h = min(n^gamma, WEIGHT_RATIO); see
- * the top of approx.c. */
-double kmv__heavy_threshold(const kmv__params *p, size_t n, size_t m);
+/* Whether tables are held, and then the heavy search over them, the
+ * threshold they serve and the key count they were planned at. */
+int kmv__index_has_tables(const kmv_index *ix);
+kmv__heavy_src kmv__index_heavy(const kmv_index *ix);
+double kmv__index_kappa(const kmv_index *ix);
+size_t kmv__index_planned_keys(const kmv_index *ix);
+kmv__lsh_shape kmv__index_shape(const kmv_index *ix);
 
-/* Where H1 starts, as a multiple of the mean weight, for tables at
- * threshold kappa: n^gamma, or lower where kappa's bound needs, >= 1. */
-double kmv__h1_ratio(const kmv__params *p, size_t n, size_t m, double kappa);
+/* Drop the tables (a cache: planned again when asked). */
+void kmv__index_drop_tables(kmv_index *ix);
 
-/* The exact engine for the whole product, reported as a fallback for
- * reason (a kmv_fallback); for plans that did not fit params.max_bytes. */
-int kmv__approx_fallback(const kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
-                         float *y, int reason, kmv__stats *st);
+/* Work counters, all time. */
+typedef struct kmv__index_counts {
+    uint64_t keys_hashed, table_inserts, table_builds;
+} kmv__index_counts;
+kmv__index_counts kmv__index_get_counts(const kmv_index *ix);
 
-#endif /* KMV_INDEX_H */
+/* Everything a snapshot needs beyond the keys, to rebuild the index bit
+ * for bit. */
+typedef struct kmv__index_state {
+    uint64_t shuffle_rng;
+    int lsh_built;
+    kmv__lsh_plan plan; /* plan.shape: the tables' */
+    double kappa;
+    size_t lsh_n, refused_n;
+    kmv__index_counts counts;
+} kmv__index_state;
+
+void kmv__index_get_state(const kmv_index *ix, kmv__index_state *st);
+
+/* After the keys were appended in id order: put them in the saved store
+ * order (rows[pos], id_at[pos]), take the saved state and refill the
+ * saved tables. KMV_OK or KMV_ENOMEM. */
+int kmv__index_restore(kmv_index *ix, const float *rows, const uint32_t *id_at,
+                       const kmv__index_state *st);
+
+#endif /* KMV_ENGINE_INDEX_H */

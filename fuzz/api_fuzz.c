@@ -28,7 +28,7 @@
 
 #include <unistd.h>
 
-#include "engine/index.h"
+#include "engine/index_layout.h"
 #include "kmv/kmv.h"
 #include "stream/stream.h"
 

@@ -1,8 +1,8 @@
-/* Approximate batch attention (kmv_attention() without params.exact):
- * an attention stream over the keys and one decoding step per query, so
- * that every row carries the step's guarantee on the normalized output
- * (see kmv_stream_attention_create() in kmv.h). Causal: the keys enter as
- * the rows advance, row i stepping against keys 0..i.
+/* Approximate batch attention (kmv_attention() without params.exact): an
+ * attention stream over the keys and one decoding step per query, so that
+ * every row carries the step's guarantee on the normalized output
+ * (docs/guarantee-attention.md). Causal: the keys enter as the rows
+ * advance, row i stepping against keys 0..i.
  *
  * Rows where a sample cannot meet the guarantee would run exact inside
  * the step, one exact row without the exact engine's GEMM. So a
@@ -18,192 +18,224 @@
 #include <math.h>
 #include <string.h>
 
-#include "common/alloc.h"
-#include "stream/attention_batch.h"
-#include "common/params.h"
 #include "algo/exact.h"
+#include "algo/stats.h"
+#include "common/alloc.h"
 #include "common/timer.h"
+#include "stream/attention_batch.h"
 #include "stream/stream.h"
 
 /* Rows stepped before deciding whether the approximate path gains. */
 #define PROBE_ROWS 32
 
+/* The batch's state. */
+typedef struct batch {
+    const kmv__params *pa;
+    const float *q, *k, *v;
+    size_t m, n, d, c;
+    double scale;
+    kmv_stream *s;
+    const kmv_allocator *a;
+    float *res;              /* m x c answers */
+    unsigned char *deferred; /* rows left to the exact engine */
+    int defer;               /* non-causal, no cap: exact rows are deferred */
+    int nt, threads, gave_up;
+    size_t approx, rows_done, why[8];
+    kmv__stats *S;
+} batch;
+
 /* Add one row's step to the batch's stats. */
-static void tally(kmv__stats *S, const kmv__stats *st, size_t *approx, size_t *why) {
+static void tally(batch *b, const kmv__stats *st) {
+    kmv__stats *S = b->S;
     S->samples += st->samples;
     S->lsh_candidates += st->lsh_candidates;
     S->heavy_pairs += st->heavy_pairs;
     S->kernel_evals += st->kernel_evals;
-    if (st->mode == KMV_MODE_APPROX) {
-        (*approx)++;
-    } else if (st->fallback_reason > 0 && st->fallback_reason < 8) {
-        why[st->fallback_reason]++;
-    }
+    if (st->mode == KMV_MODE_APPROX) b->approx++;
+    else if (st->fallback_reason > 0 && st->fallback_reason < 8) b->why[st->fallback_reason]++;
 }
 
-int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const float *k,
-                          size_t n, size_t d, const float *v, size_t c, double scale,
-                          float *out, kmv__stats *stats) {
-    double t0 = kmv__now();
-    const kmv__params *pa = &ctx->params;
-    kmv__params p = *pa;
-    p.attn_scale = scale;
-    p.measure_error = 0; /* measured here, on the whole output */
-    kmv_stream *s;
-    int rc = kmv__stream_attention_new(ctx, &p, d, c, &s);
-    if (rc != KMV_OK) return rc;
-    const kmv_allocator *a = &s->ix->alloc;
-    float *res = kmv__malloc_array(a, m, c * sizeof(float));
-    float *ye = NULL, *qd = NULL, *od = NULL;
-    /* Rows a step left to the exact engine (non-causal only: a causal
-     * row's keys depend on its position, so its step sums it). */
-    unsigned char *deferred = kmv__malloc_array(a, m ? m : 1, 1);
-    int defer = !pa->causal && pa->max_bytes == 0; /* under a cap, one row at a time */
-    if (res == NULL || deferred == NULL) {
-        rc = KMV_ENOMEM;
-        goto out;
+/* Row i's step (its keys entering first when causal). */
+static int step_row(batch *b, size_t i, kmv__stats *st) {
+    size_t have = kmv__index_keys(b->s->ix)->n;
+    if (b->pa->causal && have < b->n && have <= i) {
+        int rc = kmv_stream_append_keys(b->s, b->k + have * b->d, b->v + have * b->c,
+                                        (i < b->n ? i + 1 : b->n) - have);
+        if (rc != KMV_OK) return rc;
     }
-    kmv__stats S;
-    memset(&S, 0, sizeof S);
-    size_t approx = 0, rows_done = 0, why[8] = {0};
-    int nt = kmv__threads(pa), gave_up = 0;
-    memset(deferred, 0, m ? m : 1);
-    if (!pa->causal) rc = kmv_stream_append_keys(s, k, v, n);
-    for (size_t i = 0; rc == KMV_OK && i < m; i++) {
-        size_t have = s->ix->ks.n;
-        if (pa->causal && have < n && have <= i)
-            rc = kmv_stream_append_keys(s, k + have * d, v + have * c, (i < n ? i + 1 : n) - have);
-        if (rc != KMV_OK) break;
+    int rc = kmv__stream_attn_decode(b->s, b->q + i * b->d, b->res + i * b->c, st, b->defer);
+    if (rc == KMV_OK) b->deferred[i] = b->defer && st->mode != KMV_MODE_APPROX;
+    return rc;
+}
+
+/* Rows one at a time until one approximates (then the rest may run in
+ * parallel), or the probe shows nothing to gain (gave_up). */
+static int probe(batch *b) {
+    const kmv__params *pa = b->pa;
+    for (size_t i = 0; i < b->m; i++) {
         kmv__stats st;
-        rc = kmv__stream_attn_decode(s, q + i * d, res + i * c, &st, defer);
-        if (rc != KMV_OK) break;
-        deferred[i] = defer && st.mode != KMV_MODE_APPROX;
-        rows_done++;
-        tally(&S, &st, &approx, why);
+        int rc = step_row(b, i, &st);
+        if (rc != KMV_OK) return rc;
+        b->rows_done++;
+        tally(b, &st);
         /* The rest in parallel; not under a memory cap, where rows stepping
          * at once would hold more scratch than one, and which row met the
          * cap would depend on timing. */
-        if (approx > 0 && !pa->causal && nt > 1 && pa->max_bytes == 0) break;
-        if (pa->force_approx || approx > 0) continue;
+        if (b->approx > 0 && !pa->causal && b->nt > 1 && pa->max_bytes == 0) break;
+        if (pa->force_approx || b->approx > 0) continue;
         /* A refusal that holds for the whole size (no plan, the cap, too
          * few keys) makes every row exact: stop probing at once. */
         int size_wide = st.fallback_reason == KMV_FALLBACK_LSH ||
                         st.fallback_reason == KMV_FALLBACK_MEMORY ||
                         st.fallback_reason == KMV_FALLBACK_SMALL;
         if (i + 1 == PROBE_ROWS || (size_wide && !pa->causal)) {
-            gave_up = 1;
+            b->gave_up = 1;
             break;
         }
     }
-    if (rc != KMV_OK) goto out;
-    int threads = 1;
-    if (!gave_up && rows_done < m) {
-        size_t from = rows_done;
-        int prc = KMV_OK;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 8)
-        for (size_t i = from; i < m; i++) {
-            kmv__stats st;
-            memset(&st, 0, sizeof st);
-            int seen;
+    return KMV_OK;
+}
+
+/* The rows after the probe, concurrently. */
+static int step_rest(batch *b) {
+    if (b->gave_up || b->rows_done == b->m) return KMV_OK;
+    size_t from = b->rows_done;
+    int prc = KMV_OK;
+#pragma omp parallel for num_threads(b->nt) schedule(dynamic, 8)
+    for (size_t i = from; i < b->m; i++) {
+        kmv__stats st;
+        memset(&st, 0, sizeof st);
+        int seen;
 #pragma omp atomic read
-            seen = prc;
-            int r = KMV_OK, ran = seen == KMV_OK;
-            if (ran) r = kmv__stream_attn_decode(s, q + i * d, res + i * c, &st, defer);
-            deferred[i] = ran && r == KMV_OK && st.mode != KMV_MODE_APPROX;
+        seen = prc;
+        int r = seen == KMV_OK ? step_row(b, i, &st) : KMV_OK;
 #pragma omp critical(kmv_attention_rows)
-            {
-                if (r != KMV_OK && prc == KMV_OK) {
+        {
+            if (r != KMV_OK && prc == KMV_OK) {
 #pragma omp atomic write
-                    prc = r;
-                }
-                if (ran && r == KMV_OK && prc == KMV_OK) tally(&S, &st, &approx, why);
+                prc = r;
             }
-        }
-        rc = prc;
-        if (rc != KMV_OK) goto out;
-        rows_done = m;
-        threads = nt;
-    }
-    if (rows_done < m && !defer) {
-        /* The probe found nothing to gain. A causal row's keys are fixed by
-         * its index in q, so a causal batch runs whole (its probe rows were
-         * exact: nothing approximated). */
-        size_t from = pa->causal ? 0 : rows_done;
-        kmv__problem pr = {q + from * d, k, v, res + from * c, m - from, n, d, c,
-                           pa->causal, kmv__threads(pa), NULL, NULL};
-        rc = kmv__exact_attn(a, &pr, scale, &threads);
-        if (rc != KMV_OK) goto out;
-        S.kernel_evals += (uint64_t)(m - rows_done) * n;
-    }
-    if (defer) {
-        /* The deferred rows, and those the probe gave up on, in one call
-         * of the exact engine (GEMM blocks, every thread) instead of one
-         * exact row per step. */
-        for (size_t i = rows_done; i < m; i++) deferred[i] = 1;
-        size_t nd = 0;
-        for (size_t i = 0; i < m; i++) nd += deferred[i];
-        if (nd) {
-            qd = kmv__malloc_array(a, nd, d * sizeof(float));
-            od = kmv__malloc_array(a, nd, c * sizeof(float));
-            if (qd == NULL || od == NULL) {
-                rc = KMV_ENOMEM;
-                goto out;
-            }
-            for (size_t i = 0, u = 0; i < m; i++)
-                if (deferred[i]) memcpy(qd + (u++) * d, q + i * d, d * sizeof(float));
-            int et = 1;
-            kmv__problem pr = {qd, k, v, od, nd, n, d, c, 0, nt, NULL, NULL};
-            rc = kmv__exact_attn(a, &pr, scale, &et);
-            if (rc != KMV_OK) goto out;
-            for (size_t i = 0, u = 0; i < m; i++)
-                if (deferred[i]) memcpy(res + i * c, od + (u++) * c, c * sizeof(float));
-            S.kernel_evals += (uint64_t)nd * n;
-            threads = et > threads ? et : threads;
+            if (seen == KMV_OK && r == KMV_OK && prc == KMV_OK) tally(b, &st);
         }
     }
-    S.mode = approx ? KMV_MODE_APPROX : KMV_MODE_FALLBACK;
+    if (prc != KMV_OK) return prc;
+    b->rows_done = b->m;
+    b->threads = b->nt;
+    return KMV_OK;
+}
+
+/* What the probe gave up on, on the exact engine. A causal row's keys are
+ * fixed by its index in q, so a causal batch runs whole (its probe rows
+ * were exact: nothing approximated). */
+static int exact_rest(batch *b) {
+    if (b->rows_done == b->m || b->defer) return KMV_OK;
+    size_t from = b->pa->causal ? 0 : b->rows_done;
+    kmv__problem pr = {b->q + from * b->d, b->k, b->v, b->res + from * b->c, b->m - from,
+                       b->n, b->d, b->c, b->pa->causal, b->nt, NULL, NULL};
+    int rc = kmv__exact_attn(b->a, &pr, b->scale, &b->threads);
+    b->S->kernel_evals += (uint64_t)(b->m - b->rows_done) * b->n;
+    return rc;
+}
+
+/* The deferred rows, and those the probe gave up on, in one call of the
+ * exact engine (GEMM blocks, every thread) instead of one exact row per
+ * step. */
+static int exact_deferred(batch *b) {
+    if (!b->defer) return KMV_OK;
+    for (size_t i = b->rows_done; i < b->m; i++) b->deferred[i] = 1;
+    size_t nd = 0, d = b->d, c = b->c;
+    for (size_t i = 0; i < b->m; i++) nd += b->deferred[i];
+    if (nd == 0) return KMV_OK;
+    float *qd = kmv__malloc_array(b->a, nd, d * sizeof(float));
+    float *od = kmv__malloc_array(b->a, nd, c * sizeof(float));
+    int rc = qd && od ? KMV_OK : KMV_ENOMEM, et = 1;
+    if (rc == KMV_OK) {
+        for (size_t i = 0, u = 0; i < b->m; i++)
+            if (b->deferred[i]) memcpy(qd + (u++) * d, b->q + i * d, d * sizeof(float));
+        kmv__problem pr = {qd, b->k, b->v, od, nd, b->n, d, c, 0, b->nt, NULL, NULL};
+        rc = kmv__exact_attn(b->a, &pr, b->scale, &et);
+    }
+    if (rc == KMV_OK) {
+        for (size_t i = 0, u = 0; i < b->m; i++)
+            if (b->deferred[i]) memcpy(b->res + i * c, od + (u++) * c, c * sizeof(float));
+        b->S->kernel_evals += (uint64_t)nd * b->n;
+        b->threads = et > b->threads ? et : b->threads;
+    }
+    kmv__free(b->a, qd);
+    kmv__free(b->a, od);
+    return rc;
+}
+
+/* Under params.measure_error, ||O - exact||_F / ||V||_F, as the paper's
+ * appendix A.1.4 reports it. */
+static int measure(batch *b) {
+    if (!b->pa->measure_error) return KMV_OK;
+    double tm = kmv__now();
+    float *ye = kmv__malloc_array(b->a, b->m, b->c * sizeof(float));
+    if (ye == NULL) return KMV_ENOMEM;
+    kmv__problem pr = {b->q, b->k, b->v, ye, b->m, b->n, b->d, b->c, b->pa->causal, b->nt, NULL, NULL};
+    int rc = kmv__exact_attn(b->a, &pr, b->scale, &b->threads);
+    if (rc == KMV_OK) {
+        double e2 = 0.0, v2 = 0.0;
+        for (size_t u = 0; u < b->m * b->c; u++) e2 += ((double)b->res[u] - ye[u]) * ((double)b->res[u] - ye[u]);
+        for (size_t u = 0; u < b->n * b->c; u++) v2 += (double)b->v[u] * b->v[u];
+        b->S->error_measured = v2 > 0.0 ? sqrt(e2 / v2) : sqrt(e2);
+        b->S->seconds_measure = kmv__now() - tm;
+    }
+    kmv__free(b->a, ye);
+    return rc;
+}
+
+/* The batch's stats: the mode any row approximated in, the most common
+ * reason otherwise, and the bound every row carries (kmv.h) — an exact one
+ * trivially; under the empirical budget an approximated row carries none. */
+static void report(batch *b) {
+    kmv__stats *S = b->S;
     int top = 0;
     for (int r = 1; r < 8; r++)
-        if (why[r] > why[top]) top = r;
-    S.fallback_reason = approx ? 0 : top;
-    S.rows_exact = m - approx;
-    S.n_keys = n;
-    S.n_queries = m;
-    S.dim = d;
-    S.n_cols = c;
-    S.n_threads = threads;
-    /* Every row carries the step's bound (kmv.h), an exact one trivially;
-     * under the empirical budget an approximated row carries none. */
-    S.error_bound = approx && pa->attn_budget == KMV_BUDGET_EMPIRICAL
-                        ? INFINITY
-                        : pa->eps * sqrt(s->wmax) / (1.0 - pa->eps);
-    S.error_measured = -1.0;
-    if (pa->measure_error) {
-        double tm = kmv__now();
-        ye = kmv__malloc_array(a, m, c * sizeof(float));
-        if (ye == NULL) {
-            rc = KMV_ENOMEM;
-            goto out;
-        }
-        kmv__problem pr = {q, k, v, ye, m, n, d, c, pa->causal, kmv__threads(pa), NULL, NULL};
-        rc = kmv__exact_attn(a, &pr, scale, &threads);
-        if (rc != KMV_OK) goto out;
-        double e2 = 0.0, v2 = 0.0;
-        for (size_t u = 0; u < m * c; u++) e2 += ((double)res[u] - ye[u]) * ((double)res[u] - ye[u]);
-        for (size_t u = 0; u < n * c; u++) v2 += (double)v[u] * v[u];
-        S.error_measured = v2 > 0.0 ? sqrt(e2 / v2) : sqrt(e2);
-        S.seconds_measure = kmv__now() - tm;
+        if (b->why[r] > b->why[top]) top = r;
+    S->mode = b->approx ? KMV_MODE_APPROX : KMV_MODE_FALLBACK;
+    S->fallback_reason = b->approx ? KMV_FALLBACK_NONE : (kmv_fallback)top;
+    S->rows_exact = b->m - b->approx;
+    S->n_threads = b->threads;
+    S->error_bound = b->approx && b->pa->attn_budget == KMV_BUDGET_EMPIRICAL
+                         ? INFINITY
+                         : b->pa->eps * sqrt(b->s->wmax) / (1.0 - b->pa->eps);
+}
+
+int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const float *k,
+                          size_t n, size_t d, const float *v, size_t c, double scale,
+                          float *out, kmv__stats *stats) {
+    static int (*const steps[])(batch *) = {probe, step_rest, exact_rest, exact_deferred, measure};
+    double t0 = kmv__now();
+    const kmv__params *pa = &ctx->params;
+    kmv__params p = *pa;
+    p.attn_scale = scale;
+    p.measure_error = 0; /* measured here, on the whole output */
+    kmv__stats S;
+    kmv__stats_start(&S, n, m, d, c, 1, pa->eps);
+    batch b = {.pa = pa, .q = q, .k = k, .v = v, .m = m, .n = n, .d = d, .c = c,
+               .scale = scale, .nt = kmv__threads(pa), .threads = 1, .S = &S,
+               /* under a cap, one row at a time */
+               .defer = !pa->causal && pa->max_bytes == 0};
+    int rc = kmv__stream_attention_new(&p, &ctx->alloc, d, c, &b.s);
+    if (rc != KMV_OK) return rc;
+    b.a = kmv__index_alloc(b.s->ix);
+    b.res = kmv__malloc_array(b.a, m, c * sizeof(float));
+    b.deferred = kmv__malloc_array(b.a, m ? m : 1, 1);
+    rc = b.res && b.deferred ? KMV_OK : KMV_ENOMEM;
+    if (rc == KMV_OK) memset(b.deferred, 0, m ? m : 1);
+    if (rc == KMV_OK && !pa->causal) rc = kmv_stream_append_keys(b.s, k, v, n);
+    for (size_t u = 0; rc == KMV_OK && u < sizeof steps / sizeof *steps; u++) rc = steps[u](&b);
+    if (rc == KMV_OK) {
+        report(&b);
+        memcpy(out, b.res, m * c * sizeof(float));
+        S.seconds = kmv__now() - t0;
+        *stats = S;
     }
-    memcpy(out, res, m * c * sizeof(float));
-    S.seconds = kmv__now() - t0;
-    if (stats != NULL) *stats = S;
-out:
-    if (rc == KMV_ENOMEM) rc = kmv__meter_code(&s->ix->meter, rc); /* the cap's refusal */
-    kmv__free(a, res);
-    kmv__free(a, deferred);
-    kmv__free(a, qd);
-    kmv__free(a, od);
-    kmv__free(a, ye);
-    kmv_stream_free(s);
+    if (rc == KMV_ENOMEM) rc = kmv__meter_code(kmv__index_meter(b.s->ix), rc); /* the cap's refusal */
+    kmv__free(b.a, b.res);
+    kmv__free(b.a, b.deferred);
+    kmv_stream_free(b.s);
     return rc;
 }

@@ -1,7 +1,7 @@
-/* Internal: approximate batch attention, a stream's decoding steps row by
- * row (stream/attention.c). */
-#ifndef KMV_ATTENTION_H
-#define KMV_ATTENTION_H
+/* Internal: approximate batch attention, an attention stream's decoding
+ * steps row by row (attention_batch.c). */
+#ifndef KMV_STREAM_ATTENTION_BATCH_H
+#define KMV_STREAM_ATTENTION_BATCH_H
 
 #include <stddef.h>
 
@@ -10,10 +10,10 @@
 /* kmv_attention()'s approximate path, past run()'s checks (finite
  * operands, n >= 1, m >= 1, c >= 1, logits within range; scale
  * resolved). Stats: mode APPROX when any row approximated, error_bound
- * the largest per-row bound, rows_exact the rows computed exactly,
+ * the per-row bound, rows_exact the rows computed exactly,
  * error_measured ||O - O_hat||_F / ||V||_F under params.measure_error. */
 int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const float *k,
                           size_t n, size_t d, const float *v, size_t c, double scale,
                           float *out, kmv__stats *stats);
 
-#endif /* KMV_ATTENTION_H */
+#endif /* KMV_STREAM_ATTENTION_BATCH_H */

@@ -58,8 +58,11 @@ int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err
         return kmv__file_error(err, err_len, path, KMV_EUNSUPPORTED,
                                "attention streams cannot be saved in this version");
     const kmv_index *ix = s->ix;
-    const kmv__params *p = &ix->params;
-    size_t n = ix->ks.n, d = s->d, c = s->c, m = s->m;
+    const kmv__params *p = kmv__index_params(ix);
+    const kmv__keystore *ks = kmv__index_keys(ix);
+    kmv__index_state st;
+    kmv__index_get_state(ix, &st);
+    size_t n = ks->n, d = s->d, c = s->c, m = s->m;
     snap_header h;
     memset(&h, 0, sizeof h);
     memcpy(h.magic, SNAP_MAGIC, 8);
@@ -79,28 +82,28 @@ int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err
     h.min_samples = p->min_samples;
     h.causal = p->causal;
     h.exact = p->exact;
-    h.shuffle_rng = ix->ks.rng;
-    h.lsh_built = ix->lsh_built;
-    if (ix->lsh_built) {
-        h.lsh_k = ix->lsh.shape.k;
-        h.lsh_L = ix->lsh.shape.L;
-        h.lsh_w = ix->lsh.shape.w;
-        h.kappa = ix->kappa;
-        h.lsh_n = ix->lsh_n;
-        h.plan_steps = ix->plan.steps_per_query;
-        h.plan_cands = ix->plan.cands_per_query;
-        h.plan_cost = ix->plan.cost_per_query;
+    h.shuffle_rng = st.shuffle_rng;
+    h.lsh_built = st.lsh_built;
+    if (st.lsh_built) {
+        h.lsh_k = st.plan.shape.k;
+        h.lsh_L = st.plan.shape.L;
+        h.lsh_w = st.plan.shape.w;
+        h.kappa = st.kappa;
+        h.lsh_n = st.lsh_n;
+        h.plan_steps = st.plan.steps_per_query;
+        h.plan_cands = st.plan.cands_per_query;
+        h.plan_cost = st.plan.cost_per_query;
     }
-    h.refused_n = ix->refused_n;
+    h.refused_n = st.refused_n;
     h.decode_refused_n = s->decode_refused_n;
     h.refused_cap = s->decode_refused_cap;
-    h.keys_hashed = ix->keys_hashed;
-    h.table_inserts = ix->table_inserts;
-    h.table_builds = ix->table_builds;
+    h.keys_hashed = st.counts.keys_hashed;
+    h.table_inserts = st.counts.table_inserts;
+    h.table_builds = st.counts.table_builds;
     h.sketch_inserts = s->sketch_inserts;
     kmv__part parts[6] = {{&h, sizeof h},
-                          {ix->ks.rows, n * d * sizeof(float)},
-                          {ix->ks.id_at, n * sizeof(uint32_t)},
+                          {ks->rows, n * d * sizeof(float)},
+                          {ks->id_at, n * sizeof(uint32_t)},
                           {s->x, n * c * sizeof(float)},
                           {s->q, m * d * sizeof(float)},
                           {NULL, sizeof(uint64_t)}};
@@ -113,7 +116,7 @@ int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err
     XXH3_freeState(xs);
     parts[5].data = &sum;
     /* Outside the memory cap: the writer's few KB are not the stream's. */
-    return kmv__write_parts(path, &ix->meter.base, parts, 6, err, err_len);
+    return kmv__write_parts(path, &kmv__index_meter((kmv_index *)ix)->base, parts, 6, err, err_len);
 }
 
 /* Bytes the payload of h takes, or 0 when its sizes overflow. */
@@ -160,28 +163,28 @@ static int rebuild(const kmv_ctx *ctx, const snap_header *h, const unsigned char
     const float *x = (const float *)(const void *)(body + n * d * 4 + n * 4);
     const float *q = (const float *)(const void *)(body + n * d * 4 + n * 4 + n * c * 4);
     kmv_stream *s;
-    int rc = kmv__stream_new(ctx, &p, d, c, &s);
+    int rc = kmv__stream_new(&p, &ctx->alloc, d, c, &s);
     if (rc != KMV_OK) return rc;
     kmv_index *ix = s->ix;
+    const kmv_allocator *a = kmv__index_alloc(ix);
     /* Keys go in through the normal path in id order (the sketch, the
-     * weights), then the store is set to the saved order and shuffle
-     * state, which is what those appends would have left. */
-    float *kid = kmv__malloc_array(&ix->alloc, n ? n : 1, d * sizeof(float));
+     * weights), then the index takes the saved order, shuffle state and
+     * tables, which is what those appends would have left. */
+    float *kid = kmv__malloc_array(a, n ? n : 1, d * sizeof(float));
     if (kid == NULL) {
         rc = KMV_ENOMEM;
         goto fail;
     }
     for (size_t pos = 0; pos < n; pos++) memcpy(kid + (size_t)id_at[pos] * d, rows + pos * d, d * sizeof(float));
-    rc = kmv__stream_append_keys(s, kid, x, n);
-    kmv__free(&ix->alloc, kid);
+    rc = kmv__stream_append_keys(s, kid, x, n, 1);
+    kmv__free(a, kid);
     if (rc != KMV_OK) goto fail;
-    kmv__keystore *ks = &ix->ks;
-    if (n > 0) { /* an empty stream's store has no arrays to copy into */
-        memcpy(ks->rows, rows, n * d * sizeof(float));
-        memcpy(ks->id_at, id_at, n * sizeof(uint32_t));
-    }
-    for (size_t pos = 0; pos < n; pos++) ks->pos_of[id_at[pos]] = (uint32_t)pos;
-    ks->rng = h->shuffle_rng;
+    kmv__index_state st = {h->shuffle_rng, h->lsh_built,
+                           {{h->lsh_k, h->lsh_L, h->lsh_w}, h->plan_steps, h->plan_cands, h->plan_cost},
+                           h->kappa, (size_t)h->lsh_n, (size_t)h->refused_n,
+                           {h->keys_hashed, h->table_inserts, h->table_builds}};
+    rc = kmv__index_restore(ix, rows, id_at, &st);
+    if (rc != KMV_OK) goto fail;
     for (size_t pos = 0; pos < n; pos++) {
         memcpy(s->xs + pos * c, s->x + (size_t)id_at[pos] * c, c * sizeof(float));
         s->ws[pos] = s->wid[id_at[pos]];
@@ -190,28 +193,13 @@ static int rebuild(const kmv_ctx *ctx, const snap_header *h, const unsigned char
         rc = kmv__stream_append_queries(s, q, m);
         if (rc != KMV_OK) goto fail;
     }
-    if (h->lsh_built) {
-        kmv__lsh_shape sh = {h->lsh_k, h->lsh_L, h->lsh_w};
-        rc = kmv__index_fill_lsh(ix, sh);
-        if (rc != KMV_OK) goto fail;
-        ix->lsh_n = (size_t)h->lsh_n;
-        ix->kappa = h->kappa;
-        ix->plan.shape = sh;
-        ix->plan.steps_per_query = h->plan_steps;
-        ix->plan.cands_per_query = h->plan_cands;
-        ix->plan.cost_per_query = h->plan_cost;
-    }
-    ix->refused_n = (size_t)h->refused_n;
     s->decode_refused_n = (size_t)h->decode_refused_n;
     s->decode_refused_cap = h->refused_cap;
-    ix->keys_hashed = h->keys_hashed;
-    ix->table_inserts = h->table_inserts;
-    ix->table_builds = h->table_builds;
     s->sketch_inserts = h->sketch_inserts;
     *out = s;
     return KMV_OK;
 fail:
-    rc = kmv__meter_code(&ix->meter, rc);
+    rc = kmv__meter_code(kmv__index_meter(ix), rc);
     kmv_stream_free(s);
     return rc;
 }

@@ -1,5 +1,8 @@
-/* Internal: the stream's layout, shared by stream.c (appends and batch
- * products), decode.c (the decoding step) and snapshot.c (save and load). */
+/* Internal: the stream's layout, shared by the incremental engine's files:
+ * stream.c (life cycle, appends, batch products), step*.c (the decoding
+ * step), attention.c (attention streams), attention_batch.c (batch
+ * attention as a stream's steps) and snapshot.c (save and load). The
+ * index under it is reached through engine/index.h's functions. */
 #ifndef KMV_STREAM_H
 #define KMV_STREAM_H
 
@@ -7,20 +10,23 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/index.h"
-#include "common/params.h"
 #include "algo/sketch.h"
+#include "common/params.h"
+#include "engine/index.h"
 
 /* Windows an attention step may draw before it runs the exact row. */
 #define KMV__ATTN_ROUNDS 4
 
+struct kmv__step_kind;
+
 struct kmv_stream {
-    kmv_index *ix;   /* keys in the store's random order, the LSH tables,
-                        the params and the metered allocator */
+    kmv_index *ix;   /* keys in the store's random order, the tables, the
+                        params and the metered allocator */
+    const struct kmv__step_kind *kind; /* what its decoding steps do */
     size_t d, c;
     /* Per key, rows allocated: cap. */
     float *x;        /* n x c, id order: the values given at append */
-    float *xs;       /* n x c, store order: what decode's windows read */
+    float *xs;       /* n x c, store order: what the steps' windows read */
     double *ws;      /* n weights ||x_j||^2, store order */
     double *wid;     /* n weights, id order */
     size_t cap;
@@ -33,7 +39,7 @@ struct kmv_stream {
     /* Queries, id order. */
     float *q;
     size_t m, qcap;
-    size_t decode_refused_n; /* keys when decode's plan was last refused */
+    size_t decode_refused_n; /* keys when the steps' plan was last refused */
     int decode_refused_cap;  /* ... because it did not fit params.max_bytes */
     /* Attention streams (kmv_stream_attention_create): d and c above are
      * the lifted dim + 1 and n_cols + 1 (x holds [v, 1]). */
@@ -53,33 +59,39 @@ struct kmv_stream {
     pthread_rwlock_t lock;
 };
 
-/* Append keys or queries past validation (snapshot.c rebuilds through
- * them). */
-int kmv__stream_append_keys(kmv_stream *s, const float *keys, const float *x, size_t count);
-int kmv__stream_append_queries(kmv_stream *s, const float *q, size_t count);
+/* A Gaussian stream for dim x n_cols under params (checked), drawing from
+ * base. */
+int kmv__stream_new(const kmv__params *params, const kmv_allocator *base, size_t dim,
+                    size_t n_cols, kmv_stream **out);
 
-/* An attention stream of dim-dimensional keys and n_cols values under
- * params (checked), past kmv_stream_attention_create()'s checks. */
-int kmv__stream_attention_new(const kmv_ctx *ctx, const kmv__params *params, size_t dim,
+/* An attention stream of dim-dimensional keys and n_cols values, past
+ * kmv_stream_attention_create()'s checks. */
+int kmv__stream_attention_new(const kmv__params *params, const kmv_allocator *base, size_t dim,
                               size_t n_cols, kmv_stream **out);
 
-/* Attention keys (count x (d - 1)) with V (count x (c - 1)), lifted;
- * kmv_stream_append_keys() past validation. */
+/* Append keys (d) with values (c) past validation; tables = 0 leaves the
+ * index's tables alone (they are about to be dropped). On error the
+ * stream is as it was. */
+int kmv__stream_append_keys(kmv_stream *s, const float *keys, const float *x, size_t count,
+                            int tables);
+int kmv__stream_append_queries(kmv_stream *s, const float *q, size_t count);
+
+/* Attention keys (count x (d - 1)) with V (count x (c - 1)), lifted. */
 int kmv__stream_attn_append(kmv_stream *s, const float *keys, const float *v, size_t count);
 
-/* kmv_stream_decode() past validation; for an attention stream, q is
- * lifted and y (c) comes out normalized, with y[c - 1] = 1. With defer, a
- * step that would compute the exact row returns at once with st->mode
- * not KMV_MODE_APPROX (st required) and y untouched, for a caller that
- * sums such rows together (batch attention, on the exact engine). */
+/* kmv_stream_decode() past validation (step.c); for an attention stream, q
+ * is lifted and y (c) comes out normalized, with y[c - 1] = 1. With defer,
+ * a step that would compute the exact row returns at once with st->mode
+ * not KMV_MODE_APPROX and y untouched, for a caller that sums such rows
+ * together (batch attention, on the exact engine). */
 int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv__stats *st, int defer);
 
-/* kmv_stream_decode() on an attention stream past validation, with defer
- * as for kmv__stream_decode(). */
+/* The same on an attention stream, from the caller's query (d - 1). */
 int kmv__stream_attn_decode(kmv_stream *s, const float *query, float *y, kmv__stats *st, int defer);
 
-/* A stream for dim x n_cols under params (already checked). */
-int kmv__stream_new(const kmv_ctx *ctx, const kmv__params *params, size_t dim, size_t n_cols,
-                    kmv_stream **out);
+/* Room for need rows of elem bytes in an array holding have rows, its
+ * capacity *cap doubling to fit. KMV_OK or KMV_ENOMEM (unchanged). */
+int kmv__stream_grow(const kmv_allocator *a, void **p, size_t have, size_t *cap, size_t need,
+                     size_t elem);
 
 #endif /* KMV_STREAM_H */

@@ -22,7 +22,7 @@
 
 #include "common/alloc.h"
 #include "algo/exact.h"
-#include "engine/index.h"
+#include "engine/index_layout.h"
 #include "kmv/kmv.h"
 #include "algo/lsh.h"
 #include "tests/datagen.h"
@@ -105,7 +105,7 @@ static double rel_error(const float *y, const float *ye, size_t len, const float
 
 /* The exact engine's product through ix (what a memory fallback runs). */
 static int fallback_product(kmv_index *ix, const dataset *ds, const float *x, float *y) {
-    return kmv__approx_fallback(ix, ds->q, ds->m, x, 1, y, KMV_FALLBACK_MEMORY, NULL);
+    return kmv__batch_fallback(ix, ds->q, ds->m, x, 1, y, KMV_FALLBACK_MEMORY, NULL);
 }
 
 /* Run SEEDS seeds of one case: fresh x and engine seed per run. */

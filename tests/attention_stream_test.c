@@ -11,6 +11,7 @@
 
 #include <cmocka.h>
 
+#include "engine/index_layout.h"
 #include "stream/stream.h"
 #include "tests/datagen.h"
 #include "tests/testutil.h"

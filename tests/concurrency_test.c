@@ -24,7 +24,7 @@
 
 #include <cmocka.h>
 
-#include "engine/index.h"
+#include "engine/index_layout.h"
 #include "kmv/kmv.h"
 #include "stream/stream.h"
 #include "tests/datagen.h"

@@ -16,7 +16,7 @@
 
 #include <cmocka.h>
 
-#include "engine/index.h"
+#include "engine/index_layout.h"
 #include "algo/kernel.h"
 #include "kmv/kmv.h"
 #include "tests/datagen.h"

@@ -23,6 +23,7 @@
 #include <cmocka.h>
 
 #include "kmv/kmv.h"
+#include "engine/index_layout.h"
 #include "stream/stream.h"
 #include "tests/datagen.h"
 #include "tests/testutil.h"
