@@ -202,6 +202,82 @@ static int fail(kmv_output *o, char *err, size_t err_len, const char *path, int 
     return kmv__file_error(err, err_len, path, code, "%s: %s", what, why(errnum));
 }
 
+/* Why an existing target of this kind is refused, or NULL. */
+static const char *refused_kind(mode_t mode) {
+    if (S_ISREG(mode) || S_ISCHR(mode) || S_ISFIFO(mode)) return NULL;
+    return S_ISDIR(mode)    ? "is a directory"
+           : S_ISBLK(mode)  ? "is a block device (refused: kmv writes files, character "
+                              "devices and pipes)"
+           : S_ISSOCK(mode) ? "is a socket (write to a pipe instead)"
+                            : "is not a regular file";
+}
+
+/* The temporary beside o->target, made now (rename(2) is atomic only
+ * within a file system, and a directory that is missing or not writable
+ * fails here, before the caller computes anything), with the mode and
+ * owner the file will have. Returns 0, or -1 with errno and *step. */
+static int open_temp(kmv_output *o, const char **step) {
+    o->kind = OUT_TEMP;
+    snprintf(o->tmp, sizeof o->tmp, "%s" TMP_SUFFIX, o->target);
+    o->fd = mkstemp(o->tmp);
+    if (o->fd < 0) {
+        o->tmp[0] = '\0';
+        *step = "cannot create a temporary file";
+        return -1;
+    }
+    /* mkostemp would close the fork window too, but it is not POSIX. */
+    (void)fcntl(o->fd, F_SETFD, FD_CLOEXEC);
+    int ok;
+    if (o->keep_owner) {
+        /* Owner first: chown clears set-id bits that the mode then restores.
+         * Only a privileged caller may give a file away; others keep what
+         * they may (the group, if they belong to it). */
+        if (fchown(o->fd, o->old.st_uid, o->old.st_gid) != 0)
+            (void)fchown(o->fd, (uid_t)-1, o->old.st_gid);
+        ok = fchmod(o->fd, o->old.st_mode & 07777) == 0;
+    } else {
+        /* mkstemp makes the file 0600; give it the mode open(2) would. */
+        ok = fchmod(o->fd, (mode_t)(0666 & ~process_umask())) == 0;
+    }
+    *step = "cannot set permissions";
+    return ok ? 0 : -1;
+}
+
+/* Open o for path by the rules of kmv.h. Returns 0, or -1 with errno and
+ * *step (or *refusal, errno unset, for a target of a refused kind). */
+static int open_output(kmv_output *o, const char *path, const char **step,
+                       const char **refusal) {
+    int fd = named_fd(path);
+    *step = "cannot write";
+    if (fd >= 0) {
+        /* Our own descriptor, so commit can close it like any other. */
+        o->kind = OUT_DIRECT;
+        o->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+        snprintf(o->target, sizeof o->target, "/dev/fd/%d", fd);
+        return o->fd < 0 ? -1 : 0;
+    }
+    int exists;
+    struct stat st;
+    if (resolve(path, o->target, sizeof o->target, &exists, &st) != 0) return -1;
+    if (exists && (*refusal = refused_kind(st.st_mode)) != NULL) return -1;
+    if (exists && (S_ISCHR(st.st_mode) || S_ISFIFO(st.st_mode))) {
+        /* A device or pipe: streamed as it is (a rename would replace the
+         * node with a regular file). A FIFO's open waits for its reader. */
+        o->kind = OUT_DIRECT;
+        *step = "cannot open";
+        do {
+            o->fd = open(o->target, O_WRONLY | O_NOCTTY | O_CLOEXEC);
+        } while (o->fd < 0 && errno == EINTR);
+        return o->fd < 0 ? -1 : 0;
+    }
+    if (exists && access(o->target, W_OK) != 0) return -1;
+    if (exists) {
+        o->keep_owner = 1;
+        o->old = st;
+    }
+    return open_temp(o, step);
+}
+
 int kmv_output_open(const char *path, const kmv_allocator *alloc, kmv_output **out, char *err,
                     size_t err_len) {
     kmv_allocator a;
@@ -218,76 +294,16 @@ int kmv_output_open(const char *path, const kmv_allocator *alloc, kmv_output **o
     memset(o, 0, sizeof *o);
     o->alloc = a;
     o->fd = -1;
-
-    int fd = named_fd(path);
-    if (fd >= 0) {
-        /* Our own descriptor, so commit can close it like any other. */
-        o->kind = OUT_DIRECT;
-        o->fd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
-        if (o->fd < 0) return fail(o, err, err_len, path, KMV_EIO, "cannot write", errno);
-        snprintf(o->target, sizeof o->target, "/dev/fd/%d", fd);
+    const char *step, *refusal = NULL;
+    if (open_output(o, path, &step, &refusal) == 0) {
         *out = o;
         return KMV_OK;
     }
-
-    int exists;
-    struct stat st;
-    if (resolve(path, o->target, sizeof o->target, &exists, &st) != 0)
-        return fail(o, err, err_len, path, KMV_EIO, "cannot write", errno);
-    if (exists && (S_ISCHR(st.st_mode) || S_ISFIFO(st.st_mode))) {
-        /* A device or pipe: streamed as it is (a rename would replace the
-         * node with a regular file). A FIFO's open waits for its reader. */
-        o->kind = OUT_DIRECT;
-        do {
-            o->fd = open(o->target, O_WRONLY | O_NOCTTY | O_CLOEXEC);
-        } while (o->fd < 0 && errno == EINTR);
-        if (o->fd < 0) return fail(o, err, err_len, path, KMV_EIO, "cannot open", errno);
-        *out = o;
-        return KMV_OK;
-    }
-    if (exists && !S_ISREG(st.st_mode)) {
-        const char *what = S_ISDIR(st.st_mode)    ? "is a directory"
-                           : S_ISBLK(st.st_mode)  ? "is a block device (refused: kmv writes "
-                                                    "files, character devices and pipes)"
-                           : S_ISSOCK(st.st_mode) ? "is a socket (write to a pipe instead)"
-                                                  : "is not a regular file";
+    if (refusal != NULL) {
         kmv_output_discard(o);
-        return kmv__file_error(err, err_len, path, KMV_EIO, "%s", what);
+        return kmv__file_error(err, err_len, path, KMV_EIO, "%s", refusal);
     }
-    if (exists && access(o->target, W_OK) != 0)
-        return fail(o, err, err_len, path, KMV_EIO, "cannot write", errno);
-    if (exists) {
-        o->keep_owner = 1;
-        o->old = st;
-    }
-
-    /* The temporary is made now, beside the target (rename(2) is atomic
-     * only within a file system): a directory that is missing or not
-     * writable fails here, before the caller computes anything. */
-    o->kind = OUT_TEMP;
-    snprintf(o->tmp, sizeof o->tmp, "%s" TMP_SUFFIX, o->target);
-    o->fd = mkstemp(o->tmp);
-    if (o->fd < 0) {
-        o->tmp[0] = '\0';
-        return fail(o, err, err_len, path, KMV_EIO, "cannot create a temporary file", errno);
-    }
-    /* mkostemp would close the fork window too, but it is not POSIX. */
-    (void)fcntl(o->fd, F_SETFD, FD_CLOEXEC);
-    int ok;
-    if (o->keep_owner) {
-        /* Owner first: chown clears set-id bits that the mode then restores.
-         * Only a privileged caller may give a file away; others keep what
-         * they may (the group, if they belong to it). */
-        if (fchown(o->fd, o->old.st_uid, o->old.st_gid) != 0)
-            (void)fchown(o->fd, (uid_t)-1, o->old.st_gid);
-        ok = fchmod(o->fd, o->old.st_mode & 07777) == 0;
-    } else {
-        /* mkstemp makes the file 0600; give it the mode open(2) would. */
-        ok = fchmod(o->fd, (mode_t)(0666 & ~process_umask())) == 0;
-    }
-    if (!ok) return fail(o, err, err_len, path, KMV_EIO, "cannot set permissions", errno);
-    *out = o;
-    return KMV_OK;
+    return fail(o, err, err_len, path, KMV_EIO, step, errno);
 }
 
 int kmv_output_write(kmv_output *o, const void *data, size_t len, char *err, size_t err_len) {

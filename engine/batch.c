@@ -321,7 +321,7 @@ static double heavy_block(batch *b, hscratch *h, const size_t *rows, size_t bi, 
         b->hlen[i] = (uint32_t)len;
         double *yh = b->yh + i * c;
         for (size_t col = 0; col < c; col++) yh[col] = 0.0;
-        kmv__heavy_sum(out.id + off, out.kv + off, len, &vals, yh);
+        if (len) kmv__heavy_sum(out.id + off, out.kv + off, len, &vals, yh);
         kmv__density_req dr = {h->qblk + u * d, d, 0.0f, b->inv2s2, b->kappa, b->hid[i], len,
                                NULL, 0.0};
         b->w[i] = kmv__density(&b->sk, &dr, h->skd);

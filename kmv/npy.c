@@ -387,119 +387,144 @@ static int read_f8(int fd, const char *path, const kmv_allocator *a, float *data
     return rc;
 }
 
+/* The file being read, for the messages that name it. */
+typedef struct src {
+    int fd;
+    const char *path;
+    char *err;
+    size_t err_len;
+    int regular;     /* a regular file, whose size can be trusted up front */
+    uintmax_t fsize; /* its size */
+} src;
+
+static int read_error(const src *f) {
+    return kmv__file_error(f->err, f->err_len, f->path, KMV_EIO, "read error: %s", strerror(errno));
+}
+
+/* The magic, the version and the header's length; *hend is where the data
+ * start. */
+static int read_preamble(const src *f, size_t *hlen, size_t *hend) {
+    unsigned char pre[12];
+    size_t got;
+    if (kmv__read_full(f->fd, pre, 8, &got) != 0) return read_error(f);
+    /* Comparing only what was read tells a cut-short .npy from another
+     * kind of file. */
+    if (memcmp(pre, NPY_MAGIC, got < NPY_MAGIC_LEN ? got : NPY_MAGIC_LEN) != 0)
+        return kmv__file_error(f->err, f->err_len, f->path, KMV_EFORMAT, "not a .npy file (bad magic)");
+    if (got < 8)
+        return kmv__file_error(f->err, f->err_len, f->path, KMV_EFORMAT,
+                    "truncated: file ends inside the .npy preamble (%zu bytes)", got);
+    unsigned major = pre[6], minor = pre[7];
+    if (major < 1 || major > 3 || minor != 0)
+        return kmv__file_error(f->err, f->err_len, f->path, KMV_EFORMAT,
+                    "unsupported .npy format version %u.%u; only 1.0, 2.0 and 3.0 are", major,
+                    minor);
+    size_t lenbytes = major == 1 ? 2 : 4;
+    if (kmv__read_full(f->fd, pre + 8, lenbytes, &got) != 0) return read_error(f);
+    if (got < lenbytes)
+        return kmv__file_error(f->err, f->err_len, f->path, KMV_EFORMAT,
+                    "truncated: file ends inside the .npy preamble (%zu bytes)", 8 + got);
+    *hlen = (size_t)pre[8] | (size_t)pre[9] << 8;
+    if (lenbytes == 4) *hlen |= (size_t)pre[10] << 16 | (size_t)pre[11] << 24;
+    if (*hlen > NPY_MAX_HEADER)
+        return kmv__file_error(f->err, f->err_len, f->path, KMV_EFORMAT,
+                    "header length %zu exceeds the limit of %zu bytes", *hlen, NPY_MAX_HEADER);
+    *hend = 8 + lenbytes + *hlen;
+    /* Sizes are checked before anything is allocated, so a corrupt length
+     * or shape is reported as such rather than as KMV_ENOMEM. */
+    if (f->regular && f->fsize < *hend)
+        return kmv__file_error(f->err, f->err_len, f->path, KMV_EFORMAT,
+                    "truncated: header length %zu runs past the end of the file (%ju bytes)", *hlen,
+                    f->fsize);
+    if (*hlen == 0)
+        return kmv__file_error(f->err, f->err_len, f->path, KMV_EFORMAT, "malformed header: it is empty");
+    return KMV_OK;
+}
+
+/* The header dictionary (hlen bytes, ending at hend) into *h. */
+static int read_header(const src *f, const kmv_allocator *a, size_t hlen, size_t hend,
+                       npy_header *h) {
+    char why[256];
+    size_t got;
+    /* Up to NPY_MAX_HEADER: too big for the stack. */
+    char *hbuf = kmv__malloc(a, hlen);
+    if (hbuf == NULL)
+        return kmv__file_error(f->err, f->err_len, f->path, KMV_ENOMEM,
+                               "out of memory (%zu bytes for the header)", hlen);
+    int rc;
+    if (kmv__read_full(f->fd, hbuf, hlen, &got) != 0) {
+        rc = read_error(f);
+    } else if (got < hlen) {
+        rc = kmv__file_error(f->err, f->err_len, f->path, KMV_EFORMAT,
+                  "truncated: header length %zu runs past the end of the file (%zu bytes)", hlen,
+                  hend - hlen + got);
+    } else {
+        rc = parse_header(hbuf, hlen, h, why, sizeof why);
+        if (rc != KMV_OK) rc = kmv__file_error(f->err, f->err_len, f->path, rc, "%s", why);
+    }
+    kmv__free(a, hbuf);
+    return rc;
+}
+
+/* The data the header describes, and nothing after them. */
+static int read_data(const src *f, const kmv_allocator *a, const npy_header *h, size_t hend,
+                     float **out) {
+    size_t count, nbytes, got;
+    unsigned char probe;
+    int rc = KMV_OK;
+    *out = NULL;
+    if (!kmv__mul_size(h->shape[0], h->shape[1], &count) ||
+        !kmv__mul_size(count, h->itemsize, &nbytes))
+        return kmv__file_error(f->err, f->err_len, f->path, KMV_EOVERFLOW,
+                    "size of shape (%zu, %zu) with %zu-byte items overflows size_t", h->shape[0],
+                    h->shape[1], h->itemsize);
+    if (f->regular && f->fsize - hend < nbytes)
+        return truncated_data(f->err, f->err_len, f->path, nbytes, f->fsize - hend);
+    if (f->regular && f->fsize - hend > nbytes)
+        return kmv__file_error(f->err, f->err_len, f->path, KMV_EFORMAT,
+                    "header says %zu bytes of data but file has %ju (trailing bytes)", nbytes,
+                    f->fsize - hend);
+    float *data = NULL;
+    if (count > 0) {
+        data = kmv__malloc_array(a, count, sizeof *data);
+        if (data == NULL)
+            return kmv__file_error(f->err, f->err_len, f->path, KMV_ENOMEM,
+                                   "out of memory (%zu floats for the data)", count);
+        rc = h->itemsize == 4 ? read_f4(f->fd, f->path, data, nbytes, f->err, f->err_len)
+                              : read_f8(f->fd, f->path, a, data, nbytes, f->err, f->err_len);
+    }
+    /* Catches trailing bytes the size check cannot see: a pipe, or a file
+     * that grew after fstat. */
+    if (rc == KMV_OK && (kmv__read_full(f->fd, &probe, 1, &got) != 0 || got != 0))
+        rc = got != 0 ? kmv__file_error(f->err, f->err_len, f->path, KMV_EFORMAT,
+                             "header says %zu bytes of data but file has more (trailing bytes)",
+                             nbytes)
+                      : read_error(f);
+    if (rc != KMV_OK) {
+        kmv__free(a, data);
+        return rc;
+    }
+    *out = data;
+    return KMV_OK;
+}
+
 static int read_fd(int fd, const char *path, const kmv_allocator *a, kmv_array *out, char *err,
                    size_t err_len) {
-    unsigned char pre[12];
     struct stat st;
-    int regular;
-    uintmax_t fsize = 0;
-    size_t got, lenbytes, hlen, hend, count, nbytes;
-    unsigned major, minor;
-    char *hbuf;
-    char why[256];
-    npy_header h;
-    float *data = NULL;
-    unsigned char probe;
-    int rc;
-
     if (fstat(fd, &st) != 0)
         return kmv__file_error(err, err_len, path, KMV_EIO, "cannot stat: %s", strerror(errno));
     if (S_ISDIR(st.st_mode)) return kmv__file_error(err, err_len, path, KMV_EIO, "is a directory");
     /* Only a regular file's size can be trusted up front; pipes and devices
      * are checked by reading alone. */
-    regular = S_ISREG(st.st_mode) && st.st_size >= 0;
-    if (regular) fsize = (uintmax_t)st.st_size;
-
-    if (kmv__read_full(fd, pre, 8, &got) != 0)
-        return kmv__file_error(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
-    /* Comparing only what was read tells a cut-short .npy from another
-     * kind of file. */
-    if (memcmp(pre, NPY_MAGIC, got < NPY_MAGIC_LEN ? got : NPY_MAGIC_LEN) != 0)
-        return kmv__file_error(err, err_len, path, KMV_EFORMAT, "not a .npy file (bad magic)");
-    if (got < 8)
-        return kmv__file_error(err, err_len, path, KMV_EFORMAT,
-                    "truncated: file ends inside the .npy preamble (%zu bytes)", got);
-    major = pre[6];
-    minor = pre[7];
-    if (major < 1 || major > 3 || minor != 0)
-        return kmv__file_error(err, err_len, path, KMV_EFORMAT,
-                    "unsupported .npy format version %u.%u; only 1.0, 2.0 and 3.0 are", major,
-                    minor);
-    lenbytes = major == 1 ? 2 : 4;
-    if (kmv__read_full(fd, pre + 8, lenbytes, &got) != 0)
-        return kmv__file_error(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
-    if (got < lenbytes)
-        return kmv__file_error(err, err_len, path, KMV_EFORMAT,
-                    "truncated: file ends inside the .npy preamble (%zu bytes)", 8 + got);
-    hlen = (size_t)pre[8] | (size_t)pre[9] << 8;
-    if (lenbytes == 4) hlen |= (size_t)pre[10] << 16 | (size_t)pre[11] << 24;
-    if (hlen > NPY_MAX_HEADER)
-        return kmv__file_error(err, err_len, path, KMV_EFORMAT,
-                    "header length %zu exceeds the limit of %zu bytes", hlen, NPY_MAX_HEADER);
-    hend = 8 + lenbytes + hlen;
-    /* Sizes are checked before anything is allocated, so a corrupt length
-     * or shape is reported as such rather than as KMV_ENOMEM. */
-    if (regular && fsize < hend)
-        return kmv__file_error(err, err_len, path, KMV_EFORMAT,
-                    "truncated: header length %zu runs past the end of the file (%ju bytes)", hlen,
-                    fsize);
-    if (hlen == 0) return kmv__file_error(err, err_len, path, KMV_EFORMAT, "malformed header: it is empty");
-
-    /* Up to NPY_MAX_HEADER: too big for the stack. */
-    hbuf = kmv__malloc(a, hlen);
-    if (hbuf == NULL)
-        return kmv__file_error(err, err_len, path, KMV_ENOMEM, "out of memory (%zu bytes for the header)",
-                    hlen);
-    if (kmv__read_full(fd, hbuf, hlen, &got) != 0) {
-        rc = kmv__file_error(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
-    } else if (got < hlen) {
-        rc = kmv__file_error(err, err_len, path, KMV_EFORMAT,
-                  "truncated: header length %zu runs past the end of the file (%zu bytes)", hlen,
-                  8 + lenbytes + got);
-    } else {
-        rc = parse_header(hbuf, hlen, &h, why, sizeof why);
-        if (rc != KMV_OK) rc = kmv__file_error(err, err_len, path, rc, "%s", why);
-    }
-    kmv__free(a, hbuf);
+    int regular = S_ISREG(st.st_mode) && st.st_size >= 0;
+    src f = {fd, path, err, err_len, regular, regular ? (uintmax_t)st.st_size : 0};
+    size_t hlen, hend;
+    npy_header h;
+    float *data;
+    int rc = read_preamble(&f, &hlen, &hend);
+    if (rc == KMV_OK) rc = read_header(&f, a, hlen, hend, &h);
+    if (rc == KMV_OK) rc = read_data(&f, a, &h, hend, &data);
     if (rc != KMV_OK) return rc;
-
-    if (!kmv__mul_size(h.shape[0], h.shape[1], &count) ||
-        !kmv__mul_size(count, h.itemsize, &nbytes))
-        return kmv__file_error(err, err_len, path, KMV_EOVERFLOW,
-                    "size of shape (%zu, %zu) with %zu-byte items overflows size_t", h.shape[0],
-                    h.shape[1], h.itemsize);
-    if (regular && fsize - hend < nbytes)
-        return truncated_data(err, err_len, path, nbytes, fsize - hend);
-    if (regular && fsize - hend > nbytes)
-        return kmv__file_error(err, err_len, path, KMV_EFORMAT,
-                    "header says %zu bytes of data but file has %ju (trailing bytes)", nbytes,
-                    fsize - hend);
-
-    if (count > 0) {
-        data = kmv__malloc_array(a, count, sizeof *data);
-        if (data == NULL)
-            return kmv__file_error(err, err_len, path, KMV_ENOMEM, "out of memory (%zu floats for the data)",
-                        count);
-        if (h.itemsize == 4)
-            rc = read_f4(fd, path, data, nbytes, err, err_len);
-        else
-            rc = read_f8(fd, path, a, data, nbytes, err, err_len);
-        if (rc != KMV_OK) {
-            kmv__free(a, data);
-            return rc;
-        }
-    }
-    /* Catches trailing bytes the size check cannot see: a pipe, or a file
-     * that grew after fstat. */
-    if (kmv__read_full(fd, &probe, 1, &got) != 0 || got != 0) {
-        rc = got != 0 ? kmv__file_error(err, err_len, path, KMV_EFORMAT,
-                             "header says %zu bytes of data but file has more (trailing bytes)",
-                             nbytes)
-                      : kmv__file_error(err, err_len, path, KMV_EIO, "read error: %s", strerror(errno));
-        kmv__free(a, data);
-        return rc;
-    }
-
     out->data = data;
     out->rows = h.shape[0];
     out->cols = h.shape[1];

@@ -109,7 +109,7 @@ static int step_rest(batch *b) {
 #pragma omp atomic read
         seen = prc;
         int r = seen == KMV_OK ? step_row(b, i, &st) : KMV_OK;
-#pragma omp critical(kmv_attention_rows)
+#pragma omp critical
         {
             if (r != KMV_OK && prc == KMV_OK) {
 #pragma omp atomic write

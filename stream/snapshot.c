@@ -204,6 +204,70 @@ fail:
     return rc;
 }
 
+/* What is wrong with the file's frame (magic, version, sizes, checksum),
+ * or NULL; *h its header when NULL. */
+static const char *check_frame(const unsigned char *buf, size_t len, snap_header *h) {
+    memset(h, 0, sizeof *h);
+    if (len < 8 || memcmp(buf, SNAP_MAGIC, 8) != 0) return "not a kmv stream snapshot";
+    if (len < sizeof *h + 8) return "truncated: shorter than the header";
+    memcpy(h, buf, sizeof *h);
+    uint64_t sum;
+    memcpy(&sum, buf + len - 8, 8);
+    size_t want;
+    if (h->version != SNAP_VERSION || h->header_bytes != sizeof *h)
+        return "a snapshot of another format version";
+    if ((want = payload_bytes(h)) == 0) return "damaged: sizes overflow";
+    if (len != want) return len < want ? "truncated" : "damaged: longer than its sizes say";
+    if (XXH3_64bits(buf, len - 8) != sum) return "damaged: checksum mismatch";
+    return NULL;
+}
+
+/* The checksum held, but a file can be made to pass it: every field is
+ * still checked before use. What is wrong, or NULL; *nomem when the check
+ * itself ran out of memory. */
+static const char *check_fields(const kmv_ctx *ctx, const snap_header *h,
+                                const unsigned char *body, int *nomem) {
+    kmv__params p = header_params(ctx, h);
+    size_t n = (size_t)h->n, d = (size_t)h->d, c = (size_t)h->c, m = (size_t)h->m;
+    *nomem = 0;
+    if (kmv__params_check(&p) != KMV_OK || (h->causal != 0 && h->causal != 1) ||
+        (h->exact != 0 && h->exact != 1) || (h->refused_cap != 0 && h->refused_cap != 1))
+        return "inconsistent: parameters out of range";
+    if (d == 0 || c == 0 || d > INT_MAX / 64 || c > INT_MAX || n > KMV__KEYS_MAX)
+        return "inconsistent: shape out of range";
+    /* Width 0 can come out of the planner (the api fuzzer found a saved
+     * stream holding it, over keys all equal): a load must take what a
+     * save writes. */
+    if (h->lsh_built && (h->lsh_k < 1 || h->lsh_k > 64 || h->lsh_L < 1 ||
+                         h->lsh_L > KMV__LSH_MAX_TABLES || !(h->lsh_w >= 0.0) ||
+                         !isfinite(h->lsh_w) || !(h->kappa > 0.0 && h->kappa <= 1.0) ||
+                         h->lsh_n > n))
+        return "inconsistent: table shape out of range";
+    if (kmv_find_nonfinite((const float *)(const void *)body, n * d, NULL) != KMV_OK ||
+        kmv_find_nonfinite((const float *)(const void *)(body + n * d * 4 + n * 4), n * c, NULL) !=
+            KMV_OK ||
+        kmv_find_nonfinite((const float *)(const void *)(body + n * d * 4 + n * 4 + n * c * 4),
+                           m * d, NULL) != KMV_OK)
+        return "inconsistent: non-finite values";
+    /* id_at must be a permutation of 0 .. n-1. */
+    unsigned char *seen = n ? kmv__malloc(&ctx->alloc, n) : NULL;
+    if (n && seen == NULL) {
+        *nomem = 1;
+        return "out of memory";
+    }
+    if (n) memset(seen, 0, n);
+    const char *why = NULL;
+    const unsigned char *ids = body + n * d * 4;
+    for (size_t pos = 0; pos < n && why == NULL; pos++) {
+        uint32_t id;
+        memcpy(&id, ids + pos * 4, 4);
+        if (id >= n || seen[id]) why = "inconsistent: key order is not a permutation";
+        else seen[id] = 1;
+    }
+    kmv__free(&ctx->alloc, seen);
+    return why;
+}
+
 int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char *err,
                     size_t err_len) {
     if (err != NULL && err_len > 0) err[0] = '\0';
@@ -216,80 +280,19 @@ int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char
     if (r == -1) return kmv__file_error(err, err_len, path, KMV_EIO, "cannot read: %s", strerror(errno));
     if (r == -2) return kmv__file_error(err, err_len, path, KMV_EFORMAT, "larger than any stream snapshot");
     if (r == -3) return kmv__file_error(err, err_len, path, KMV_ENOMEM, "out of memory reading the file");
-    int rc = KMV_EFORMAT;
     snap_header h;
-    memset(&h, 0, sizeof h);
-    const char *why = NULL;
-    if (len < 8 || memcmp(buf, SNAP_MAGIC, 8) != 0) {
-        why = "not a kmv stream snapshot";
-    } else if (len < sizeof h + 8) {
-        why = "truncated: shorter than the header";
-    } else {
-        memcpy(&h, buf, sizeof h);
-        uint64_t sum;
-        memcpy(&sum, buf + len - 8, 8);
-        size_t want;
-        if (h.version != SNAP_VERSION || h.header_bytes != sizeof h)
-            why = "a snapshot of another format version";
-        else if ((want = payload_bytes(&h)) == 0)
-            why = "damaged: sizes overflow";
-        else if (len != want)
-            why = len < want ? "truncated" : "damaged: longer than its sizes say";
-        else if (XXH3_64bits(buf, len - 8) != sum)
-            why = "damaged: checksum mismatch";
+    int nomem = 0, rc;
+    const char *why = check_frame(buf, len, &h);
+    if (why == NULL) why = check_fields(ctx, &h, buf + sizeof h, &nomem);
+    if (why != NULL) {
+        kmv__free(&ctx->alloc, buf);
+        return kmv__file_error(err, err_len, path, nomem ? KMV_ENOMEM : KMV_EFORMAT, "%s", why);
     }
-    if (why == NULL) {
-        /* The checksum held, but a file can be made to pass it: every field
-         * is still checked before use. */
-        kmv__params p = header_params(ctx, &h);
-        size_t n = (size_t)h.n, d = (size_t)h.d, c = (size_t)h.c, m = (size_t)h.m;
-        const unsigned char *body = buf + sizeof h;
-        if (kmv__params_check(&p) != KMV_OK || (h.causal != 0 && h.causal != 1) ||
-            (h.exact != 0 && h.exact != 1) || (h.refused_cap != 0 && h.refused_cap != 1))
-            why = "inconsistent: parameters out of range";
-        else if (d == 0 || c == 0 || d > INT_MAX / 64 || c > INT_MAX || n > KMV__KEYS_MAX)
-            why = "inconsistent: shape out of range";
-        /* Width 0 can come out of the planner (the api fuzzer found a
-         * saved stream holding it, over keys all equal): a load must take
-         * what a save writes. */
-        else if (h.lsh_built && (h.lsh_k < 1 || h.lsh_k > 64 || h.lsh_L < 1 ||
-                                 h.lsh_L > KMV__LSH_MAX_TABLES || !(h.lsh_w >= 0.0) ||
-                                 !isfinite(h.lsh_w) || !(h.kappa > 0.0 && h.kappa <= 1.0) ||
-                                 h.lsh_n > n))
-            why = "inconsistent: table shape out of range";
-        else if (kmv_find_nonfinite((const float *)(const void *)body, n * d, NULL) != KMV_OK ||
-                 kmv_find_nonfinite((const float *)(const void *)(body + n * d * 4 + n * 4),
-                                    n * c, NULL) != KMV_OK ||
-                 kmv_find_nonfinite((const float *)(const void *)(body + n * d * 4 + n * 4 + n * c * 4),
-                                    m * d, NULL) != KMV_OK)
-            why = "inconsistent: non-finite values";
-        else {
-            /* id_at must be a permutation of 0 .. n-1. */
-            unsigned char *seen = n ? kmv__malloc(&ctx->alloc, n) : NULL;
-            if (n && seen == NULL) {
-                kmv__free(&ctx->alloc, buf);
-                return kmv__file_error(err, err_len, path, KMV_ENOMEM, "out of memory");
-            }
-            if (n) memset(seen, 0, n);
-            const unsigned char *ids = body + n * d * 4;
-            for (size_t pos = 0; pos < n && why == NULL; pos++) {
-                uint32_t id;
-                memcpy(&id, ids + pos * 4, 4);
-                if (id >= n || seen[id]) why = "inconsistent: key order is not a permutation";
-                else seen[id] = 1;
-            }
-            kmv__free(&ctx->alloc, seen);
-        }
-        if (why == NULL) {
-            /* The body sits after a header of 8-byte fields; the buffer is
-             * malloc-aligned, so every array in it is 4-byte aligned. */
-            rc = rebuild(ctx, &h, body, out);
-            kmv__free(&ctx->alloc, buf);
-            if (rc != KMV_OK)
-                return kmv__file_error(err, err_len, path, rc, "cannot rebuild the stream: %s", kmv_strerror(rc));
-            return KMV_OK;
-        }
-    }
+    /* The body sits after a header of 8-byte fields; the buffer is
+     * malloc-aligned, so every array in it is 4-byte aligned. */
+    rc = rebuild(ctx, &h, buf + sizeof h, out);
     kmv__free(&ctx->alloc, buf);
-    return kmv__file_error(err, err_len, path, rc, "%s", why);
+    if (rc != KMV_OK)
+        return kmv__file_error(err, err_len, path, rc, "cannot rebuild the stream: %s", kmv_strerror(rc));
+    return KMV_OK;
 }

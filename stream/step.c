@@ -248,7 +248,7 @@ static int heavy_keys(kmv__step *t, flow *next) {
     t->nh = out.off[1];
     t->heavy = kmv__malloc_array(t->a, t->nh ? t->nh : 1, sizeof(uint32_t));
     if (t->heavy == NULL) return KMV_ENOMEM;
-    memcpy(t->heavy, out.id, t->nh * sizeof(uint32_t));
+    if (t->nh) memcpy(t->heavy, out.id, t->nh * sizeof(uint32_t));
     kmv__values v = {s->x, t->c, NULL, s->wid, t->whi};
     kmv__heavy_sum(out.id, out.kv, t->nh, &v, t->sum);
     t->S->heavy_pairs = t->nh;
