@@ -23,3 +23,10 @@ void kmv__stats_fallback(kmv__stats *S, kmv_fallback reason, uint64_t evals) {
     S->kernel_evals = evals;
     S->error_estimate = 0.0;
 }
+
+void kmv__stats_tables(kmv__stats *S, double kappa, kmv__lsh_shape shape) {
+    S->heavy_threshold = kappa;
+    S->lsh_tables = shape.L;
+    S->lsh_hash_len = shape.k;
+    S->lsh_width = shape.w;
+}

@@ -5,6 +5,7 @@
 
 #include <stddef.h>
 
+#include "algo/lsh.h"
 #include "common/params.h"
 
 /* What a call over n keys, m queries of dimension d and c columns reports
@@ -12,6 +13,9 @@
  * promises, nothing measured. */
 void kmv__stats_start(kmv__stats *S, size_t n, size_t m, size_t d, size_t c, int threads,
                       double bound);
+
+/* The heavy search's tables: their threshold and shape. */
+void kmv__stats_tables(kmv__stats *S, double kappa, kmv__lsh_shape shape);
 
 /* The exact engine answered in the approximate engine's place, for
  * reason (a kmv_fallback), after evals kernel entries. */

@@ -172,7 +172,8 @@ int kmv_tail_stats_compute(const kmv_ctx *ctx, const float *queries, const float
     kmv__meter meter;
     kmv__meter_init(&meter, &ctx->alloc, pa->max_bytes);
     kmv_allocator al = kmv__meter_allocator(&meter);
-    tail_job jb = {queries, n, dim, 2 * n, kmv__threads(pa), 1.0 / (2.0 * pa->sigma * pa->sigma)};
+    tail_job jb = {.queries = queries, .n = n, .dim = dim, .heap = 2 * n,
+                   .threads = kmv__threads(pa), .c = 1.0 / (2.0 * pa->sigma * pa->sigma)};
     size_t nt = (size_t)jb.threads;
     jb.kd = kmv__malloc_array(&al, n * dim, sizeof(double));
     jb.kn = kmv__malloc_array(&al, n, sizeof(double));

@@ -7,44 +7,38 @@
 #include <stdlib.h>
 #include <string.h>
 
-void text_put(text *t, const char *fmt, ...) {
-    if (t->failed) return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(t->s ? t->s + t->len : NULL, t->s ? t->cap - t->len : 0, fmt, ap);
-        va_end(ap);
-        if (n < 0) {
-            t->failed = 1;
-            return;
-        }
-        if (t->s != NULL && (size_t)n < t->cap - t->len) {
-            t->len += (size_t)n;
-            return;
-        }
-        size_t cap = 2 * t->cap + (size_t)n + 64;
-        char *s = realloc(t->s, cap);
-        if (s == NULL) {
-            t->failed = 1;
-            return;
-        }
-        t->s = s;
-        t->cap = cap;
+/* Room for need more bytes and a NUL; 0 (failed set) when out of memory. */
+static int room(text *t, size_t need) {
+    if (t->failed) return 0;
+    if (t->s != NULL && need < t->cap - t->len) return 1;
+    size_t cap = 2 * t->cap + need + 64;
+    char *s = realloc(t->s, cap);
+    if (s == NULL) {
+        t->failed = 1;
+        return 0;
     }
+    t->s = s;
+    t->cap = cap;
+    return 1;
+}
+
+void text_put(text *t, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = t->failed ? -1 : vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0 || !room(t, (size_t)n)) {
+        t->failed = 1;
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(t->s + t->len, t->cap - t->len, fmt, ap);
+    va_end(ap);
+    t->len += (size_t)n;
 }
 
 void text_add(text *t, const void *data, size_t len) {
-    if (t->failed) return;
-    if (t->cap - t->len < len + 1) {
-        size_t cap = 2 * t->cap + len + 64;
-        char *s = realloc(t->s, cap);
-        if (s == NULL) {
-            t->failed = 1;
-            return;
-        }
-        t->s = s;
-        t->cap = cap;
-    }
+    if (!room(t, len)) return;
     memcpy(t->s + t->len, data, len);
     t->len += len;
     t->s[t->len] = '\0';

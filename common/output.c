@@ -232,8 +232,10 @@ static int open_temp(kmv_output *o, const char **step) {
         /* Owner first: chown clears set-id bits that the mode then restores.
          * Only a privileged caller may give a file away; others keep what
          * they may (the group, if they belong to it). */
-        if (fchown(o->fd, o->old.st_uid, o->old.st_gid) != 0)
-            (void)fchown(o->fd, (uid_t)-1, o->old.st_gid);
+        if (fchown(o->fd, o->old.st_uid, o->old.st_gid) != 0 &&
+            fchown(o->fd, (uid_t)-1, o->old.st_gid) != 0) {
+            /* Neither: the file stays the caller's, as a new one would. */
+        }
         ok = fchmod(o->fd, o->old.st_mode & 07777) == 0;
     } else {
         /* mkstemp makes the file 0600; give it the mode open(2) would. */

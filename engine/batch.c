@@ -193,13 +193,9 @@ static int plan_tables(batch *b) {
         fall_back(b, KMV_FALLBACK_LSH);
         return KMV_OK;
     }
-    kmv__lsh_shape sh = kmv__index_shape(b->ix);
     b->kappa = (float)b->ix->kappa; /* tables planned for a finer threshold serve too */
     b->src = kmv__index_heavy(b->ix);
-    b->S->heavy_threshold = b->ix->kappa;
-    b->S->lsh_tables = sh.L;
-    b->S->lsh_hash_len = sh.k;
-    b->S->lsh_width = sh.w;
+    kmv__stats_tables(b->S, b->ix->kappa, kmv__index_shape(b->ix));
     return KMV_OK;
 }
 

@@ -518,9 +518,9 @@ static int read_fd(int fd, const char *path, const kmv_allocator *a, kmv_array *
      * are checked by reading alone. */
     int regular = S_ISREG(st.st_mode) && st.st_size >= 0;
     src f = {fd, path, err, err_len, regular, regular ? (uintmax_t)st.st_size : 0};
-    size_t hlen, hend;
+    size_t hlen = 0, hend = 0;
     npy_header h;
-    float *data;
+    float *data = NULL;
     int rc = read_preamble(&f, &hlen, &hend);
     if (rc == KMV_OK) rc = read_header(&f, a, hlen, hend, &h);
     if (rc == KMV_OK) rc = read_data(&f, a, &h, hend, &data);

@@ -183,13 +183,8 @@ static flow check_rule(kmv__step *t, int no_plan) {
     t->whi = h1_weight(s);
     t->shift = s->kind->shift(s, t->q);
     t->mask = (kmv__keymask){UINT32_MAX, s->ws, t->whi};
-    t->S->heavy_threshold = kmv__index_kappa(t->ix);
-    if (t->use_tables) {
-        kmv__lsh_shape sh = kmv__index_shape(t->ix);
-        t->S->lsh_tables = sh.L;
-        t->S->lsh_hash_len = sh.k;
-        t->S->lsh_width = sh.w;
-    }
+    kmv__lsh_shape none = {0, 0, 0.0};
+    kmv__stats_tables(t->S, kmv__index_kappa(t->ix), t->use_tables ? kmv__index_shape(t->ix) : none);
     return FLOW_GO;
 }
 

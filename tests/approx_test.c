@@ -22,6 +22,7 @@
 
 #include "common/alloc.h"
 #include "algo/exact.h"
+#include "engine/batch.h"
 #include "engine/index_layout.h"
 #include "kmv/kmv.h"
 #include "algo/lsh.h"

@@ -17,26 +17,7 @@ cleanup() {
     rm -rf "$T"
 }
 trap cleanup EXIT
-pass=0
-failn=0
-ok() { pass=$((pass + 1)); }
-bad() { failn=$((failn + 1)); echo "FAIL: $*"; }
-
-# expect STATUS PATTERN -- command...: exit status and stderr+stdout.
-expect() {
-    local want=$1 pat=$2
-    shift 3
-    local out status
-    out=$("$@" 2>&1)
-    status=$?
-    if [ "$status" -ne "$want" ]; then
-        bad "'$*' exited $status, want $want; output: $out"
-    elif ! grep -Eq -- "$pat" <<<"$out"; then
-        bad "'$*' output does not match /$pat/: $out"
-    else
-        ok
-    fi
-}
+. "$(dirname "${BASH_SOURCE[0]}")/testlib.sh"
 
 # no_tmp: no temporary file of an output anywhere under $T.
 no_tmp() {
@@ -201,5 +182,4 @@ for sig in TERM INT; do
 done
 set +m
 
-echo "$pass passed, $failn failed"
-[ "$failn" -eq 0 ]
+finish

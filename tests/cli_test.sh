@@ -9,33 +9,7 @@ SCHEMA=${SCHEMA:-./tests/stats_schema.py}
 STATS_DOC=${STATS_DOC:-docs/stats.md}
 T=$(mktemp -d "${TEST_TMPDIR:-/tmp}/kmv_cli.XXXXXX")
 trap 'rm -rf "$T"' EXIT
-pass=0
-failn=0
-
-ok() { pass=$((pass + 1)); }
-bad() { failn=$((failn + 1)); echo "FAIL: $*"; }
-
-# expect STATUS PATTERN -- command...: the exit status must be STATUS and
-# stderr+stdout must match the extended regex PATTERN.
-expect() {
-    local want=$1 pat=$2
-    shift 3
-    local out status
-    out=$("$@" 2>&1)
-    status=$?
-    if [ "$status" -ne "$want" ]; then
-        bad "'$*' exited $status, want $want; output: $out"
-    elif ! grep -Eq -- "$pat" <<<"$out"; then
-        bad "'$*' output does not match /$pat/: $out"
-    else
-        ok
-    fi
-}
-
-# absent FILE: a failed run must leave no output and no temporary file.
-absent() {
-    if [ -e "$1" ] || compgen -G "$1.tmp.*" >/dev/null; then bad "$1 or a temporary of it exists"; else ok; fi
-}
+. "$(dirname "${BASH_SOURCE[0]}")/testlib.sh"
 
 $GEN write "$T/q.npy" 50 6 1
 $GEN write "$T/k.npy" 80 6 2
@@ -269,5 +243,4 @@ head -c 3000 "${STORIES:-data/stories260K}/tok512.bin" > "$T/tok.bin"
 expect 1 "tok.bin: token [0-9]+: truncated" -- $KMV decode "${M[0]}" "${M[1]}" --tokenizer "$T/tok.bin" --prompt a
 expect 1 "story.txt: not a llama2.c checkpoint|story.txt: [0-9]+ bytes, but" -- $KMV decode --model "$T/story.txt" --tokenizer "${STORIES:-data/stories260K}/tok512.bin" --prompt a
 
-echo "$pass passed, $failn failed"
-[ "$failn" -eq 0 ]
+finish

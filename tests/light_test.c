@@ -353,7 +353,7 @@ static void test_unbiased_over_orders(void **state) {
     double sn2 = m2 / (nd - 1.0);
     double var_true = nd * nd * (1.0 - sd / nd) * sn2 / sd;
     float *xp = malloc(n * sizeof(float)), scratch[256];
-    double acc[2], est, mean = 0.0, sqdev = 0.0, mean_var = 0.0;
+    double acc[2], est = 0.0, mean = 0.0, sqdev = 0.0, mean_var = 0.0;
     for (uint64_t seed = 1; seed <= ORDERS; seed++) {
         kmv__keystore ks;
         kmv__keystore_init(&ks, d, seed);

@@ -6,10 +6,7 @@
 set -u
 KMV=${KMV:-./kmv}
 README=${README:-README.md}
-pass=0
-failn=0
-ok() { pass=$((pass + 1)); }
-bad() { failn=$((failn + 1)); echo "FAIL: $*"; }
+. "$(dirname "${BASH_SOURCE[0]}")/testlib.sh"
 
 block=$(sed -n '/<!-- synopsis:begin -->/,/<!-- synopsis:end -->/p' "$README" | grep -v '^<!--' | grep -v '^```')
 [ -n "$block" ] || bad "no synopsis block in $README"
@@ -20,5 +17,4 @@ for cmd in matvec attention prefix decode demo; do
     if [ "$help" = "$doc" ]; then ok; else bad "$cmd: --help says '$help'; README says '$doc'"; fi
     if $KMV --help | grep -Eq "^  $cmd "; then ok; else bad "kmv --help does not list $cmd"; fi
 done
-echo "$pass passed, $failn failed"
-[ "$failn" -eq 0 ]
+finish
