@@ -36,6 +36,15 @@ static inline double kmv__cost_cand(double d) { return 20.0 + 0.15 * d; }
 /* One key of a contiguous window or sketch row: a distance and an exp. */
 static inline double kmv__cost_window(double d) { return 1.5 + 0.07 * d; }
 
+/* One leaf centre against a query in the tree's GEMM, with its test. */
+static inline double kmv__cost_scan(double d) { return 0.3 + 0.025 * d; }
+/* One bounds-tree node bounded: a distance to a centre stored with its
+ * siblings, an exp and a heap step. */
+static inline double kmv__cost_bound(double d) { return 8.0 + 0.07 * d; }
+/* One key a tree's query sums exactly: a leaf's keys sit at random places
+ * of the store, a cache miss each. */
+static inline double kmv__cost_visit(double d) { return 12.0 + 0.1 * d; }
+
 /* Looking one query up in all tables. */
 static inline double kmv__cost_hash(const kmv__lsh_shape *s, double d) {
     return KMV__COST_PROJ * s->k * s->L * d + KMV__COST_LOOKUP * s->L;

@@ -1,7 +1,7 @@
 /* The approximate engine against the exact one, in the same run.
  *
  *   approx_bench [--quick] [--glove PATH] [--csv OUT] [--threads T]
- *                [--only DATA:D:X] [--n N] [--approx-only]
+ *                [--only DATA:D:X] [--n N] [--approx-only] [--backend B]
  *
  * For n = m in {4096, 16384, 65536}: clustered synthetic data (d = 64 and
  * 100, x ~ N(0,1), sigma = 1), plus kernel density (x = 1) there, and the
@@ -63,6 +63,9 @@ typedef struct result {
     kmv_stats st;
 } result;
 
+static int approx_only; /* --approx-only: profiling, no exact runs */
+static int backend;     /* --backend auto|lsh|tree */
+
 /* One timed product: approximate (exact = 0) or exact. Returns seconds, or
  * -1 on error; y, stats and peak bytes through the out-parameters. */
 static double once(const float *q, size_t m, const float *k, size_t n, size_t d, const float *x,
@@ -74,6 +77,10 @@ static double once(const float *q, size_t m, const float *k, size_t n, size_t d,
     p.eps = eps;
     p.n_threads = threads;
     p.exact = exact;
+    kmv_params_x px;
+    kmv_params_get_x(&p, &px);
+    px.backend = backend;
+    kmv_params_set_x(&p, &px);
     peak pk = {0, 0};
     p.allocator = (kmv_allocator){p_alloc, p_free, &pk};
     kmv_ctx *ctx;
@@ -93,7 +100,6 @@ static double once(const float *q, size_t m, const float *k, size_t n, size_t d,
 /* Each engine runs `reps` times, alternating, and keeps its fastest time:
  * on a shared machine the minimum is the least noisy estimate, and
  * alternating gives both engines the same warm caches and thread pools. */
-static int approx_only; /* --approx-only: profiling, no exact runs */
 
 static int run(const float *q, size_t m, const float *k, size_t n, size_t d, const float *x,
                double sigma, double eps, int threads, int reps, result *r) {
@@ -149,17 +155,21 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--csv") && i + 1 < argc) csv = argv[++i];
         else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
-        else if (!strcmp(argv[i], "--n") && i + 1 < argc) only_n = (size_t)strtoull(argv[++i], NULL, 10);
+        else if (!strcmp(argv[i], "--backend") && i + 1 < argc) {
+            const char *b = argv[++i];
+            backend = !strcmp(b, "tree") ? KMV_BACKEND_TREE : !strcmp(b, "lsh") ? KMV_BACKEND_LSH : KMV_BACKEND_AUTO;
+        } else if (!strcmp(argv[i], "--n") && i + 1 < argc) only_n = (size_t)strtoull(argv[++i], NULL, 10);
         else {
             fprintf(stderr, "usage: approx_bench [--quick] [--glove PATH] [--csv OUT] [--threads T] "
-                            "[--only DATA:D:X] [--n N] [--approx-only]\n");
+                            "[--only DATA:D:X] [--n N] [--approx-only] [--backend auto|lsh|tree]\n");
             return 2;
         }
     }
     FILE *out = csv ? fopen(csv, "w") : NULL;
     const char *head =
         "data,n,d,x,sigma,eps,approx_s,exact_s,speedup,err,err_est,mode,fallback,heavy_threshold,"
-        "lsh_L,lsh_k,cands_per_row,samples_per_row,rows_exact,peak_mb_approx,peak_mb_exact\n";
+        "lsh_L,lsh_k,cands_per_row,samples_per_row,rows_exact,peak_mb_approx,peak_mb_exact,"
+        "backend,nodes_per_row,visited_per_row,tree_mb\n";
     fputs(head, stdout);
     if (out) fputs(head, out);
     /* Warm up OpenMP's team and OpenBLAS before anything is timed, so the
@@ -186,6 +196,7 @@ int main(int argc, char **argv) {
         const char *xname;
         double sigma;
     } cfgs[] = {{"clustered", 64, DG_X_GAUSS, "gauss", 1.0},
+                {"clustered", 64, DG_X_GAUSS, "gauss", 0.5},
                 {"clustered", 100, DG_X_GAUSS, "gauss", 1.0},
                 {"clustered", 64, DG_X_ONES, "ones", 1.0},
                 {"glove", 100, DG_X_GAUSS, "gauss", 1.0},
@@ -226,14 +237,19 @@ int main(int argc, char **argv) {
                 kmv_stats_get_x(&r.st, &sx);
                 char line[512];
                 snprintf(line, sizeof line,
-                         "%s,%zu,%zu,%s,%.2f,%.2f,%.4f,%.4f,%.2f,%.4f,%.4f,%s,%s,%.3g,%d,%d,%.1f,%.1f,%zu,%.1f,%.1f\n",
+                         "%s,%zu,%zu,%s,%.2f,%.2f,%.4f,%.4f,%.2f,%.4f,%.4f,%s,%s,%.3g,%d,%d,%.1f,%.1f,%zu,%.1f,%.1f,"
+                         "%s,%.1f,%.1f,%.2f\n",
                          cfgs[ci].data, n, d, cfgs[ci].xname, cfgs[ci].sigma, 0.1, r.t_approx, r.t_exact,
                          r.t_exact / r.t_approx, r.err, r.est,
                          r.mode == KMV_MODE_APPROX ? "approx" : "fallback",
                          kmv_fallback_name(r.reason), sx.heavy_threshold, sx.lsh_tables,
                          sx.lsh_hash_len, (double)sx.lsh_candidates / (double)n,
                          (double)sx.samples / (double)n, r.st.rows_exact,
-                         (double)r.peak_approx / 1048576.0, (double)r.peak_exact / 1048576.0);
+                         (double)r.peak_approx / 1048576.0, (double)r.peak_exact / 1048576.0,
+                         sx.backend == KMV_BACKEND_TREE ? "tree"
+                         : sx.backend == KMV_BACKEND_LSH ? "lsh" : "-",
+                         (double)sx.nodes_bounded / (double)n, (double)sx.keys_visited / (double)n,
+                         (double)sx.tree_bytes / 1048576.0);
                 fputs(line, stdout);
                 fflush(stdout);
                 if (out) fputs(line, out);

@@ -26,6 +26,8 @@ static int x_check(const kmv_params_x *x) {
     if (!(x->gamma > 0.0 && x->gamma <= 1.0)) return KMV_EINVAL;
     if (x->sketch_size < 16 || x->sketch_size > 65536) return KMV_EINVAL;
     if (x->min_samples < 8 || x->min_samples > 65536) return KMV_EINVAL;
+    if (x->backend < KMV_BACKEND_AUTO || x->backend > KMV_BACKEND_TREE) return KMV_EINVAL;
+    if (x->verify_every < 0) return KMV_EINVAL;
     return KMV_OK;
 }
 
@@ -35,7 +37,7 @@ void kmv_params_init(kmv_params *p) {
     p->eps = 0.1;
     p->delta = 0.01;
     p->seed = 1;
-    kmv_params_x x = {0, KMV_BUDGET_CERTIFIED, 0.5, 0.25, 128, 64};
+    kmv_params_x x = {0, KMV_BUDGET_CERTIFIED, 0.5, 0.25, 128, 64, KMV_BACKEND_AUTO, 0};
     memcpy(p->experimental_, &x, sizeof x);
 }
 
@@ -68,7 +70,8 @@ void kmv__params_unpack(const kmv_params *p, kmv__params *out) {
                          p->eps,         p->delta,      p->seed,       p->measure_error,
                          p->n_threads,   p->allocator,  p->max_bytes,  p->progress,
                          p->progress_opaque, x.force_approx, (kmv_attn_budget)x.attn_budget,
-                         x.alpha,        x.gamma,       x.sketch_size, x.min_samples};
+                         x.alpha,        x.gamma,       x.sketch_size, x.min_samples,
+                         (kmv_backend)x.backend, x.verify_every};
 }
 
 void kmv__params_pack(const kmv__params *p, kmv_params *out) {
@@ -87,7 +90,8 @@ void kmv__params_pack(const kmv__params *p, kmv_params *out) {
     out->progress = p->progress;
     out->progress_opaque = p->progress_opaque;
     kmv_params_x x = {p->force_approx, (int)p->attn_budget, p->alpha,
-                      p->gamma,        p->sketch_size,      p->min_samples};
+                      p->gamma,        p->sketch_size,      p->min_samples,
+                      (int)p->backend, p->verify_every};
     memcpy(out->experimental_, &x, sizeof x);
 }
 
@@ -123,7 +127,11 @@ void kmv__stats_export(const kmv__stats *in, kmv_stats *out) {
                      in->lsh_width,      in->lsh_candidates, in->lsh_steps,
                      in->heavy_pairs,    in->sketch_evals,   in->samples,
                      in->rows_resampled, in->cost_ratio,     in->error_estimate,
-                     in->seconds_lsh,    in->seconds_heavy,  in->seconds_sample};
+                     in->seconds_lsh,    in->seconds_heavy,  in->seconds_sample,
+                     (int)in->backend,   in->deterministic,  in->nodes_bounded,
+                     in->keys_visited,   in->certified_tail, in->tree_bytes,
+                     in->seconds_tree,   in->verified,       in->verify_mean,
+                     in->verify_p99,     in->verify_max};
     memcpy(out->experimental_, &x, sizeof x);
 }
 

@@ -29,6 +29,8 @@ typedef struct kmv__params {
     kmv_attn_budget attn_budget;
     double alpha, gamma;
     int sketch_size, min_samples;
+    kmv_backend backend;
+    int verify_every;
 } kmv__params;
 
 typedef struct kmv__stats {
@@ -51,6 +53,14 @@ typedef struct kmv__stats {
     size_t rows_resampled;
     double cost_ratio, error_estimate;
     double seconds_lsh, seconds_heavy, seconds_sample;
+    kmv_backend backend;
+    int deterministic;
+    uint64_t nodes_bounded, keys_visited;
+    double certified_tail;
+    size_t tree_bytes;
+    double seconds_tree;
+    size_t verified;
+    double verify_mean, verify_p99, verify_max;
 } kmv__stats;
 
 struct kmv_ctx {

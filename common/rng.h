@@ -17,7 +17,8 @@ enum {
     KMV__RNG_SKETCH = 3,  /* KDE sketch draws */
     KMV__RNG_WINDOW = 4,  /* per-row sample windows */
     KMV__RNG_PLAN = 5,    /* planner's pair sample */
-    KMV__RNG_DECODE = 6   /* decoding steps' windows */
+    KMV__RNG_DECODE = 6,  /* decoding steps' windows */
+    KMV__RNG_TREE = 7     /* the bounds tree's seeding */
 };
 
 static inline uint64_t kmv__mix64(uint64_t z) {

@@ -26,7 +26,9 @@
 #include "common/rng.h"
 #include "common/timer.h"
 #include "engine/batch.h"
+#include "engine/batch_tree.h"
 #include "engine/index_layout.h"
+#include "engine/rows.h"
 
 #define QB KMV__HEAVY_BLOCK /* queries per block of the row passes */
 
@@ -175,6 +177,14 @@ static int check_size(batch *b) {
     int wide = 0;
     int rc = kmv__exact_gauss_wide(b->a, b->q, b->m, b->ix->ks.rows, n, b->d, b->pa->sigma, &wide);
     if (wide) b->exact_cost *= KMV__COST_WIDE;
+    return rc;
+}
+
+/* The bounds tree, where its certificate is cheap (batch_tree.h). */
+static int try_tree(batch *b) {
+    int answered;
+    int rc = kmv__batch_tree(b->ix, b->q, b->m, b->x, b->c, b->y, b->exact_cost, b->S, &answered);
+    if (rc == KMV_OK && answered) b->flow = FLOW_DONE;
     return rc;
 }
 
@@ -513,6 +523,7 @@ static int resample_rows(batch *b) {
     }
     S->cost_ratio = (spent + b->samples * b->win) / b->exact_cost;
     S->error_estimate = (sqrt(V) + sqrt((double)b->m) * b->xs.drop_l1) / sqrt(b->xs.nx2);
+    S->backend = KMV_BACKEND_LSH;
     S->kernel_evals = S->lsh_candidates + S->sketch_evals + S->samples +
                       (uint64_t)S->rows_exact * b->n + (uint64_t)b->xs.n_h1 * b->m;
     b->flow = FLOW_DONE;
@@ -554,8 +565,9 @@ static void measure_last(const batch *b, const float *ye) {
 
 int kmv__batch_matvec(kmv_index *ix, const float *q, size_t m, const float *x, size_t c,
                       float *y, kmv__stats *st) {
-    static int (*const steps[])(batch *) = {check_size,  plan_tables,  split_x,     draw_sketch,
-                                            find_heavy,  plan_budgets, sample_rows, resample_rows};
+    static int (*const steps[])(batch *) = {check_size,   try_tree,    plan_tables,
+                                            split_x,      draw_sketch, find_heavy,
+                                            plan_budgets, sample_rows, resample_rows};
     double t0 = kmv__now();
     const kmv__params *pa = &ix->params;
     kmv__stats S;
@@ -574,6 +586,9 @@ int kmv__batch_matvec(kmv_index *ix, const float *q, size_t m, const float *x, s
     batch_free(&b);
     if (rc == KMV_OK && b.flow == FLOW_FALLBACK) rc = run_fallback(ix, q, m, x, c, y, &S);
     if (rc == KMV_OK && ye != NULL) measure_last(&b, ye);
+    if (rc == KMV_OK && S.mode == KMV_MODE_APPROX && pa->verify_every > 0)
+        rc = kmv__verify_rows(&ix->alloc, &ix->ks, q, m, x, c, y, b.inv2s2, pa->causal,
+                              (size_t)pa->verify_every, S.n_threads, &S);
     kmv__free(&ix->alloc, ye);
     if (rc != KMV_OK) return rc;
     progress(&b, 1.0);

@@ -8,6 +8,7 @@
 
 #include "common/alloc.h"
 #include "common/params.h"
+#include "common/timer.h"
 #include "engine/batch.h"
 #include "engine/index_layout.h"
 
@@ -185,9 +186,30 @@ size_t kmv__index_planned_keys(const kmv_index *ix) { return ix->lsh_n; }
 kmv__lsh_shape kmv__index_shape(const kmv_index *ix) { return ix->lsh.shape; }
 
 void kmv__index_drop_tables(kmv_index *ix) {
+    if (ix->tree_built) kmv__tree_free(&ix->tree, &ix->alloc);
+    ix->tree_built = 0;
     if (!ix->lsh_built) return;
     kmv__lsh_free(&ix->lsh, &ix->alloc);
     ix->lsh_built = 0;
+}
+
+int kmv__index_has_tree(const kmv_index *ix) { return ix->tree_built && ix->tree.n == ix->ks.n; }
+
+int kmv__index_tree(kmv_index *ix, const kmv__tree **out, double *seconds) {
+    *seconds = 0.0;
+    if (!kmv__index_has_tree(ix)) {
+        double t0 = kmv__now();
+        if (ix->tree_built) kmv__tree_free(&ix->tree, &ix->alloc);
+        ix->tree_built = 0;
+        int rc = kmv__tree_build(&ix->tree, &ix->alloc, &ix->ks, ix->params.seed,
+                                 kmv__threads(&ix->params));
+        if (rc != KMV_OK) return rc;
+        ix->tree_built = 1;
+        ix->tree_builds++;
+        *seconds = kmv__now() - t0;
+    }
+    *out = &ix->tree;
+    return KMV_OK;
 }
 
 kmv__index_counts kmv__index_get_counts(const kmv_index *ix) {

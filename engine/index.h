@@ -12,6 +12,7 @@
 #include "algo/costmodel.h"
 #include "algo/heavy.h"
 #include "algo/keystore.h"
+#include "algo/tree.h"
 #include "common/alloc.h"
 #include "common/params.h"
 
@@ -70,8 +71,18 @@ double kmv__index_kappa(const kmv_index *ix);
 size_t kmv__index_planned_keys(const kmv_index *ix);
 kmv__lsh_shape kmv__index_shape(const kmv_index *ix);
 
-/* Drop the tables (a cache: planned again when asked). */
+/* Drop the tables and the bounds tree (caches: made again when asked). */
 void kmv__index_drop_tables(kmv_index *ix);
+
+/* ------------------------------------------------------ the bounds tree */
+
+/* The bounds tree over every key held, built first (from params.seed)
+ * unless one over the same keys is held; *seconds: the build's time (0
+ * when held). KMV_OK or KMV_ENOMEM (no tree held then). */
+int kmv__index_tree(kmv_index *ix, const kmv__tree **out, double *seconds);
+
+/* Whether a tree over every key held is there. */
+int kmv__index_has_tree(const kmv_index *ix);
 
 /* Work counters, all time. */
 typedef struct kmv__index_counts {

@@ -7,6 +7,7 @@
 #include "algo/costmodel.h"
 #include "algo/keystore.h"
 #include "algo/lsh.h"
+#include "algo/tree.h"
 #include "common/alloc.h"
 #include "common/params.h"
 #include "engine/index.h"
@@ -29,6 +30,10 @@ struct kmv_index {
     uint64_t keys_hashed;   /* keys projected into the LSH tables */
     uint64_t table_inserts; /* (key, table) inserts */
     uint64_t table_builds;  /* times the tables were planned and filled */
+    kmv__tree tree;      /* the bounds tree, valid when tree_built: a cache
+                            over keys 0..tree.n - 1, dropped with the tables */
+    int tree_built;
+    uint64_t tree_builds;
     int force_approx;    /* params.force_approx (tests set it through
                             kmv__index_set_force_approx() too): skip every
                             cost-model fallback, so the approximate path's

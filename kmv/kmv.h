@@ -65,7 +65,7 @@ extern "C" {
 /* ---------------------------------------------------------------- version */
 
 #define KMV_VERSION_MAJOR 0
-#define KMV_VERSION_MINOR 2
+#define KMV_VERSION_MINOR 3
 #define KMV_VERSION_PATCH 0
 #define KMV_VERSION_NUMBER \
     (KMV_VERSION_MAJOR * 10000 + KMV_VERSION_MINOR * 100 + KMV_VERSION_PATCH)
@@ -191,7 +191,7 @@ typedef struct kmv_stats {
     double seconds_kernel;  /* the exact engine (a fallback's too) */
     double seconds_measure; /* params.measure_error's exact product */
     /* The approximate engine's counters: kmv_experimental.h reads them. */
-    unsigned char experimental_[192];
+    unsigned char experimental_[320];
 } kmv_stats;
 
 /* ---------------------------------------------------------------- context */

@@ -30,6 +30,20 @@ typedef enum kmv_attn_budget {
     KMV_BUDGET_EMPIRICAL = 1
 } kmv_attn_budget;
 
+/* How the approximate engine finds heavy keys and certifies light ones. */
+typedef enum kmv_backend {
+    /* The cost model picks per call: the bounds tree where a trial on a
+     * few rows shows its certificate to be cheap, else the LSH tables,
+     * else exact. */
+    KMV_BACKEND_AUTO = 0,
+    /* LSH tables and sampling (Algorithm 3 as the paper gives it). */
+    KMV_BACKEND_LSH = 1,
+    /* The bounds tree: a deterministic certificate per row
+     * (docs/bounds.md), built whatever it costs; rows it cannot certify
+     * cheaply run exact. */
+    KMV_BACKEND_TREE = 2
+} kmv_backend;
+
 /* The knobs kmv_params carries besides its stable fields. */
 typedef struct kmv_params_x {
     int force_approx;  /* 1: skip the cost model's fallbacks to exact, so the
@@ -42,6 +56,11 @@ typedef struct kmv_params_x {
     int sketch_size;   /* density sketch draws, [16, 65536]. Default 128 */
     int min_samples;   /* samples per approximated row at least,
                           [8, 65536]. Default 64 */
+    int backend;       /* a kmv_backend. Default AUTO */
+    int verify_every;  /* > 0: every verify_every-th approximated row of a
+                          batch product is computed exactly too, and the
+                          stats report the errors seen (verify_*). 0: off.
+                          Default 0 */
 } kmv_params_x;
 
 /* Read p's knobs into *x. */
@@ -72,6 +91,21 @@ typedef struct kmv_stats_x {
     double seconds_lsh;      /* planning and hashing the keys */
     double seconds_heavy;    /* heavy search and the sketch */
     double seconds_sample;   /* windows and exactly summed columns */
+    /* The backend that answered, and its certificate */
+    int backend;             /* a kmv_backend: LSH or TREE (AUTO: none ran) */
+    int deterministic;       /* 1: error_bound holds with certainty (the
+                                tree's certificate), 0: with 1 - delta */
+    uint64_t nodes_bounded;  /* tree nodes whose bounds a query computed */
+    uint64_t keys_visited;   /* keys the tree's queries summed exactly */
+    double certified_tail;   /* the tree's certified error, relative to
+                                ||x||: at most error_bound */
+    size_t tree_bytes;       /* the tree's memory */
+    double seconds_tree;     /* building the tree (0 when one was held) */
+    /* The monitor (params verify_every): rows computed exactly too, and
+     * their errors sqrt(m) ||y_i - (Kx)_i|| / ||x||, on eps's scale (the
+     * guarantee bounds their root mean square by eps) */
+    size_t verified;
+    double verify_mean, verify_p99, verify_max;
 } kmv_stats_x;
 
 /* Read st's counters into *x. */

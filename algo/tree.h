@@ -1,0 +1,109 @@
+/* Internal: the bounds tree, FindHeavy's second backend and a
+ * deterministic certificate for the light keys.
+ *
+ * Keys are grouped under a two-level k-means tree: groups of leaves, leaves
+ * of tens of keys. Every node keeps a centre and a radius covering its keys,
+ * so for any query the kernel value of each of its keys lies in
+ * [exp(-hi^2 / 2 sigma^2), exp(-lo^2 / 2 sigma^2)] with lo, hi the
+ * distance from the query to the centre minus and plus the radius. A query
+ * visits nodes best first (the largest half-width times the node's mass of
+ * |x| first), sums the leaves it opens exactly, and stops once what is left
+ * unvisited, estimated at each node's midpoint, is certified to be within
+ * its budget: no probability, no sampling. Where the kernel is not sparse
+ * enough for that, the search gives up early and the caller answers the
+ * row otherwise.
+ *
+ * The tree covers keys 0..n-1 of a key store at build; it is a cache of
+ * the index, rebuilt (bit for bit, from the seed) when asked at a new key
+ * count. */
+#ifndef KMV_ALGO_TREE_H
+#define KMV_ALGO_TREE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "algo/keystore.h"
+#include "kmv/kmv.h"
+
+/* Keys per leaf the build aims at. */
+#define KMV__TREE_LEAF 12
+
+typedef struct kmv__tree {
+    size_t d, n;              /* key dimension, keys covered (ids 0..n-1) */
+    size_t n_groups, n_leaves;
+    float *gc, *lc;           /* centres: n_groups x d, n_leaves x d */
+    double *gr, *lr;          /* radii, rounded up */
+    uint32_t *g_off;          /* n_groups + 1: group g's leaves */
+    uint32_t *l_off;          /* n_leaves + 1: leaf l's keys in ids[] */
+    uint32_t *ids;            /* n key ids, leaf by leaf */
+    uint32_t *g_lo, *g_hi;    /* smallest and largest key id under a node */
+    uint32_t *l_lo, *l_hi;
+    size_t bytes;             /* what the arrays above take */
+} kmv__tree;
+
+/* The predicted cost of building a tree over n keys of dimension d, in
+ * the cost model's units (costmodel.h). */
+double kmv__tree_build_cost(size_t n, size_t d);
+
+/* Build the tree over the store's n keys, deterministically from seed
+ * (the same tree for any thread count). KMV_OK or KMV_ENOMEM (t is then
+ * empty). */
+int kmv__tree_build(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *ks, uint64_t seed,
+                    int threads);
+
+void kmv__tree_free(kmv__tree *t, const kmv_allocator *a);
+
+/* What a product's x puts under each leaf: the mass sum_j ||x_j||_2, the
+ * column sums sum_j x_j (c per leaf), and the squared distance past which
+ * the leaf is negligible for a query: its keys' values times its mass
+ * stay under cut = KMV__TREE_CUT budget / n_leaves. */
+typedef struct kmv__tree_mass {
+    size_t c;
+    double budget, inv2s2, cut;
+    double *la;  /* masses */
+    double *ls;  /* column sums */
+    float *thr;  /* negligible from this squared distance on */
+} kmv__tree_mass;
+
+/* The share of a row's budget all negligible leaves together may take. */
+#define KMV__TREE_CUT 0.01
+
+/* x: n x c in id order; budget: each row's; inv2s2 = 1 / (2 sigma^2).
+ * KMV_OK or KMV_ENOMEM. */
+int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *x, size_t c,
+                       double budget, double inv2s2, kmv__tree_mass *ms);
+void kmv__tree_mass_free(kmv__tree_mass *ms, const kmv_allocator *a);
+
+/* Queries one search takes at most: their distances to every leaf centre
+ * are one GEMM. */
+#define KMV__TREE_BLOCK 16
+
+/* A block of rows: sum_j K(q, k_j) x_j over keys with id <= lim[i], each
+ * within the mass's budget in the 2-norm over the columns. */
+typedef struct kmv__tree_req {
+    const kmv__tree *t;
+    const kmv__tree_mass *ms;
+    const kmv__keystore *ks;
+    const float *x;        /* n x c, id order */
+    const float *q;        /* count x d */
+    size_t count;          /* 1 .. KMV__TREE_BLOCK */
+    const uint32_t *lim;   /* per query, the largest visible id; NULL: all */
+    double max_work;       /* keys summed past which a row gives up */
+} kmv__tree_req;
+
+typedef struct kmv__tree_out {
+    double tail;       /* the certified bound on the row's error */
+    uint64_t bounded;  /* leaves whose bounds were computed in full */
+    uint64_t visited;  /* keys summed exactly */
+    int gave_up;       /* max_work passed: the row is not written */
+} kmv__tree_out;
+
+typedef struct kmv__tree_scratch kmv__tree_scratch;
+
+int kmv__tree_scratch_new(const kmv__tree *t, const kmv_allocator *a, kmv__tree_scratch **out);
+void kmv__tree_scratch_free(kmv__tree_scratch *s);
+
+/* Search; row i's estimate into y[i c .. i c + c) unless out[i].gave_up. */
+void kmv__tree_rows(const kmv__tree_req *rq, kmv__tree_scratch *s, double *y, kmv__tree_out *out);
+
+#endif /* KMV_ALGO_TREE_H */

@@ -1,0 +1,176 @@
+/* The bounds tree's search for a block of rows; see tree.h.
+ *
+ * One GEMM gives every query's squared distance to every leaf centre, with
+ * a rounding error bounded from the norms. A leaf whose distance is past
+ * its threshold (tree_mass.thr) is negligible: its keys' values times its
+ * mass stay under cut, and it is estimated as 0. Every other leaf is a
+ * candidate: its distance is taken again directly, its keys' values lie in
+ * [lb, ub] from the triangle inequality, and its term, the half-width
+ * times its mass, bounds what estimating it at its midpoint can cost. The
+ * row opens candidates, largest term first, summing their keys exactly,
+ * until the terms left plus the negligible leaves' cut fit the budget. A
+ * leaf holding keys past a causal row's limit has no valid midpoint: it is
+ * opened whenever it holds a visible key. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "algo/kernel.h"
+#include "algo/tree.h"
+#include "common/alloc.h"
+
+typedef struct cand {
+    double term, mid;
+    uint32_t leaf;
+    int must; /* partial under a causal limit: opened whatever its term */
+} cand;
+
+struct kmv__tree_scratch {
+    const kmv_allocator *a;
+    float *dot;   /* KMV__TREE_BLOCK x n_leaves */
+    float *ln;    /* the leaf centres' squared norms */
+    float *kv;    /* the largest leaf */
+    cand *cd;     /* candidates of one row */
+    double slack; /* relative rounding of a float sum of d products */
+};
+
+int kmv__tree_scratch_new(const kmv__tree *t, const kmv_allocator *a, kmv__tree_scratch **out) {
+    size_t L = t->n_leaves ? t->n_leaves : 1, wide = 1;
+    for (size_t l = 0; l < t->n_leaves; l++)
+        if (t->l_off[l + 1] - t->l_off[l] > wide) wide = t->l_off[l + 1] - t->l_off[l];
+    kmv__tree_scratch *s = kmv__malloc(a, sizeof *s);
+    if (s == NULL) return KMV_ENOMEM;
+    s->a = a;
+    s->dot = kmv__malloc_array(a, KMV__TREE_BLOCK, L * sizeof(float));
+    s->ln = kmv__malloc_array(a, L, sizeof(float));
+    s->kv = kmv__malloc_array(a, wide, sizeof(float));
+    s->cd = kmv__malloc_array(a, L, sizeof(cand));
+    /* Each product and sum rounds once: (d + 2) 2^-24 of the sum of
+     * magnitudes, twice over for safety. */
+    s->slack = 2.0 * ((double)t->d + 4.0) * 0x1p-24;
+    if (!s->dot || !s->ln || !s->kv || !s->cd) {
+        kmv__tree_scratch_free(s);
+        return KMV_ENOMEM;
+    }
+    for (size_t l = 0; l < t->n_leaves; l++) {
+        double v = 0.0;
+        for (size_t u = 0; u < t->d; u++) v += (double)t->lc[l * t->d + u] * t->lc[l * t->d + u];
+        s->ln[l] = (float)v;
+    }
+    *out = s;
+    return KMV_OK;
+}
+
+void kmv__tree_scratch_free(kmv__tree_scratch *s) {
+    if (s == NULL) return;
+    kmv__free(s->a, s->dot);
+    kmv__free(s->a, s->ln);
+    kmv__free(s->a, s->kv);
+    kmv__free(s->a, s->cd);
+    kmv__free(s->a, s);
+}
+
+static int cmp_cand(const void *pa, const void *pb) {
+    const cand *x = pa, *y = pb;
+    if (x->must != y->must) return y->must - x->must;
+    if (x->term != y->term) return x->term < y->term ? 1 : -1;
+    return (x->leaf > y->leaf) - (x->leaf < y->leaf);
+}
+
+/* The leaf's visible keys summed exactly into y; how many. */
+static size_t open_leaf(const kmv__tree_req *rq, kmv__tree_scratch *s, const float *q,
+                        uint32_t lim, size_t l, double *y) {
+    const kmv__tree *t = rq->t;
+    size_t c = rq->ms->c, k = 0;
+    const uint32_t *ids = t->ids + t->l_off[l];
+    size_t cnt = t->l_off[l + 1] - t->l_off[l];
+    for (size_t u = 0; u < cnt; u++)
+        if (ids[u] <= lim) s->kv[k++] = kmv__sqdist(q, kmv__keystore_row(rq->ks, ids[u]), t->d);
+    kmv__gauss_row_dist(s->kv, k, (float)rq->ms->inv2s2, NULL);
+    k = 0;
+    for (size_t u = 0; u < cnt; u++) {
+        if (ids[u] > lim) continue;
+        const float *xj = rq->x + (size_t)ids[u] * c;
+        for (size_t col = 0; col < c; col++) y[col] += (double)s->kv[k] * xj[col];
+        k++;
+    }
+    return k;
+}
+
+/* A candidate's interval from its distance, taken directly. */
+static cand bound_leaf(const kmv__tree_req *rq, const kmv__tree_scratch *s, const float *q,
+                       size_t l, int must) {
+    const kmv__tree *t = rq->t;
+    double d2 = (double)kmv__sqdist(q, t->lc + l * t->d, t->d);
+    double dlo2 = d2 * (1.0 - s->slack), dhi2 = d2 * (1.0 + s->slack);
+    double dlo = sqrt(dlo2 > 0.0 ? dlo2 : 0.0) - t->lr[l], dhi = sqrt(dhi2) + t->lr[l];
+    if (dlo < 0.0) dlo = 0.0;
+    double ub = exp(-dlo * dlo * rq->ms->inv2s2), lb = exp(-dhi * dhi * rq->ms->inv2s2);
+    return (cand){0.5 * (ub - lb) * rq->ms->la[l], 0.5 * (ub + lb), (uint32_t)l, must};
+}
+
+/* One row, from its dot products with the leaf centres. */
+static void one_row(const kmv__tree_req *rq, kmv__tree_scratch *s, const float *q, uint32_t lim,
+                    const float *dot, double *y, kmv__tree_out *o) {
+    const kmv__tree *t = rq->t;
+    const kmv__tree_mass *ms = rq->ms;
+    size_t c = ms->c, nc = 0, negl = 0;
+    double qn = 0.0;
+    for (size_t u = 0; u < t->d; u++) qn += (double)q[u] * q[u];
+    memset(o, 0, sizeof *o);
+    for (size_t col = 0; col < c; col++) y[col] = 0.0;
+    for (size_t l = 0; l < t->n_leaves; l++) {
+        if (t->l_lo[l] > lim) continue; /* nothing visible */
+        int must = t->l_hi[l] > lim;
+        if (!must) {
+            if (ms->la[l] == 0.0) continue; /* adds nothing */
+            /* |computed - true| <= slack (qn + ln + 2 |q| |c|) <= 2 slack (qn + ln) */
+            double d2 = (double)qn + s->ln[l] - 2.0 * (double)dot[l];
+            double err = 2.0 * s->slack * ((double)qn + s->ln[l]);
+            if (d2 - err >= (double)ms->thr[l]) {
+                negl++;
+                continue;
+            }
+        }
+        s->cd[nc++] = bound_leaf(rq, s, q, l, must);
+    }
+    o->bounded = nc;
+    qsort(s->cd, nc, sizeof(cand), cmp_cand);
+    double rest = (double)negl * ms->cut, T = 0.0;
+    for (size_t u = 0; u < nc; u++) T += s->cd[u].term;
+    size_t u = 0;
+    while (u < nc && (s->cd[u].must || T + rest > ms->budget)) {
+        size_t l = s->cd[u].leaf;
+        if ((double)(o->visited + t->l_off[l + 1] - t->l_off[l]) > rq->max_work) {
+            o->gave_up = 1;
+            return;
+        }
+        o->visited += open_leaf(rq, s, q, lim, l, y);
+        T -= s->cd[u].term;
+        u++;
+    }
+    /* the certificate: what is left, summed afresh */
+    T = rest;
+    for (size_t v = u; v < nc; v++) {
+        T += s->cd[v].term;
+        const double *sum = ms->ls + (size_t)s->cd[v].leaf * c;
+        for (size_t col = 0; col < c; col++) y[col] += s->cd[v].mid * sum[col];
+    }
+    o->tail = T;
+}
+
+void kmv__tree_rows(const kmv__tree_req *rq, kmv__tree_scratch *s, double *y, kmv__tree_out *out) {
+    const kmv__tree *t = rq->t;
+    size_t d = t->d, L = t->n_leaves;
+    if (L > 0)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)rq->count, (int)L, (int)d, 1.0f,
+                    rq->q, (int)d, t->lc, (int)d, 0.0f, s->dot, (int)L);
+    for (size_t i = 0; i < rq->count; i++) {
+        uint32_t lim = rq->lim ? rq->lim[i] : UINT32_MAX;
+        one_row(rq, s, rq->q + i * d, lim, s->dot + i * L, y + i * rq->ms->c, &out[i]);
+        /* rounding can leave the fresh sum a hair over: open on */
+        if (!out[i].gave_up && out[i].tail > rq->ms->budget) out[i].gave_up = 1;
+    }
+}
