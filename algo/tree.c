@@ -495,11 +495,13 @@ int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *
                        double budget, double inv2s2, kmv__tree_mass *ms) {
     memset(ms, 0, sizeof *ms);
     size_t L = t->n_leaves ? t->n_leaves : 1;
-    *ms = (kmv__tree_mass){c, budget, inv2s2, KMV__TREE_CUT * budget / (double)L, NULL, NULL, NULL};
+    *ms = (kmv__tree_mass){c, budget, inv2s2, KMV__TREE_CUT * budget / (double)L,
+                           NULL, NULL, NULL, NULL};
+    ms->h = kmv__malloc_array(a, L, sizeof(float));
     ms->la = kmv__malloc_array(a, L, sizeof(double));
     ms->ls = kmv__malloc_array(a, L, c * sizeof(double));
     ms->thr = kmv__malloc_array(a, L, sizeof(float));
-    if (!ms->la || !ms->ls || !ms->thr) {
+    if (!ms->la || !ms->ls || !ms->thr || !ms->h) {
         kmv__tree_mass_free(ms, a);
         return KMV_ENOMEM;
     }
@@ -525,6 +527,16 @@ int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *
             thr = D * D * (1.0 + 1e-6);
         }
         ms->thr[l] = thr < 3e38 ? (float)thr : INFINITY;
+        /* d2 = qn + ln - 2 <q, c> computed, |error| <= 2 g' (qn + ln) with
+         * g' the slack: negligible when d2 - err >= thr, that is when
+         * <q, c> <= (ln (1 - 2 g') - thr) / 2 + qn (1 - 2 g') / 2 */
+        double ln = 0.0;
+        for (size_t u = 0; u < t->d; u++) ln += (double)t->lc[l * t->d + u] * t->lc[l * t->d + u];
+        double g = 1.0 - 2.0 * kmv__tree_slack(t->d);
+        double hv = 0.5 * (ln * g - thr);
+        /* rounded down, so that the float test never says negligible
+         * where the exact one would not */
+        ms->h[l] = thr < 3e38 ? (float)(hv - 1e-6 * fabs(hv)) : -INFINITY;
     }
     return KMV_OK;
 }
@@ -533,5 +545,6 @@ void kmv__tree_mass_free(kmv__tree_mass *ms, const kmv_allocator *a) {
     kmv__free(a, ms->la);
     kmv__free(a, ms->ls);
     kmv__free(a, ms->thr);
+    kmv__free(a, ms->h);
     memset(ms, 0, sizeof *ms);
 }

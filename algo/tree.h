@@ -63,7 +63,14 @@ typedef struct kmv__tree_mass {
     double *la;  /* masses */
     double *ls;  /* column sums */
     float *thr;  /* negligible from this squared distance on */
+    float *h;    /* the same as a test on a dot product: leaf l is
+                    negligible for q when <q, c_l> <= h[l] + ||q||^2 g / 2,
+                    g = 1 - 2 kmv__tree_slack(d), rounding included */
 } kmv__tree_mass;
+
+/* The relative rounding allowed for a float sum of d products (each
+ * product and sum rounds once: (d + 2) 2^-24, taken twice over). */
+static inline double kmv__tree_slack(size_t d) { return 2.0 * ((double)d + 4.0) * 0x1p-24; }
 
 /* The share of a row's budget all negligible leaves together may take. */
 #define KMV__TREE_CUT 0.01
@@ -76,7 +83,7 @@ void kmv__tree_mass_free(kmv__tree_mass *ms, const kmv_allocator *a);
 
 /* Queries one search takes at most: their distances to every leaf centre
  * are one GEMM. */
-#define KMV__TREE_BLOCK 16
+#define KMV__TREE_BLOCK 64
 
 /* A block of rows: sum_j K(q, k_j) x_j over keys with id <= lim[i], each
  * within the mass's budget in the 2-norm over the columns. */

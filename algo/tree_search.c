@@ -47,9 +47,7 @@ int kmv__tree_scratch_new(const kmv__tree *t, const kmv_allocator *a, kmv__tree_
     s->ln = kmv__malloc_array(a, L, sizeof(float));
     s->kv = kmv__malloc_array(a, wide, sizeof(float));
     s->cd = kmv__malloc_array(a, L, sizeof(cand));
-    /* Each product and sum rounds once: (d + 2) 2^-24 of the sum of
-     * magnitudes, twice over for safety. */
-    s->slack = 2.0 * ((double)t->d + 4.0) * 0x1p-24;
+    s->slack = kmv__tree_slack(t->d);
     if (!s->dot || !s->ln || !s->kv || !s->cd) {
         kmv__tree_scratch_free(s);
         return KMV_ENOMEM;
@@ -121,20 +119,29 @@ static void one_row(const kmv__tree_req *rq, kmv__tree_scratch *s, const float *
     for (size_t u = 0; u < t->d; u++) qn += (double)q[u] * q[u];
     memset(o, 0, sizeof *o);
     for (size_t col = 0; col < c; col++) y[col] = 0.0;
-    for (size_t l = 0; l < t->n_leaves; l++) {
-        if (t->l_lo[l] > lim) continue; /* nothing visible */
-        int must = t->l_hi[l] > lim;
-        if (!must) {
+    if (lim >= t->n) {
+        /* every key visible: one vectorizable test per leaf, on the dot */
+        float qh = (float)(0.5 * qn * (1.0 - 2.0 * s->slack));
+        qh -= 1e-6f * qh; /* rounded down: never negligible by rounding */
+        for (size_t l = 0; l < t->n_leaves; l++) {
+            if (dot[l] <= ms->h[l] + qh) continue;
             if (ms->la[l] == 0.0) continue; /* adds nothing */
-            /* |computed - true| <= slack (qn + ln + 2 |q| |c|) <= 2 slack (qn + ln) */
-            double d2 = (double)qn + s->ln[l] - 2.0 * (double)dot[l];
-            double err = 2.0 * s->slack * ((double)qn + s->ln[l]);
-            if (d2 - err >= (double)ms->thr[l]) {
-                negl++;
-                continue;
-            }
+            s->cd[nc++] = bound_leaf(rq, s, q, l, 0);
         }
-        s->cd[nc++] = bound_leaf(rq, s, q, l, must);
+        negl = t->n_leaves - nc;
+    } else {
+        for (size_t l = 0; l < t->n_leaves; l++) {
+            if (t->l_lo[l] > lim) continue; /* nothing visible */
+            int must = t->l_hi[l] > lim;
+            if (!must) {
+                if (ms->la[l] == 0.0) continue;
+                if (dot[l] <= ms->h[l] + (float)(0.5 * qn * (1.0 - 2.0 * s->slack)) * (1.0f - 1e-6f)) {
+                    negl++;
+                    continue;
+                }
+            }
+            s->cd[nc++] = bound_leaf(rq, s, q, l, must);
+        }
     }
     o->bounded = nc;
     qsort(s->cd, nc, sizeof(cand), cmp_cand);

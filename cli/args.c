@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,6 +55,22 @@ int args_common_params(const char *cmd, opt *opts, size_t n, kmv_params *p) {
     kmv_params_get_x(p, &x);
     x.force_approx = args_seen(opts, n, "force-approx");
     if (args_seen(opts, n, "empirical")) x.attn_budget = KMV_BUDGET_EMPIRICAL;
+    if ((v = args_get(opts, n, "backend")) != NULL && v->seen) {
+        if (!strcmp(v->s, "auto")) x.backend = KMV_BACKEND_AUTO;
+        else if (!strcmp(v->s, "tree")) x.backend = KMV_BACKEND_TREE;
+        else if (!strcmp(v->s, "lsh")) x.backend = KMV_BACKEND_LSH;
+        else {
+            fprintf(stderr, "kmv %s: --backend must be auto, tree or lsh\n", cmd);
+            return EXIT_USAGE;
+        }
+    }
+    if ((v = args_get(opts, n, "verify-every")) != NULL && v->seen) {
+        if (v->i < 1 || v->i > INT_MAX) {
+            fprintf(stderr, "kmv %s: --verify-every must be in [1, %d]\n", cmd, INT_MAX);
+            return EXIT_USAGE;
+        }
+        x.verify_every = (int)v->i;
+    }
     kmv_params_set_x(p, &x);
     return EXIT_OK;
 }

@@ -63,6 +63,14 @@ typedef struct opt {
     EXPERIMENTAL_FLAG("empirical", "size samples by their own variance (the paper's " \
                                    "A.1.4; no error bound)")
 
+#define OPT_BACKEND                                                                     \
+    OPTION("backend", OPT_STRING, "NAME",                                               \
+           "auto (default: the cost model picks), tree (certified bounds), lsh (the " \
+           "paper's tables and sampling)")
+#define OPT_VERIFY_EVERY                                                          \
+    OPTION("verify-every", OPT_INT, "N",                                          \
+           "also compute every N-th row exactly; the stats report the errors seen")
+
 /* Parse argv[0..argc) (after the command name) against opts[0..n).
  * Accepts "--name value" and "--name=value". On a usage error prints a
  * message naming the command and option to stderr and returns EXIT_USAGE;
@@ -81,7 +89,8 @@ opt *args_get(opt *opts, size_t n, const char *name);
 int args_seen(opt *opts, size_t n, const char *name);
 
 /* Set p from whichever of --eps, --delta, --seed, --threads, --max-mb,
- * --exact, --measure-error, --force-approx and --empirical the table holds
+ * --exact, --measure-error, --force-approx, --empirical, --backend and
+ * --verify-every the table holds
  * and the user gave, and check their ranges. Returns EXIT_OK, or
  * EXIT_USAGE after a message naming the option. */
 int args_common_params(const char *cmd, opt *opts, size_t n, kmv_params *p);

@@ -167,6 +167,8 @@ int cmd_matvec(int argc, char **argv) {
         REQUIRED("sigma", OPT_DOUBLE, "S", "bandwidth: K = exp(-|q-k|^2 / (2 S^2)), S > 0"),
         FLAG("causal", "query i sees keys j <= i only"),
         PRODUCT_OPTS("Y.npy"),
+        OPT_BACKEND,
+        OPT_VERIFY_EVERY,
     };
     return run("matvec", 0, o, sizeof o / sizeof o[0], argc, argv);
 }

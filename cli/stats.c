@@ -56,6 +56,7 @@ void stats_json(text *t, const char *cmd, const kmv_params *p, int attn, const k
     num(t, "lsh", sx.seconds_lsh, 0);
     num(t, "heavy", sx.seconds_heavy, 0);
     num(t, "sample", sx.seconds_sample, 0);
+    num(t, "tree", sx.seconds_tree, 0);
     num(t, "measure", st->seconds_measure, 1);
     text_put(t, "  }");
     if (st->mode == KMV_MODE_EXACT) { /* the approximate engine never ran */
@@ -67,6 +68,22 @@ void stats_json(text *t, const char *cmd, const kmv_params *p, int attn, const k
     if (attn)
         text_put(t, "    \"attn_budget\": \"%s\",\n",
                  px.attn_budget == KMV_BUDGET_EMPIRICAL ? "empirical" : "certified");
+    text_put(t, "    \"backend\": \"%s\",\n    \"deterministic\": %s,\n",
+             sx.backend == KMV_BACKEND_TREE  ? "tree"
+             : sx.backend == KMV_BACKEND_LSH ? "lsh"
+                                             : "none",
+             sx.deterministic ? "true" : "false");
+    text_put(t, "    \"nodes_bounded\": %llu,\n    \"keys_visited\": %llu,\n",
+             (unsigned long long)sx.nodes_bounded, (unsigned long long)sx.keys_visited);
+    num(t, "certified_tail", sx.certified_tail, 0);
+    text_put(t, "    \"tree_bytes\": %zu,\n    \"verified\": %zu,\n", sx.tree_bytes, sx.verified);
+    text_put(t, "    \"verify_mean\": ");
+    text_num(t, sx.verified ? sx.verify_mean : NAN);
+    text_put(t, ",\n    \"verify_p99\": ");
+    text_num(t, sx.verified ? sx.verify_p99 : NAN);
+    text_put(t, ",\n    \"verify_max\": ");
+    text_num(t, sx.verified ? sx.verify_max : NAN);
+    text_put(t, ",\n");
     text_put(t, "    \"keys_exact\": %zu,\n    \"keys_dropped\": %zu,\n    \"keys_sampled\": %zu,\n",
              sx.keys_exact, sx.keys_dropped, sx.keys_sampled);
     num(t, "heavy_threshold", sx.heavy_threshold, 0);
