@@ -165,7 +165,7 @@ static int check_size(batch *b) {
         b->flow = FLOW_DONE;
         return KMV_OK;
     }
-    if (!b->ix->force_approx &&
+    if (!b->ix->force_approx && b->pa->backend != KMV_BACKEND_TREE &&
         (n < 4 * s_min || (double)b->m * (double)n < KMV__APPROX_MIN_ENTRIES)) {
         fall_back(b, KMV_FALLBACK_SMALL);
         return KMV_OK;
