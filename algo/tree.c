@@ -17,10 +17,13 @@
 #include <omp.h>
 #endif
 
+#include "algo/kernel.h"
 #include "common/alloc.h"
 #include "common/rng.h"
 
-#define ITERS 6            /* Lloyd's iterations, at each level */
+#define ITERS 6            /* Lloyd's iterations for the groups */
+#define LEAF_ITERS 2       /* and for leaves: k-means++ seeds them well, and
+                              refine() splits what stays wide */
 #define SAMPLE_PER_GROUP 64 /* the top level's sample */
 #define ASSIGN_BLOCK 2048  /* rows per assignment GEMM */
 
@@ -36,7 +39,7 @@ double kmv__tree_build_cost(size_t n, size_t d) {
     double sample = N < SAMPLE_PER_GROUP * G ? N : SAMPLE_PER_GROUP * G;
     /* distance entries by GEMM: the sample's iterations, every key against
      * the groups, and each group's iterations against its leaves */
-    double entries = sample * G * (ITERS + 1) + N * G + N * (L / G) * (ITERS + 1);
+    double entries = sample * G * (ITERS + 1) + N * G + N * (L / G) * (LEAF_ITERS + 4);
     return entries * (0.1 + 0.025 * (double)d) + 2.0 * N * (double)d;
 }
 
@@ -69,9 +72,9 @@ static void norms(const float *C, size_t k, size_t d, float *cn) {
 /* Lloyd's iterations over P (np x d) from the k centres in C; a centre
  * that loses every point stays where it is. Scratch: buf np x k, lab np,
  * sum k x d, cnt k, cn k. */
-static void lloyd(const float *P, size_t np, size_t d, float *C, size_t k, float *buf,
+static void lloyd(const float *P, size_t np, size_t d, float *C, size_t k, int iters, float *buf,
                   uint32_t *lab, double *sum, size_t *cnt, float *cn) {
-    for (int it = 0; it < ITERS; it++) {
+    for (int it = 0; it < iters; it++) {
         norms(C, k, d, cn);
         assign(P, np, d, C, cn, k, buf, lab);
         memset(sum, 0, k * d * sizeof(double));
@@ -176,12 +179,9 @@ static void seed_pp(const float *P, size_t np, size_t d, float *C, size_t k, dou
     for (size_t i = 0; i < np; i++) d2[i] = INFINITY;
     for (size_t j = 1; j < k; j++) {
         double tot = 0.0;
+        const float *cj = C + (j - 1) * d;
         for (size_t i = 0; i < np; i++) {
-            double s = 0.0;
-            for (size_t u = 0; u < d; u++) {
-                double t = (double)P[i * d + u] - C[(j - 1) * d + u];
-                s += t * t;
-            }
+            double s = (double)kmv__sqdist(P + i * d, cj, d);
             if (s < d2[i]) d2[i] = s;
             tot += d2[i];
         }
@@ -264,7 +264,7 @@ static int top_level(build *b) {
     if (rc == KMV_OK) {
         uint64_t rng = kmv__rng_stream(b->seed, KMV__RNG_TREE);
         seed_pp(ks->rows, S, d, b->gc0, G, d2, &rng);
-        lloyd(ks->rows, S, d, b->gc0, G, buf, lab, sum, cnt, cn);
+        lloyd(ks->rows, S, d, b->gc0, G, ITERS, buf, lab, sum, cnt, cn);
     }
     kmv__free(a, buf);
     kmv__free(a, lab);
@@ -326,7 +326,7 @@ static int split_group(build *b, size_t g) {
          * high probability, so leaves follow the data's clusters */
         uint64_t rng = kmv__rng_stream(b->seed ^ kmv__mix64(g + 1), KMV__RNG_TREE);
         seed_pp(P, sz, d, C, k, d2, &rng);
-        if (k > 1) lloyd(P, sz, d, C, k, buf, lab, sum, cnt, cn);
+        if (k > 1) lloyd(P, sz, d, C, k, LEAF_ITERS, buf, lab, sum, cnt, cn);
         else memset(lab, 0, sz * sizeof(uint32_t));
         k = refine(P, sz, d, lab, C, k, kcap, d2, sum);
         memset(cnt, 0, (k + 1) * sizeof(size_t));
