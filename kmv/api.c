@@ -143,7 +143,8 @@ static int run(const kmv_ctx *ctx, op_kind op, const float *q, size_t m, const f
     /* Too small to gain: no index built just to fall back; the exact path
      * runs and the stats say why. */
     int approx = !pa->exact && m > 0 && c > 0 &&
-                 ((double)m * (double)n >= KMV__APPROX_MIN_ENTRIES || pa->force_approx);
+                 ((double)m * (double)n >= KMV__APPROX_MIN_ENTRIES || pa->force_approx ||
+                  pa->backend == KMV_BACKEND_TREE);
     kmv__stats S;
     if (!approx) rc = exact(&cl, &S);
     else if (op == OP_GAUSS) rc = approx_gauss(&cl, &S);

@@ -141,6 +141,21 @@ expect 0 "" -- $KMV matvec --force-approx --measure-error --sigma 1 --queries "$
 if grep -q '"mode": "approx"' "$T/sf.json"; then ok; else bad "--force-approx: $(cat "$T/sf.json")"; fi
 if awk -F': ' '/"measure"/ {gsub(/,/, "", $2); exit !($2 > 0)}' "$T/sf.json"; then ok; else bad "no measure phase: $(cat "$T/sf.json")"; fi
 schema "$T/sf.json"
+# --backend tree: the bounds tree answers with a deterministic certificate;
+# --verify-every 4 computes rows 0, 4, ... exactly too and reports their errors.
+expect 0 "" -- $KMV matvec --backend tree --verify-every 4 --measure-error --sigma 0.5 --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --out "$T/yt.npy" --stats "$T/st.json"
+for f in '"backend": "tree"' '"deterministic": true' '"verified": 13,'; do
+    if grep -q "$f" "$T/st.json"; then ok; else bad "--backend tree: no $f in $(cat "$T/st.json")"; fi
+done
+if awk -F': ' '/"error_measured"/ {gsub(/,/, "", $2); exit !($2 + 0 <= 0.1)}' "$T/st.json"; then ok; else bad "tree error: $(cat "$T/st.json")"; fi
+if awk -F': ' '/"verify_max"/ {gsub(/,/, "", $2); exit !($2 + 0 <= 0.1)}' "$T/st.json"; then ok; else bad "verify_max: $(cat "$T/st.json")"; fi
+schema "$T/st.json"
+expect 0 "" -- $KMV matvec --backend lsh --force-approx --sigma 0.5 --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --out "$T/yl.npy" --stats "$T/sl.json"
+if grep -q '"backend": "lsh"' "$T/sl.json" && grep -q '"verify_max": null' "$T/sl.json"; then ok; else bad "--backend lsh: $(cat "$T/sl.json")"; fi
+schema "$T/sl.json"
+expect 2 "backend must be auto, tree or lsh" -- $KMV matvec --backend fast --sigma 1 --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --out "$T/yb.npy"
+expect 2 "verify-every must be in" -- $KMV matvec --verify-every 0 --sigma 1 --queries "$T/q.npy" --keys "$T/k.npy" --x "$T/x.npy" --out "$T/yb.npy"
+absent "$T/yb.npy"
 # Attention over no keys names the file.
 $GEN write "$T/k0.npy" 0 6 1 >/dev/null
 $GEN write "$T/v0.npy" 0 3 1 >/dev/null
