@@ -496,12 +496,13 @@ int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *
     memset(ms, 0, sizeof *ms);
     size_t L = t->n_leaves ? t->n_leaves : 1;
     *ms = (kmv__tree_mass){c, budget, inv2s2, KMV__TREE_CUT * budget / (double)L,
-                           NULL, NULL, NULL, NULL};
+                           NULL, NULL, NULL, NULL, NULL};
     ms->h = kmv__malloc_array(a, L, sizeof(float));
+    ms->s = kmv__malloc_array(a, L, sizeof(float));
     ms->la = kmv__malloc_array(a, L, sizeof(double));
     ms->ls = kmv__malloc_array(a, L, c * sizeof(double));
     ms->thr = kmv__malloc_array(a, L, sizeof(float));
-    if (!ms->la || !ms->ls || !ms->thr || !ms->h) {
+    if (!ms->la || !ms->ls || !ms->thr || !ms->h || !ms->s) {
         kmv__tree_mass_free(ms, a);
         return KMV_ENOMEM;
     }
@@ -527,6 +528,7 @@ int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *
             thr = D * D * (1.0 + 1e-6);
         }
         ms->thr[l] = thr < 3e38 ? (float)thr : INFINITY;
+        ms->s[l] = thr < 3e38 ? (float)(sqrt(thr) * (1.0 + 1e-6)) : INFINITY;
         /* d2 = qn + ln - 2 <q, c> computed, |error| <= 2 g' (qn + ln) with
          * g' the slack: negligible when d2 - err >= thr, that is when
          * <q, c> <= (ln (1 - 2 g') - thr) / 2 + qn (1 - 2 g') / 2 */
@@ -546,5 +548,6 @@ void kmv__tree_mass_free(kmv__tree_mass *ms, const kmv_allocator *a) {
     kmv__free(a, ms->ls);
     kmv__free(a, ms->thr);
     kmv__free(a, ms->h);
+    kmv__free(a, ms->s);
     memset(ms, 0, sizeof *ms);
 }

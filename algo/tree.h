@@ -63,6 +63,7 @@ typedef struct kmv__tree_mass {
     double *la;  /* masses */
     double *ls;  /* column sums */
     float *thr;  /* negligible from this squared distance on */
+    float *s;    /* sqrt(thr), rounded up */
     float *h;    /* the same as a test on a dot product: leaf l is
                     negligible for q when <q, c_l> <= h[l] + ||q||^2 g / 2,
                     g = 1 - 2 kmv__tree_slack(d), rounding included */
@@ -112,5 +113,17 @@ void kmv__tree_scratch_free(kmv__tree_scratch *s);
 
 /* Search; row i's estimate into y[i c .. i c + c) unless out[i].gave_up. */
 void kmv__tree_rows(const kmv__tree_req *rq, kmv__tree_scratch *s, double *y, kmv__tree_out *out);
+
+/* Rows near one point z share a scan: with zdot[l] = <z, c_l> (a GEMM of
+ * the caller's) and every query of the group within rho of z, the leaves
+ * that may matter to any of them (the others are negligible for all) go
+ * to cands; returns how many. */
+size_t kmv__tree_group_cands(const kmv__tree *t, const kmv__tree_mass *ms, const float *zdot,
+                             double zn, double rho, uint32_t *cands);
+
+/* One row (rq->q, rq->count 1, no causal limit) from its group's
+ * candidates: the others are negligible for it. y: c values. */
+void kmv__tree_row_from(const kmv__tree_req *rq, kmv__tree_scratch *s, const uint32_t *cands,
+                        size_t n_cands, double *y, kmv__tree_out *o);
 
 #endif /* KMV_ALGO_TREE_H */

@@ -97,17 +97,19 @@ static size_t open_leaf(const kmv__tree_req *rq, kmv__tree_scratch *s, const flo
     return k;
 }
 
-/* A candidate's interval from its distance, taken directly. */
-static cand bound_leaf(const kmv__tree_req *rq, const kmv__tree_scratch *s, const float *q,
-                       size_t l, int must) {
+/* A candidate's interval from its squared distance d2, taken directly. */
+static cand bound_leaf(const kmv__tree_req *rq, const kmv__tree_scratch *s, double d2, size_t l,
+                       int must) {
     const kmv__tree *t = rq->t;
-    double d2 = (double)kmv__sqdist(q, t->lc + l * t->d, t->d);
     double dlo2 = d2 * (1.0 - s->slack), dhi2 = d2 * (1.0 + s->slack);
     double dlo = sqrt(dlo2 > 0.0 ? dlo2 : 0.0) - t->lr[l], dhi = sqrt(dhi2) + t->lr[l];
     if (dlo < 0.0) dlo = 0.0;
     double ub = exp(-dlo * dlo * rq->ms->inv2s2), lb = exp(-dhi * dhi * rq->ms->inv2s2);
     return (cand){0.5 * (ub - lb) * rq->ms->la[l], 0.5 * (ub + lb), (uint32_t)l, must};
 }
+
+static void settle(const kmv__tree_req *rq, kmv__tree_scratch *s, const float *q, uint32_t lim,
+                   size_t nc, size_t negl, double *y, kmv__tree_out *o);
 
 /* One row, from its dot products with the leaf centres. */
 static void one_row(const kmv__tree_req *rq, kmv__tree_scratch *s, const float *q, uint32_t lim,
@@ -126,7 +128,7 @@ static void one_row(const kmv__tree_req *rq, kmv__tree_scratch *s, const float *
         for (size_t l = 0; l < t->n_leaves; l++) {
             if (dot[l] <= ms->h[l] + qh) continue;
             if (ms->la[l] == 0.0) continue; /* adds nothing */
-            s->cd[nc++] = bound_leaf(rq, s, q, l, 0);
+            s->cd[nc++] = bound_leaf(rq, s, kmv__sqdist(q, t->lc + l * t->d, t->d), l, 0);
         }
         negl = t->n_leaves - nc;
     } else {
@@ -140,9 +142,19 @@ static void one_row(const kmv__tree_req *rq, kmv__tree_scratch *s, const float *
                     continue;
                 }
             }
-            s->cd[nc++] = bound_leaf(rq, s, q, l, must);
+            s->cd[nc++] = bound_leaf(rq, s, kmv__sqdist(q, t->lc + l * t->d, t->d), l, must);
         }
     }
+    settle(rq, s, q, lim, nc, negl, y, o);
+}
+
+/* The row from its candidates s->cd[0 .. nc) (the other leaves, negl of
+ * them counted, negligible): open the largest terms until the rest fits. */
+static void settle(const kmv__tree_req *rq, kmv__tree_scratch *s, const float *q, uint32_t lim,
+                   size_t nc, size_t negl, double *y, kmv__tree_out *o) {
+    const kmv__tree *t = rq->t;
+    const kmv__tree_mass *ms = rq->ms;
+    size_t c = ms->c;
     o->bounded = nc;
     qsort(s->cd, nc, sizeof(cand), cmp_cand);
     double rest = (double)negl * ms->cut, T = 0.0;
@@ -180,4 +192,36 @@ void kmv__tree_rows(const kmv__tree_req *rq, kmv__tree_scratch *s, double *y, km
         /* rounding can leave the fresh sum a hair over: open on */
         if (!out[i].gave_up && out[i].tail > rq->ms->budget) out[i].gave_up = 1;
     }
+}
+
+size_t kmv__tree_group_cands(const kmv__tree *t, const kmv__tree_mass *ms, const float *zdot,
+                             double zn, double rho, uint32_t *cands) {
+    double g = 1.0 - 2.0 * kmv__tree_slack(t->d);
+    float base = (float)(0.5 * zn * g - 0.5 * rho * rho);
+    base -= 1e-6f * fabsf(base) + 1e-30f; /* rounded down */
+    float fr = (float)rho * (1.0f + 1e-6f);
+    size_t nc = 0;
+    for (size_t l = 0; l < t->n_leaves; l++)
+        if (zdot[l] > ms->h[l] + base - fr * ms->s[l] && ms->la[l] != 0.0) cands[nc++] = (uint32_t)l;
+    return nc;
+}
+
+void kmv__tree_row_from(const kmv__tree_req *rq, kmv__tree_scratch *s, const uint32_t *cands,
+                        size_t n_cands, double *y, kmv__tree_out *o) {
+    const kmv__tree *t = rq->t;
+    const float *q = rq->q;
+    memset(o, 0, sizeof *o);
+    for (size_t col = 0; col < rq->ms->c; col++) y[col] = 0.0;
+    size_t nc = 0, negl = t->n_leaves - n_cands;
+    for (size_t u = 0; u < n_cands; u++) {
+        size_t l = cands[u];
+        double d2 = (double)kmv__sqdist(q, t->lc + l * t->d, t->d);
+        if (d2 * (1.0 - s->slack) >= (double)rq->ms->thr[l]) {
+            negl++;
+            continue;
+        }
+        s->cd[nc++] = bound_leaf(rq, s, d2, l, 0);
+    }
+    settle(rq, s, q, UINT32_MAX, nc, negl, y, o);
+    if (!o->gave_up && o->tail > rq->ms->budget) o->gave_up = 1;
 }
