@@ -253,8 +253,8 @@ int main(int argc, char **argv) {
                 fputs(line, stdout);
                 fflush(stdout);
                 if (out) fputs(line, out);
-                fprintf(stderr, "  phases: lsh %.3f s, heavy %.3f s, sample %.3f s; steps/row %.0f\n",
-                        sx.seconds_lsh, sx.seconds_heavy, sx.seconds_sample,
+                fprintf(stderr, "  phases: tree %.3f s, lsh %.3f s, heavy %.3f s, sample %.3f s; steps/row %.0f\n",
+                        sx.seconds_tree, sx.seconds_lsh, sx.seconds_heavy, sx.seconds_sample,
                         (double)sx.lsh_steps / (double)n);
                 if (!n_first) {
                     n_first = n;
