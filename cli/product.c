@@ -181,6 +181,7 @@ int cmd_attention(int argc, char **argv) {
         OPTION("scale", OPT_DOUBLE, "S", "logit scale, > 0 (default 1/sqrt(d))"),
         FLAG("causal", "query i sees keys j <= i only"),
         PRODUCT_OPTS("O.npy"),
+        OPT_VERIFY_EVERY,
         OPT_EMPIRICAL,
     };
     return run("attention", 1, o, sizeof o / sizeof o[0], argc, argv);

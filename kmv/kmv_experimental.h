@@ -57,8 +57,9 @@ typedef struct kmv_params_x {
     int min_samples;   /* samples per approximated row at least,
                           [8, 65536]. Default 64 */
     int backend;       /* a kmv_backend. Default AUTO */
-    int verify_every;  /* > 0: every verify_every-th approximated row of a
-                          batch product is computed exactly too, and the
+    int verify_every;  /* N > 0: rows 0, N, 2N, ... of an approximate
+                          batch product (kmv_matvec, kmv_index_matvec,
+                          kmv_attention) are computed exactly too, and the
                           stats report the errors seen (verify_*). 0: off.
                           Default 0 */
 } kmv_params_x;
@@ -102,8 +103,9 @@ typedef struct kmv_stats_x {
     size_t tree_bytes;       /* the tree's memory */
     double seconds_tree;     /* building the tree (0 when one was held) */
     /* The monitor (params verify_every): rows computed exactly too, and
-     * their errors sqrt(m) ||y_i - (Kx)_i|| / ||x||, on eps's scale (the
-     * guarantee bounds their root mean square by eps) */
+     * their errors. Gaussian: sqrt(m) ||y_i - (Kx)_i|| / ||x||, on eps's
+     * scale (the guarantee bounds their root mean square by eps).
+     * Attention: ||o_i - exact_i||, on error_bound's scale (per row). */
     size_t verified;
     double verify_mean, verify_p99, verify_max;
 } kmv_stats_x;

@@ -16,6 +16,7 @@
  * threads. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "algo/exact.h"
@@ -166,6 +167,66 @@ static int exact_deferred(batch *b) {
     return rc;
 }
 
+static int cmp_double(const void *pa, const void *pb) {
+    double x = *(const double *)pa, y = *(const double *)pb;
+    return (x > y) - (x < y);
+}
+
+/* Row i of softmax(scale Q K^T) V in double, with its causal mask. */
+static void exact_attn_row(const batch *b, size_t i, double *o) {
+    const float *qi = b->q + i * b->d;
+    size_t lim = b->pa->causal && i + 1 < b->n ? i + 1 : b->n;
+    double mx = -INFINITY, z = 0.0;
+    for (size_t j = 0; j < lim; j++) {
+        double s = 0.0;
+        for (size_t u = 0; u < b->d; u++) s += (double)qi[u] * b->k[j * b->d + u];
+        if (s * b->scale > mx) mx = s * b->scale;
+    }
+    for (size_t col = 0; col < b->c; col++) o[col] = 0.0;
+    for (size_t j = 0; j < lim; j++) {
+        double s = 0.0;
+        for (size_t u = 0; u < b->d; u++) s += (double)qi[u] * b->k[j * b->d + u];
+        double w = exp(s * b->scale - mx);
+        z += w;
+        for (size_t col = 0; col < b->c; col++) o[col] += w * b->v[j * b->c + col];
+    }
+    for (size_t col = 0; col < b->c; col++) o[col] /= z;
+}
+
+/* The monitor (params.verify_every = N): rows 0, N, 2N, ... against their
+ * exact values; the errors ||o_i - exact_i|| are on error_bound's scale
+ * (the bound is per row). */
+static int verify(batch *b) {
+    size_t N = (size_t)b->pa->verify_every;
+    if (N == 0 || b->approx == 0) return KMV_OK;
+    size_t nv = (b->m + N - 1) / N, c = b->c;
+    double *err = kmv__malloc_array(b->a, nv, sizeof(double));
+    double *o = kmv__malloc_array(b->a, nv, c * sizeof(double));
+    int rc = err && o ? KMV_OK : KMV_ENOMEM;
+    if (rc == KMV_OK) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(b->nt)
+        for (size_t u = 0; u < nv; u++) {
+            exact_attn_row(b, u * N, o + u * c);
+            double e2 = 0.0;
+            for (size_t col = 0; col < c; col++) {
+                double t = (double)b->res[u * N * c + col] - o[u * c + col];
+                e2 += t * t;
+            }
+            err[u] = sqrt(e2);
+        }
+        double sum = 0.0;
+        for (size_t u = 0; u < nv; u++) sum += err[u];
+        qsort(err, nv, sizeof(double), cmp_double);
+        b->S->verified = nv;
+        b->S->verify_mean = sum / (double)nv;
+        b->S->verify_p99 = err[(size_t)ceil(0.99 * (double)nv) - 1];
+        b->S->verify_max = err[nv - 1];
+    }
+    kmv__free(b->a, err);
+    kmv__free(b->a, o);
+    return rc;
+}
+
 /* Under params.measure_error, ||O - exact||_F / ||V||_F, as the paper's
  * appendix A.1.4 reports it. */
 static int measure(batch *b) {
@@ -206,7 +267,8 @@ static void report(batch *b) {
 int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const float *k,
                           size_t n, size_t d, const float *v, size_t c, double scale,
                           float *out, kmv__stats *stats) {
-    static int (*const steps[])(batch *) = {probe, step_rest, exact_rest, exact_deferred, measure};
+    static int (*const steps[])(batch *) = {probe,          step_rest, exact_rest,
+                                            exact_deferred, verify,    measure};
     double t0 = kmv__now();
     const kmv__params *pa = &ctx->params;
     kmv__params p = *pa;

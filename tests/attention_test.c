@@ -103,6 +103,48 @@ static void rows_within_bound(void **state) {
     free(rows);
 }
 
+/* The monitor: rows 0, 7, 14, ... computed exactly too; its figures are
+ * those rows' errors against the float64 softmax, under the empirical
+ * budget (the fast path it is for: no bound of its own). */
+static void verify_every(void **state) {
+    (void)state;
+    double *rows = malloc(M * sizeof(double));
+    for (int empirical = 1; empirical < 2; empirical++) {
+        kmv_params p;
+        kmv_params_init(&p);
+        p.seed = 11;
+        kmv_params_x px = tu_px(&p);
+        px.force_approx = 1;
+        px.verify_every = 7;
+        px.attn_budget = empirical ? KMV_BUDGET_EMPIRICAL : KMV_BUDGET_CERTIFIED;
+        assert_int_equal(kmv_params_set_x(&p, &px), KMV_OK);
+        kmv_ctx *ctx;
+        assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
+        float *out = malloc(M * C * sizeof(float));
+        kmv_stats st;
+        assert_int_equal(kmv_attention(ctx, queries, M, keys, N, D, v, C, out, &st), KMV_OK);
+        assert_int_equal(st.mode, KMV_MODE_APPROX);
+        row_errors(out, queries, M, 0, rows);
+        double mx = 0.0, sum = 0.0;
+        size_t nv = 0;
+        for (size_t i = 0; i < M; i += 7, nv++) {
+            mx = rows[i] > mx ? rows[i] : mx;
+            sum += rows[i];
+        }
+        kmv_stats_x sx = tu_x(&st);
+        assert_int_equal(sx.verified, nv);
+        assert_true(fabs(sx.verify_max - mx) <= 1e-4 * mx + 1e-7);
+        assert_true(fabs(sx.verify_mean - sum / (double)nv) <= 1e-4 * mx + 1e-7);
+        assert_true(sx.verify_p99 <= sx.verify_max);
+        print_message("%s: %zu rows verified, mean %.2e, max %.2e, bound %g\n",
+                      empirical ? "empirical" : "certified", sx.verified, sx.verify_mean,
+                      sx.verify_max, st.error_bound);
+        free(out);
+        kmv_ctx_free(ctx);
+    }
+    free(rows);
+}
+
 /* Same seed, same answer; and the same on 3 threads, where the rows after
  * the first approximated one step concurrently. */
 static void deterministic(void **state) {
@@ -214,6 +256,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(rows_within_bound),
         cmocka_unit_test(deterministic),
+        cmocka_unit_test(verify_every),
         cmocka_unit_test(probe_gives_up),
         cmocka_unit_test(causal_probe_gives_up),
         cmocka_unit_test(allocation_failures),

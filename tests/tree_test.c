@@ -47,6 +47,30 @@ static data glove(double sigma) {
     return ds;
 }
 
+/* Every eighth U.S. postal code (data/zipcodes_latlon.npy), standardized:
+ * real low-dimensional kernel-density data. Queries: every fourth key. */
+static data zipcodes(double sigma) {
+    kmv_array a;
+    char err[256];
+    const char *paths[] = {"data/zipcodes_latlon.npy", "../data/zipcodes_latlon.npy"};
+    int rc = KMV_EIO;
+    for (size_t i = 0; i < 2 && rc != KMV_OK; i++) rc = kmv_npy_read(paths[i], NULL, &a, err, sizeof err);
+    if (rc != KMV_OK) fail_msg("zip codes: %s", err);
+    size_t n = a.rows / 8, d = a.cols;
+    data ds = {malloc(n * d * sizeof(float)), NULL, n, n / 4, d, sigma};
+    for (size_t i = 0; i < n; i++) memcpy(ds.k + i * d, a.data + 8 * i * d, d * sizeof(float));
+    for (size_t u = 0; u < d; u++) {
+        double s = 0.0, s2 = 0.0;
+        for (size_t i = 0; i < n; i++) s += ds.k[i * d + u];
+        for (size_t i = 0; i < n; i++) s2 += (ds.k[i * d + u] - s / (double)n) * (ds.k[i * d + u] - s / (double)n);
+        for (size_t i = 0; i < n; i++) ds.k[i * d + u] = (float)((ds.k[i * d + u] - s / (double)n) / sqrt(s2 / (double)n));
+    }
+    ds.q = malloc(ds.m * d * sizeof(float));
+    for (size_t i = 0; i < ds.m; i++) memcpy(ds.q + i * d, ds.k + 4 * i * d, d * sizeof(float));
+    kmv_array_free(&a);
+    return ds;
+}
+
 static void data_free(data *ds) {
     free(ds->k);
     free(ds->q);
@@ -171,6 +195,13 @@ static void test_glove(void **state) {
     data_free(&ds);
     ds = glove(0.5);
     certified(&ds, 0, "glove sigma 0.5");
+    data_free(&ds);
+}
+
+static void test_zipcodes(void **state) {
+    (void)state;
+    data ds = zipcodes(0.05);
+    certified(&ds, 0, "zip codes sigma 0.05");
     data_free(&ds);
 }
 
@@ -322,6 +353,7 @@ static void test_allocation_failures(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_clustered),     cmocka_unit_test(test_glove),
+        cmocka_unit_test(test_zipcodes),
         cmocka_unit_test(test_causal),        cmocka_unit_test(test_adversarial),
         cmocka_unit_test(test_deterministic), cmocka_unit_test(test_cost_model),
         cmocka_unit_test(test_verify_every),  cmocka_unit_test(test_allocation_failures),
