@@ -84,7 +84,7 @@ static double trial(const tree_run *r) {
     size_t rows = r->m < KMV__TREE_TRIAL_ROWS ? r->m : KMV__TREE_TRIAL_ROWS;
     double d = (double)r->ix->d, cost = 0.0, n = (double)r->ix->ks.n;
     for (size_t u0 = 0; u0 < rows; u0 += TB) {
-        size_t cnt = rows - u0 < TB ? rows - u0 : TB, idx[TB];
+        size_t cnt = rows - u0 < TB ? rows - u0 : TB, idx[TB] = {0};
         kmv__tree_out o[TB];
         for (size_t u = 0; u < cnt; u++) idx[u] = (u0 + u) * r->m / rows;
         tree_block(r, idx, cnt, 0, r->ybuf, o);
