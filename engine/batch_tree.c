@@ -54,9 +54,10 @@ static int run_init(tree_run *r) {
 }
 
 /* Rows rows[0 .. cnt) (cnt <= TB) into y (cnt x c), on thread tid's
- * scratch; rows the search gives up on are summed exactly. */
+ * scratch; rows the search gives up on are summed exactly, unless
+ * cost_only (the trial, which only counts). */
 static void tree_block(const tree_run *r, const size_t *rows, size_t cnt, int tid, double *y,
-                       kmv__tree_out *o) {
+                       kmv__tree_out *o, int cost_only) {
     const kmv__keystore *ks = &r->ix->ks;
     size_t d = ks->d;
     float qb[TB * 1024];
@@ -75,27 +76,33 @@ static void tree_block(const tree_run *r, const size_t *rows, size_t cnt, int ti
             kmv__tree_rows(&rq, r->sc[tid], y + u * r->c, o + u);
         }
     }
-    for (size_t u = 0; u < cnt; u++)
+    for (size_t u = 0; u < cnt && !cost_only; u++)
         if (o[u].gave_up) kmv__exact_row(ks, r->q + rows[u] * d, r->x, r->c, r->inv2s2, lim[u], y + u * r->c);
 }
 
-/* The predicted cost of every row from a few spread ones. */
-static double trial(const tree_run *r) {
+/* The predicted cost of every row from a few spread ones, in blocks of
+ * 16: once the rows seen predict more than cap, the trial stops there
+ * (returning that prediction), so data the tree cannot certify costs it
+ * 16 rows, not 64. */
+static double trial(const tree_run *r, double cap) {
     size_t rows = r->m < KMV__TREE_TRIAL_ROWS ? r->m : KMV__TREE_TRIAL_ROWS;
     double d = (double)r->ix->d, cost = 0.0, n = (double)r->ix->ks.n;
-    for (size_t u0 = 0; u0 < rows; u0 += TB) {
-        size_t cnt = rows - u0 < TB ? rows - u0 : TB, idx[TB] = {0};
-        kmv__tree_out o[TB];
+    size_t seen = 0;
+    for (size_t u0 = 0; u0 < rows; u0 += 16) {
+        size_t cnt = rows - u0 < 16 ? rows - u0 : 16, idx[16] = {0};
+        kmv__tree_out o[16];
         for (size_t u = 0; u < cnt; u++) idx[u] = (u0 + u) * r->m / rows;
-        tree_block(r, idx, cnt, 0, r->ybuf, o);
+        tree_block(r, idx, cnt, 0, r->ybuf, o, 1);
         for (size_t u = 0; u < cnt; u++) {
             cost += (double)r->t->n_leaves * kmv__cost_scan(d) +
                     (double)o[u].bounded * kmv__cost_bound(d) +
                     (double)o[u].visited * kmv__cost_visit(d);
             if (o[u].gave_up) cost += n * kmv__cost_window(d);
         }
+        seen += cnt;
+        if (cost / (double)seen * (double)r->m > cap) break;
     }
-    return cost / (double)rows * (double)r->m;
+    return cost / (double)seen * (double)r->m;
 }
 
 /* What the rows did, summed over threads. */
@@ -134,7 +141,7 @@ static void scan_rows(const tree_run *r, const size_t *rows, size_t cnt, float *
         size_t i0 = b * TB, bc = cnt - i0 < TB ? cnt - i0 : TB;
         double *yb = r->ybuf + (size_t)tid * TB * r->c;
         kmv__tree_out o[TB];
-        tree_block(r, rows + i0, bc, tid, yb, o);
+        tree_block(r, rows + i0, bc, tid, yb, o, 0);
         tally tl = {0, 0, 0, 0.0};
         for (size_t u = 0; u < bc; u++) {
             for (size_t col = 0; col < r->c; col++) y[rows[i0 + u] * r->c + col] = (float)yb[u * r->c + col];
@@ -390,7 +397,7 @@ int kmv__batch_tree(kmv_index *ix, const float *q, size_t m, const float *x, siz
     rc = run_init(&r);
     double ts = kmv__now();
     if (rc == KMV_OK && !forced) {
-        double pred = build + trial(&r);
+        double pred = build + trial(&r, 0.5 * exact_cost - build);
         if (pred > 0.5 * exact_cost) {
             S->seconds_heavy = kmv__now() - ts;
             run_free(&r);
