@@ -251,6 +251,47 @@ static void test_deterministic(void **state) {
     data_free(&ds);
 }
 
+/* A stream's product over its prefix goes through the same index and
+ * tree: keys appended in blocks answer bit for bit as the batch over all
+ * of them, and again after more keys (a new tree at the new count). */
+static void test_stream_matches_batch(void **state) {
+    (void)state;
+    data ds = clustered(4096, 512, 16, 19);
+    float *x = malloc(ds.n * sizeof(float)), *y1 = malloc(ds.m * sizeof(float)),
+          *y2 = malloc(ds.m * sizeof(float));
+    dg_x(x, ds.n, DG_X_GAUSS, 20);
+    kmv_params p = params(&ds, 3, KMV_BACKEND_TREE, 0);
+    kmv_ctx *ctx;
+    assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
+    kmv_stream *s;
+    assert_int_equal(kmv_stream_create(ctx, ds.d, 1, &s), KMV_OK);
+    assert_int_equal(kmv_stream_append_queries(s, ds.q, ds.m), KMV_OK);
+    size_t half = ds.n / 2;
+    for (size_t j0 = 0; j0 < half; j0 += 500) {
+        size_t cnt = half - j0 < 500 ? half - j0 : 500;
+        assert_int_equal(kmv_stream_append_keys(s, ds.k + j0 * ds.d, x + j0, cnt), KMV_OK);
+    }
+    for (int round = 0; round < 2; round++) {
+        data part = ds;
+        part.n = round ? ds.n : half;
+        kmv_stats st;
+        assert_int_equal(kmv_stream_matvec(s, NULL, y1, &st), KMV_OK);
+        assert_int_equal(tu_x(&st).backend, KMV_BACKEND_TREE);
+        assert_int_equal(product(&part, &p, x, 1, y2, NULL, NULL), KMV_OK);
+        assert_memory_equal(y1, y2, ds.m * sizeof(float));
+        check_rows(&part, x, 1, y1, 0, p.eps);
+        if (round == 0)
+            assert_int_equal(kmv_stream_append_keys(s, ds.k + half * ds.d, x + half, ds.n - half),
+                             KMV_OK);
+    }
+    kmv_stream_free(s);
+    kmv_ctx_free(ctx);
+    free(x);
+    free(y1);
+    free(y2);
+    data_free(&ds);
+}
+
 /* AUTO takes the tree where its trial shows it cheap, and LSH never
  * builds one. */
 static void test_cost_model(void **state) {
@@ -355,7 +396,8 @@ int main(void) {
         cmocka_unit_test(test_clustered),     cmocka_unit_test(test_glove),
         cmocka_unit_test(test_zipcodes),
         cmocka_unit_test(test_causal),        cmocka_unit_test(test_adversarial),
-        cmocka_unit_test(test_deterministic), cmocka_unit_test(test_cost_model),
+        cmocka_unit_test(test_deterministic), cmocka_unit_test(test_stream_matches_batch),
+        cmocka_unit_test(test_cost_model),
         cmocka_unit_test(test_verify_every),  cmocka_unit_test(test_allocation_failures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
