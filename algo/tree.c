@@ -262,9 +262,18 @@ static int top_level(build *b) {
     double *d2 = kmv__malloc_array(a, S, sizeof(double));
     int rc = buf && lab && sum && cnt && cn && d2 ? KMV_OK : KMV_ENOMEM;
     if (rc == KMV_OK) {
-        uint64_t rng = kmv__rng_stream(b->seed, KMV__RNG_TREE);
-        seed_pp(ks->rows, S, d, b->gc0, G, d2, &rng);
-        lloyd(ks->rows, S, d, b->gc0, G, ITERS, buf, lab, sum, cnt, cn);
+        /* BLAS on one thread inside a team of one, as everywhere in kmv:
+         * the same result for any thread count, and no BLAS team of its
+         * own on the caller's thread */
+#pragma omp parallel num_threads(1)
+        {
+#ifdef _OPENMP
+            omp_set_num_threads(1);
+#endif
+            uint64_t rng = kmv__rng_stream(b->seed, KMV__RNG_TREE);
+            seed_pp(ks->rows, S, d, b->gc0, G, d2, &rng);
+            lloyd(ks->rows, S, d, b->gc0, G, ITERS, buf, lab, sum, cnt, cn);
+        }
     }
     kmv__free(a, buf);
     kmv__free(a, lab);

@@ -397,7 +397,15 @@ int kmv__batch_tree(kmv_index *ix, const float *q, size_t m, const float *x, siz
     rc = run_init(&r);
     double ts = kmv__now();
     if (rc == KMV_OK && !forced) {
-        double pred = build + trial(&r, 0.5 * exact_cost - build);
+        double pred = build;
+        /* BLAS on one thread, inside a team of one (see tree.c) */
+#pragma omp parallel num_threads(1)
+        {
+#ifdef _OPENMP
+            omp_set_num_threads(1);
+#endif
+            pred += trial(&r, 0.5 * exact_cost - build);
+        }
         if (pred > 0.5 * exact_cost) {
             S->seconds_heavy = kmv__now() - ts;
             run_free(&r);
