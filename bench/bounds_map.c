@@ -20,41 +20,9 @@
 #define KMV_STATIC_LINKING_ONLY
 #include "kmv/kmv.h"
 #include "kmv/kmv_experimental.h"
+#include "bench/oracle.h"
 #include "tests/datagen.h"
 #include "tools/clock.h"
-
-static int cmp_desc(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x < y) - (x > y);
-}
-
-/* The oracle's mean fraction of keys over rows spread through the m. */
-static double oracle(const float *q, size_t m, const float *k, size_t n, size_t d, const float *x,
-                     double sigma, double eps, size_t rows) {
-    double x2 = 0.0;
-    for (size_t j = 0; j < n; j++) x2 += (double)x[j] * x[j];
-    double share = eps * sqrt(x2 / (double)m), total = 0.0;
-    double *t = malloc(n * sizeof(double));
-    for (size_t r = 0; r < rows; r++) {
-        const float *qi = q + (r * m / rows) * d;
-        double rest = 0.0;
-        for (size_t j = 0; j < n; j++) {
-            double d2 = 0.0;
-            for (size_t u = 0; u < d; u++) {
-                double z = (double)qi[u] - k[j * d + u];
-                d2 += z * z;
-            }
-            t[j] = exp(-d2 / (2.0 * sigma * sigma)) * fabs((double)x[j]);
-            rest += t[j];
-        }
-        qsort(t, n, sizeof(double), cmp_desc);
-        size_t kept = 0;
-        while (kept < n && rest > share) rest -= t[kept++];
-        total += (double)kept / (double)n;
-    }
-    free(t);
-    return total / (double)rows;
-}
 
 static double timed(const float *q, size_t m, const float *k, size_t n, size_t d, const float *x,
                     double sigma, int exact, int backend, int threads, float *y, kmv_stats *st) {
@@ -80,7 +48,7 @@ static void row(const char *name, const float *q, const float *k, size_t n, size
                 size_t rows, int threads) {
     float *x = malloc(n * sizeof(float)), *y = malloc(n * sizeof(float));
     dg_x(x, n, DG_X_GAUSS, 5);
-    double of = oracle(q, n, k, n, d, x, sigma, 0.1, rows);
+    double of = bench_oracle(q, n, k, n, d, x, sigma, 0.1, rows);
     kmv_stats se, st, sa;
     double te = timed(q, n, k, n, d, x, sigma, 1, 0, threads, y, &se);
     double tt = timed(q, n, k, n, d, x, sigma, 0, KMV_BACKEND_TREE, threads, y, &st);

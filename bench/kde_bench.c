@@ -34,6 +34,7 @@
 #define KMV_STATIC_LINKING_ONLY
 #include "kmv/kmv.h"
 #include "kmv/kmv_experimental.h"
+#include "bench/oracle.h"
 #include "tools/clock.h"
 
 #define KMAX 1024 /* neighbours at most */
@@ -227,31 +228,6 @@ static double err_rel(const float *y, const float *ye, size_t m) {
     return sqrt(e2 / y2);
 }
 
-static int cmp_desc(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x < y) - (x > y);
-}
-
-static double oracle(const float *p, size_t n, size_t d, double sigma, size_t rows) {
-    double share = 0.1 * sqrt((double)n / (double)n), total = 0.0;
-    double *t = malloc(n * sizeof(double));
-    for (size_t r = 0; r < rows; r++) {
-        const float *q = p + (r * n / rows) * d;
-        double rest = 0.0;
-        for (size_t j = 0; j < n; j++) {
-            double d2 = 0.0;
-            for (size_t a = 0; a < d; a++) d2 += ((double)q[a] - p[j * d + a]) * ((double)q[a] - p[j * d + a]);
-            rest += t[j] = exp(-d2 / (2.0 * sigma * sigma));
-        }
-        qsort(t, n, sizeof(double), cmp_desc);
-        size_t kept = 0;
-        while (kept < n && rest > share) rest -= t[kept++];
-        total += (double)kept / (double)n;
-    }
-    free(t);
-    return total / (double)rows;
-}
-
 static double product(const float *p, size_t n, size_t d, const float *x, double sigma, int exact,
                       int threads, float *y, kmv_stats *st) {
     kmv_params pa;
@@ -336,7 +312,7 @@ int main(int argc, char **argv) {
         const char *back = st.mode != KMV_MODE_APPROX ? "exact"
                            : sx.backend == KMV_BACKEND_TREE ? "tree" : "lsh";
         double tf = ((double)sx.keys_visited + (double)st.rows_exact * (double)n) / ((double)n * (double)n);
-        double of = oracle(a.data, n, d, sigma, rows);
+        double of = bench_oracle(a.data, n, a.data, n, d, x, sigma, 0.1, rows);
         /* equal error: for each neighbour count, the smallest window
          * whose error is at most kmv's (at least 1e-3, for when kmv's is
          * rounding only); the fastest of those */
