@@ -17,6 +17,10 @@ void kmv__stats_start(kmv__stats *S, size_t n, size_t m, size_t d, size_t c, int
 /* The heavy search's tables: their threshold and shape. */
 void kmv__stats_tables(kmv__stats *S, double kappa, kmv__lsh_shape shape);
 
+/* The monitor's figures (params.verify_every) from the errors of the nv
+ * rows it computed exactly (nv >= 1; err is sorted in place). */
+void kmv__stats_verified(kmv__stats *S, double *err, size_t nv);
+
 /* The exact engine answered in the approximate engine's place, for
  * reason (a kmv_fallback), after evals kernel entries. */
 void kmv__stats_fallback(kmv__stats *S, kmv_fallback reason, uint64_t evals);

@@ -13,13 +13,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "algo/kernel.h"
 #include "common/alloc.h"
 #include "common/rng.h"
+#include "common/threads.h"
 
 #define ITERS 6            /* Lloyd's iterations for the groups */
 #define LEAF_ITERS 2       /* and for leaves: k-means++ seeds them well, and
@@ -267,9 +264,7 @@ static int top_level(build *b) {
          * own on the caller's thread */
 #pragma omp parallel num_threads(1)
         {
-#ifdef _OPENMP
-            omp_set_num_threads(1);
-#endif
+            kmv__blas_single();
             uint64_t rng = kmv__rng_stream(b->seed, KMV__RNG_TREE);
             seed_pp(ks->rows, S, d, b->gc0, G, d2, &rng);
             lloyd(ks->rows, S, d, b->gc0, G, ITERS, buf, lab, sum, cnt, cn);
@@ -289,9 +284,7 @@ static int top_level(build *b) {
     size_t nblk = (n + ASSIGN_BLOCK - 1) / ASSIGN_BLOCK;
 #pragma omp parallel num_threads(b->threads)
     {
-#ifdef _OPENMP
-        omp_set_num_threads(1);
-#endif
+        kmv__blas_single();
         float *bb = kmv__malloc_array(a, ASSIGN_BLOCK, G * sizeof(float));
         if (bb == NULL) {
 #pragma omp atomic write
@@ -435,6 +428,16 @@ static int shrink(kmv__tree *t, const kmv_allocator *a) {
     return KMV_OK;
 }
 
+static int median_radius(kmv__tree *t, const kmv_allocator *a) {
+    double *rad = kmv__malloc_array(a, t->n_leaves ? t->n_leaves : 1, sizeof(double));
+    if (rad == NULL) return KMV_ENOMEM;
+    memcpy(rad, t->lr, t->n_leaves * sizeof(double));
+    qsort(rad, t->n_leaves, sizeof(double), cmp_dbl);
+    t->r_med = t->n_leaves ? rad[t->n_leaves / 2] : 0.0;
+    kmv__free(a, rad);
+    return KMV_OK;
+}
+
 static int alloc_tree(build *b) {
     kmv__tree *t = b->t;
     const kmv_allocator *a = b->a;
@@ -478,9 +481,7 @@ int kmv__tree_build(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *k
         sort_groups(&b);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(b.threads)
         for (size_t g = 0; g < b.G; g++) {
-#ifdef _OPENMP
-            omp_set_num_threads(1);
-#endif
+            kmv__blas_single();
             if (split_group(&b, g) != KMV_OK) {
 #pragma omp atomic write
                 b.nomem = 1;
@@ -492,6 +493,7 @@ int kmv__tree_build(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *k
         compact(&b);
         rc = shrink(t, a);
     }
+    if (rc == KMV_OK) rc = median_radius(t, a);
     kmv__free(a, b.gc0);
     kmv__free(a, b.glab);
     kmv__free(a, b.gstart);

@@ -38,6 +38,7 @@ typedef struct kmv__tree {
     uint32_t *ids;            /* n key ids, leaf by leaf */
     uint32_t *g_lo, *g_hi;    /* smallest and largest key id under a node */
     uint32_t *l_lo, *l_hi;
+    double r_med;             /* the median leaf radius */
     size_t bytes;             /* what the arrays above take */
 } kmv__tree;
 

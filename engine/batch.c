@@ -8,10 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "algo/budget.h"
 #include "algo/costmodel.h"
 #include "algo/density.h"
@@ -24,6 +20,7 @@
 #include "algo/xsplit.h"
 #include "common/alloc.h"
 #include "common/rng.h"
+#include "common/threads.h"
 #include "common/timer.h"
 #include "engine/batch.h"
 #include "engine/batch_tree.h"
@@ -77,22 +74,6 @@ typedef struct batch {
 
 static void progress(const batch *b, double f) {
     if (b->pa->progress != NULL) b->pa->progress(b->pa->progress_opaque, f);
-}
-
-static int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
-static void single_threaded_blas(void) {
-#ifdef _OPENMP
-    /* OpenBLAS's OpenMP build sizes its team from this; one thread each
-     * inside our own parallel loops (see exact.c). */
-    omp_set_num_threads(1);
-#endif
 }
 
 /* The last key id row i may see. */
@@ -352,7 +333,7 @@ static int find_heavy(batch *b) {
     if (rc != KMV_OK) return rc;
 #pragma omp parallel num_threads(b->nt)
     {
-        single_threaded_blas();
+        kmv__blas_single();
         hscratch h = {NULL, kmv__malloc_array(b->a, QB, b->d * sizeof(float)),
                       kmv__malloc_array(b->a, b->sk.r ? b->sk.r : 1, sizeof(float))};
         int ok = h.qblk && h.skd && kmv__heavy_scratch_new(&b->src, b->a, &h.t) == KMV_OK;
@@ -474,7 +455,7 @@ static void sample_row(batch *b, size_t i, int round, const kmv__light_buf *lb) 
 static void sample_pass(batch *b, const unsigned char *redo, int round) {
 #pragma omp parallel num_threads(b->nt)
     {
-        size_t tid = (size_t)thread_id();
+        size_t tid = (size_t)kmv__thread_id();
         double *acc = b->acc + tid * b->stride;
         kmv__light_buf lb = {b->chunk + tid * 256, acc, acc + 2 * b->c};
 #pragma omp for schedule(dynamic, QB)

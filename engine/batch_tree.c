@@ -4,17 +4,13 @@
 
 #include <cblas.h>
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "algo/costmodel.h"
 #include "algo/kernel.h"
 #include "algo/tree.h"
 #include "common/alloc.h"
+#include "common/threads.h"
 #include "common/timer.h"
 #include "engine/index_layout.h"
 #include "engine/rows.h"
@@ -118,14 +114,6 @@ static void count(tally *tl, const kmv__tree_out *o, uint64_t scanned) {
     if (!o->gave_up) tl->tail2 += o->tail * o->tail;
 }
 
-static int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
 /* Rows rows[0 .. cnt) by the full scan, in blocks of TB. */
 static void scan_rows(const tree_run *r, const size_t *rows, size_t cnt, float *y, tally *out) {
     size_t nblk = (cnt + TB - 1) / TB;
@@ -134,10 +122,8 @@ static void scan_rows(const tree_run *r, const size_t *rows, size_t cnt, float *
 #pragma omp parallel for schedule(dynamic, 1) num_threads(r->nt) \
     reduction(+ : bounded, visited, gave, tail2)
     for (size_t b = 0; b < nblk; b++) {
-#ifdef _OPENMP
-        omp_set_num_threads(1); /* BLAS inside: one thread each */
-#endif
-        int tid = thread_id();
+        kmv__blas_single();
+        int tid = kmv__thread_id();
         size_t i0 = b * TB, bc = cnt - i0 < TB ? cnt - i0 : TB;
         double *yb = r->ybuf + (size_t)tid * TB * r->c;
         kmv__tree_out o[TB];
@@ -192,9 +178,7 @@ static int route(const tree_run *r, uint32_t *leaf, float *d2) {
     size_t nblk = (m + 255) / 256;
 #pragma omp parallel num_threads(r->nt)
     {
-#ifdef _OPENMP
-        omp_set_num_threads(1);
-#endif
+        kmv__blas_single();
         float *buf = kmv__malloc_array(a, 256, G * sizeof(float));
         float *ld = kmv__malloc_array(a, wide, sizeof(float));
         if (buf == NULL || ld == NULL) {
@@ -226,11 +210,6 @@ static int route(const tree_run *r, uint32_t *leaf, float *d2) {
     return nomem ? KMV_ENOMEM : KMV_OK;
 }
 
-static int cmp_dbl(const void *pa, const void *pb) {
-    double x = *(const double *)pa, y = *(const double *)pb;
-    return (x > y) - (x < y);
-}
-
 /* Queries sorted by leaf into order[]; those within max(2 r_l, the median
  * leaf radius) of their leaf's centre form groups of up to GROUP_MAX, the
  * rest (far from every leaf) are loners at order[*n_grouped ..). */
@@ -241,16 +220,12 @@ static int make_groups(const tree_run *r, const uint32_t *leaf, const float *d2,
     size_t L = t->n_leaves, m = r->m;
     size_t *start = kmv__malloc_array(a, L + 1, sizeof(size_t));
     size_t *tmp = kmv__malloc_array(a, m, sizeof(size_t));
-    double *rad = kmv__malloc_array(a, L, sizeof(double));
-    if (start == NULL || tmp == NULL || rad == NULL) {
+    if (start == NULL || tmp == NULL) {
         kmv__free(a, start);
         kmv__free(a, tmp);
-        kmv__free(a, rad);
         return KMV_ENOMEM;
     }
-    memcpy(rad, t->lr, L * sizeof(double));
-    qsort(rad, L, sizeof(double), cmp_dbl);
-    double r_med = rad[L / 2];
+    double r_med = t->r_med;
     memset(start, 0, (L + 1) * sizeof(size_t));
     for (size_t i = 0; i < m; i++) start[leaf[i] + 1]++;
     for (size_t l = 0; l < L; l++) start[l + 1] += start[l];
@@ -280,7 +255,6 @@ static int make_groups(const tree_run *r, const uint32_t *leaf, const float *d2,
     *n_grouped = in;
     kmv__free(a, start);
     kmv__free(a, tmp);
-    kmv__free(a, rad);
     return KMV_OK;
 }
 
@@ -321,10 +295,8 @@ static int run_groups(const tree_run *r, const size_t *order, const qgroup *grp,
     int nomem = 0;
 #pragma omp parallel num_threads(r->nt) reduction(+ : bounded, visited, gave, tail2)
     {
-#ifdef _OPENMP
-        omp_set_num_threads(1);
-#endif
-        int tid = thread_id();
+        kmv__blas_single();
+        int tid = kmv__thread_id();
         float *zbuf = kmv__malloc_array(a, TB, d * sizeof(float));
         float *zdot = kmv__malloc_array(a, TB, L * sizeof(float));
         uint32_t *cands = kmv__malloc_array(a, L, sizeof(uint32_t));
@@ -401,9 +373,7 @@ int kmv__batch_tree(kmv_index *ix, const float *q, size_t m, const float *x, siz
         /* BLAS on one thread, inside a team of one (see tree.c) */
 #pragma omp parallel num_threads(1)
         {
-#ifdef _OPENMP
-            omp_set_num_threads(1);
-#endif
+            kmv__blas_single();
             pred += trial(&r, 0.5 * exact_cost - build);
         }
         if (pred > 0.5 * exact_cost) {

@@ -6,12 +6,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "algo/kernel.h"
+#include "algo/stats.h"
 #include "common/alloc.h"
+#include "common/threads.h"
 
 #define CHUNK 256
 
@@ -32,11 +30,6 @@ void kmv__exact_row(const kmv__keystore *ks, const float *q, const float *x, siz
     }
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 int kmv__verify_rows(const kmv_allocator *a, const kmv__keystore *ks, const float *q, size_t m,
                      const float *x, size_t c, const float *y, double inv2s2, int causal,
                      size_t every, int threads, kmv__stats *S) {
@@ -55,11 +48,7 @@ int kmv__verify_rows(const kmv_allocator *a, const kmv__keystore *ks, const floa
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads > 0 ? threads : 1)
     for (size_t v = 0; v < nv; v++) {
         size_t i = v * every;
-#ifdef _OPENMP
-        double *ye = ybuf + (size_t)omp_get_thread_num() * c;
-#else
-        double *ye = ybuf;
-#endif
+        double *ye = ybuf + (size_t)kmv__thread_id() * c;
         uint32_t lim = causal && i < UINT32_MAX ? (uint32_t)i : UINT32_MAX;
         kmv__exact_row(ks, q + i * ks->d, x, c, inv2s2, lim, ye);
         double e2 = 0.0;
@@ -69,13 +58,7 @@ int kmv__verify_rows(const kmv_allocator *a, const kmv__keystore *ks, const floa
         }
         err[v] = sqrt(e2) * scale;
     }
-    double sum = 0.0;
-    for (size_t v = 0; v < nv; v++) sum += err[v];
-    qsort(err, nv, sizeof(double), cmp_double);
-    S->verified = nv;
-    S->verify_mean = sum / (double)nv;
-    S->verify_p99 = err[(size_t)ceil(0.99 * (double)nv) - 1];
-    S->verify_max = err[nv - 1];
+    kmv__stats_verified(S, err, nv);
     kmv__free(a, err);
     kmv__free(a, ybuf);
     return KMV_OK;

@@ -16,7 +16,6 @@
  * threads. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "algo/exact.h"
@@ -167,11 +166,6 @@ static int exact_deferred(batch *b) {
     return rc;
 }
 
-static int cmp_double(const void *pa, const void *pb) {
-    double x = *(const double *)pa, y = *(const double *)pb;
-    return (x > y) - (x < y);
-}
-
 /* Row i of softmax(scale Q K^T) V in double, with its causal mask. */
 static void exact_attn_row(const batch *b, size_t i, double *o) {
     const float *qi = b->q + i * b->d;
@@ -214,13 +208,7 @@ static int verify(batch *b) {
             }
             err[u] = sqrt(e2);
         }
-        double sum = 0.0;
-        for (size_t u = 0; u < nv; u++) sum += err[u];
-        qsort(err, nv, sizeof(double), cmp_double);
-        b->S->verified = nv;
-        b->S->verify_mean = sum / (double)nv;
-        b->S->verify_p99 = err[(size_t)ceil(0.99 * (double)nv) - 1];
-        b->S->verify_max = err[nv - 1];
+        kmv__stats_verified(b->S, err, nv);
     }
     kmv__free(b->a, err);
     kmv__free(b->a, o);
