@@ -196,7 +196,7 @@ static void seed_pp(const float *P, size_t np, size_t d, float *C, size_t k, dou
 }
 
 void kmv__tree_free(kmv__tree *t, const kmv_allocator *a) {
-    void *p[] = {t->gc, t->lc, t->gr, t->lr, t->g_off, t->l_off, t->ids,
+    void *p[] = {t->gc, t->lc, t->gr, t->lr, t->g_off, t->l_off, t->l_cnt, t->l_cap, t->ids,
                  t->g_lo, t->g_hi, t->l_lo, t->l_hi};
     for (size_t u = 0; u < sizeof p / sizeof *p; u++) kmv__free(a, p[u]);
     memset(t, 0, sizeof *t);
@@ -239,26 +239,37 @@ typedef struct build {
     int threads;
     size_t G, Lmax;
     float *gc0;        /* G x d: the top level's centres */
-    uint32_t *glab;    /* n: each key position's group */
+    uint32_t *glab;    /* ks->n: each store position's group (UINT32_MAX:
+                          a key past t->n) */
     uint32_t *gstart;  /* G + 1: group g's keys in t->ids */
     uint32_t *lbase;   /* G + 1: group g's leaf slots */
     int nomem;
 } build;
 
+/* The sample: the first S store positions holding a key the tree covers
+ * (a uniform sample, the store's order being random); their rows into P. */
+static void gather_sample(const kmv__keystore *ks, size_t n, size_t S, float *P) {
+    size_t d = ks->d, k = 0;
+    for (size_t p = 0; p < ks->n && k < S; p++)
+        if (ks->id_at[p] < n) memcpy(P + k++ * d, ks->rows + p * d, d * sizeof(float));
+}
+
 /* The top level: centres from the sample, then every key's group. */
 static int top_level(build *b) {
     const kmv__keystore *ks = b->ks;
-    size_t n = ks->n, d = ks->d, G = b->G;
+    size_t n = b->t->n, d = ks->d, G = b->G;
     size_t S = n < SAMPLE_PER_GROUP * G ? n : SAMPLE_PER_GROUP * G;
     const kmv_allocator *a = b->a;
+    float *P = kmv__malloc_array(a, S, d * sizeof(float));
     float *buf = kmv__malloc_array(a, S > ASSIGN_BLOCK ? S : ASSIGN_BLOCK, G * sizeof(float));
     uint32_t *lab = kmv__malloc_array(a, S, sizeof(uint32_t));
     double *sum = kmv__malloc_array(a, G, d * sizeof(double));
     size_t *cnt = kmv__malloc_array(a, G, sizeof(size_t));
     float *cn = kmv__malloc_array(a, G, sizeof(float));
     double *d2 = kmv__malloc_array(a, S, sizeof(double));
-    int rc = buf && lab && sum && cnt && cn && d2 ? KMV_OK : KMV_ENOMEM;
+    int rc = P && buf && lab && sum && cnt && cn && d2 ? KMV_OK : KMV_ENOMEM;
     if (rc == KMV_OK) {
+        gather_sample(ks, n, S, P);
         /* BLAS on one thread inside a team of one, as everywhere in kmv:
          * the same result for any thread count, and no BLAS team of its
          * own on the caller's thread */
@@ -266,10 +277,11 @@ static int top_level(build *b) {
         {
             kmv__blas_single();
             uint64_t rng = kmv__rng_stream(b->seed, KMV__RNG_TREE);
-            seed_pp(ks->rows, S, d, b->gc0, G, d2, &rng);
-            lloyd(ks->rows, S, d, b->gc0, G, ITERS, buf, lab, sum, cnt, cn);
+            seed_pp(P, S, d, b->gc0, G, d2, &rng);
+            lloyd(P, S, d, b->gc0, G, ITERS, buf, lab, sum, cnt, cn);
         }
     }
+    kmv__free(a, P);
     kmv__free(a, buf);
     kmv__free(a, lab);
     kmv__free(a, sum);
@@ -280,8 +292,9 @@ static int top_level(build *b) {
         return rc;
     }
     /* Every key: blocks on every thread, each GEMM on one, so the labels
-     * do not depend on the thread count. */
-    size_t nblk = (n + ASSIGN_BLOCK - 1) / ASSIGN_BLOCK;
+     * do not depend on the thread count (keys past n are labelled too, and
+     * then left out). */
+    size_t N = ks->n, nblk = (N + ASSIGN_BLOCK - 1) / ASSIGN_BLOCK;
 #pragma omp parallel num_threads(b->threads)
     {
         kmv__blas_single();
@@ -292,7 +305,7 @@ static int top_level(build *b) {
         }
 #pragma omp for schedule(dynamic, 1)
         for (size_t k = 0; k < nblk; k++) {
-            size_t p0 = k * ASSIGN_BLOCK, np = n - p0 < ASSIGN_BLOCK ? n - p0 : ASSIGN_BLOCK;
+            size_t p0 = k * ASSIGN_BLOCK, np = N - p0 < ASSIGN_BLOCK ? N - p0 : ASSIGN_BLOCK;
             if (bb != NULL) assign(ks->rows + p0 * d, np, d, b->gc0, cn, G, bb, b->glab + p0);
         }
         kmv__free(a, bb);
@@ -353,16 +366,20 @@ static int split_group(build *b, size_t g) {
 /* Keys sorted by group into t->ids, and each group's leaf slots. */
 static void sort_groups(build *b) {
     kmv__tree *t = b->t;
-    size_t n = b->ks->n, G = b->G;
+    size_t N = b->ks->n, n = t->n, G = b->G;
+    for (size_t p = 0; p < N; p++)
+        if (b->ks->id_at[p] >= n) b->glab[p] = UINT32_MAX;
     memset(b->gstart, 0, (G + 1) * sizeof(uint32_t));
-    for (size_t p = 0; p < n; p++) b->gstart[b->glab[p] + 1]++;
+    for (size_t p = 0; p < N; p++)
+        if (b->glab[p] != UINT32_MAX) b->gstart[b->glab[p] + 1]++;
     for (size_t g = 0; g < G; g++) b->gstart[g + 1] += b->gstart[g];
     b->lbase[0] = 0;
     for (size_t g = 0; g < G; g++)
         b->lbase[g + 1] = b->lbase[g] + (uint32_t)(2 * leaves_for(b->gstart[g + 1] - b->gstart[g]));
     /* positions in order within a group: the store's random order */
-    for (size_t p = 0; p < n; p++) {
+    for (size_t p = 0; p < N; p++) {
         uint32_t g = b->glab[p];
+        if (g == UINT32_MAX) continue;
         t->ids[b->gstart[g]] = b->ks->id_at[p];
         b->gstart[g]++;
     }
@@ -410,11 +427,19 @@ static int shrink(kmv__tree *t, const kmv_allocator *a) {
     double *lr = kmv__malloc_array(a, L, sizeof(double));
     uint32_t *off = kmv__malloc_array(a, L + 1, sizeof(uint32_t));
     uint32_t *lo = kmv__malloc_array(a, L, sizeof(uint32_t)), *hi = kmv__malloc_array(a, L, sizeof(uint32_t));
-    if (!lc || !lr || !off || !lo || !hi) {
+    t->l_cnt = kmv__malloc_array(a, L, sizeof(uint32_t));
+    t->l_cap = kmv__malloc_array(a, L, sizeof(uint32_t));
+    if (!lc || !lr || !off || !lo || !hi || !t->l_cnt || !t->l_cap) {
         void *p[] = {lc, lr, off, lo, hi};
         for (size_t u = 0; u < 5; u++) kmv__free(a, p[u]);
         return KMV_ENOMEM;
     }
+    t->l_wide = 0;
+    for (size_t l = 0; l < t->n_leaves; l++) {
+        t->l_cnt[l] = t->l_cap[l] = t->l_off[l + 1] - t->l_off[l];
+        if (t->l_cnt[l] > t->l_wide) t->l_wide = t->l_cnt[l];
+    }
+    t->ids_len = t->ids_cap = t->n;
     memcpy(lc, t->lc, t->n_leaves * d * sizeof(float));
     memcpy(lr, t->lr, t->n_leaves * sizeof(double));
     memcpy(off, t->l_off, (t->n_leaves + 1) * sizeof(uint32_t));
@@ -423,8 +448,7 @@ static int shrink(kmv__tree *t, const kmv_allocator *a) {
     void *old[] = {t->lc, t->lr, t->l_off, t->l_lo, t->l_hi};
     for (size_t u = 0; u < 5; u++) kmv__free(a, old[u]);
     t->lc = lc, t->lr = lr, t->l_off = off, t->l_lo = lo, t->l_hi = hi;
-    t->bytes = (t->n_groups + L) * (d * sizeof(float) + sizeof(double) + 3 * sizeof(uint32_t)) +
-               2 * sizeof(uint32_t) + t->n * sizeof(uint32_t);
+    t->bytes = kmv__tree_bytes(t);
     return KMV_OK;
 }
 
@@ -461,16 +485,16 @@ static int alloc_tree(build *b) {
                : KMV_ENOMEM;
 }
 
-int kmv__tree_build(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *ks, uint64_t seed,
-                    int threads) {
+int kmv__tree_build(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *ks, size_t n,
+                    uint64_t seed, int threads) {
     memset(t, 0, sizeof *t);
     t->d = ks->d;
-    t->n = ks->n;
-    if (ks->n == 0) return KMV_OK;
-    build b = {t, a, ks, seed, threads > 0 ? threads : 1, groups_for(ks->n), 0,
+    t->n = n < ks->n ? n : ks->n;
+    if (t->n == 0) return KMV_OK;
+    build b = {t, a, ks, seed, threads > 0 ? threads : 1, groups_for(t->n), 0,
                NULL, NULL, NULL, NULL, 0};
-    if (b.G > ks->n) b.G = ks->n;
-    b.Lmax = 2 * (leaves_for(ks->n) + b.G);
+    if (b.G > t->n) b.G = t->n;
+    b.Lmax = 2 * (leaves_for(t->n) + b.G);
     b.gc0 = kmv__malloc_array(a, b.G, ks->d * sizeof(float));
     b.glab = kmv__malloc_array(a, ks->n, sizeof(uint32_t));
     b.gstart = kmv__malloc_array(a, b.G + 1, sizeof(uint32_t));
@@ -502,25 +526,22 @@ int kmv__tree_build(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *k
     return rc;
 }
 
-int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *x, size_t c,
-                       double budget, double inv2s2, kmv__tree_mass *ms) {
-    memset(ms, 0, sizeof *ms);
+int kmv__tree_mass_init(const kmv__tree *t, const kmv_allocator *a, const float *x, size_t c,
+                        kmv__tree_mass *ms) {
     size_t L = t->n_leaves ? t->n_leaves : 1;
-    *ms = (kmv__tree_mass){c, budget, inv2s2, KMV__TREE_CUT * budget / (double)L,
-                           NULL, NULL, NULL, NULL, NULL};
-    ms->h = kmv__malloc_array(a, L, sizeof(float));
-    ms->s = kmv__malloc_array(a, L, sizeof(float));
+    memset(ms, 0, sizeof *ms);
+    ms->c = c;
     ms->la = kmv__malloc_array(a, L, sizeof(double));
+    ms->ga = kmv__malloc_array(a, t->n_groups ? t->n_groups : 1, sizeof(double));
     ms->ls = kmv__malloc_array(a, L, c * sizeof(double));
-    ms->thr = kmv__malloc_array(a, L, sizeof(float));
-    if (!ms->la || !ms->ls || !ms->thr || !ms->h || !ms->s) {
+    if (!ms->la || !ms->ga || !ms->ls) {
         kmv__tree_mass_free(ms, a);
         return KMV_ENOMEM;
     }
     for (size_t l = 0; l < t->n_leaves; l++) {
         double la = 0.0, *ls = ms->ls + l * c;
         for (size_t col = 0; col < c; col++) ls[col] = 0.0;
-        for (size_t u = t->l_off[l]; u < t->l_off[l + 1]; u++) {
+        for (size_t u = t->l_off[l]; u < t->l_off[l] + t->l_cnt[l]; u++) {
             const float *xj = x + (size_t)t->ids[u] * c;
             double s2 = 0.0;
             for (size_t col = 0; col < c; col++) {
@@ -531,6 +552,27 @@ int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *
         }
         /* rounded up: the mass multiplies a bound */
         ms->la[l] = la * (1.0 + 1e-12);
+    }
+    kmv__tree_group_mass(t, ms);
+    return KMV_OK;
+}
+
+int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *x, size_t c,
+                       double budget, double inv2s2, kmv__tree_mass *ms) {
+    size_t L = t->n_leaves ? t->n_leaves : 1;
+    int rc = kmv__tree_mass_init(t, a, x, c, ms);
+    if (rc != KMV_OK) return rc;
+    ms->budget = budget;
+    ms->inv2s2 = inv2s2;
+    ms->cut = KMV__TREE_CUT * budget / (double)L;
+    ms->h = kmv__malloc_array(a, L, sizeof(float));
+    ms->s = kmv__malloc_array(a, L, sizeof(float));
+    ms->thr = kmv__malloc_array(a, L, sizeof(float));
+    if (!ms->thr || !ms->h || !ms->s) {
+        kmv__tree_mass_free(ms, a);
+        return KMV_ENOMEM;
+    }
+    for (size_t l = 0; l < t->n_leaves; l++) {
         /* exp(-D^2 inv2s2) mass = cut at distance D past the radius; a
          * float rounded up so that d2 >= thr still means D is passed */
         double thr = 0.0;
@@ -556,9 +598,24 @@ int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *
 
 void kmv__tree_mass_free(kmv__tree_mass *ms, const kmv_allocator *a) {
     kmv__free(a, ms->la);
+    kmv__free(a, ms->ga);
     kmv__free(a, ms->ls);
     kmv__free(a, ms->thr);
     kmv__free(a, ms->h);
     kmv__free(a, ms->s);
     memset(ms, 0, sizeof *ms);
+}
+
+size_t kmv__tree_bytes(const kmv__tree *t) {
+    size_t node = t->d * sizeof(float) + sizeof(double) + 2 * sizeof(uint32_t);
+    return t->n_groups * (node + sizeof(uint32_t)) + t->n_leaves * (node + 3 * sizeof(uint32_t)) +
+           2 * sizeof(uint32_t) + t->ids_cap * sizeof(uint32_t);
+}
+
+void kmv__tree_group_mass(const kmv__tree *t, kmv__tree_mass *ms) {
+    for (size_t g = 0; g < t->n_groups; g++) {
+        double m = 0.0;
+        for (size_t l = t->g_off[g]; l < t->g_off[g + 1]; l++) m += ms->la[l];
+        ms->ga[g] = m * (1.0 + 1e-12); /* rounded up: it multiplies a bound */
+    }
 }

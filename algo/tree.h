@@ -13,9 +13,11 @@
  * enough for that, the search gives up early and the caller answers the
  * row otherwise.
  *
- * The tree covers keys 0..n-1 of a key store at build; it is a cache of
- * the index, rebuilt (bit for bit, from the seed) when asked at a new key
- * count. */
+ * The tree covers keys 0..n-1 of a key store. A batch product's tree is a
+ * cache of the index, rebuilt (bit for bit, from the seed) when asked at a
+ * new key count; a stream's grows instead (tree_grow.c): keys appended
+ * after the build go to the leaf nearest them, whose radius grows to
+ * cover them. */
 #ifndef KMV_ALGO_TREE_H
 #define KMV_ALGO_TREE_H
 
@@ -34,8 +36,14 @@ typedef struct kmv__tree {
     float *gc, *lc;           /* centres: n_groups x d, n_leaves x d */
     double *gr, *lr;          /* radii, rounded up */
     uint32_t *g_off;          /* n_groups + 1: group g's leaves */
-    uint32_t *l_off;          /* n_leaves + 1: leaf l's keys in ids[] */
-    uint32_t *ids;            /* n key ids, leaf by leaf */
+    uint32_t *l_off;          /* n_leaves + 1: leaf l's keys start at
+                                 ids[l_off[l]] */
+    uint32_t *l_cnt, *l_cap;  /* n_leaves: keys in leaf l, and its room */
+    uint32_t *ids;            /* key ids, leaf by leaf: ids_len used of
+                                 ids_cap (a leaf that outgrows its room
+                                 moves to the end) */
+    size_t ids_len, ids_cap;
+    size_t l_wide;            /* the most keys in one leaf */
     uint32_t *g_lo, *g_hi;    /* smallest and largest key id under a node */
     uint32_t *l_lo, *l_hi;
     double r_med;             /* the median leaf radius */
@@ -46,11 +54,18 @@ typedef struct kmv__tree {
  * the cost model's units (costmodel.h). */
 double kmv__tree_build_cost(size_t n, size_t d);
 
-/* Build the tree over the store's n keys, deterministically from seed
- * (the same tree for any thread count). KMV_OK or KMV_ENOMEM (t is then
+/* Build the tree over the store's keys with id < n (n <= ks->n),
+ * deterministically from seed (the same tree for any thread count and
+ * whatever keys past n the store holds). KMV_OK or KMV_ENOMEM (t is then
  * empty). */
-int kmv__tree_build(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *ks, uint64_t seed,
-                    int threads);
+int kmv__tree_build(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *ks, size_t n,
+                    uint64_t seed, int threads);
+
+/* Key id (== t->n, held by ks) into the leaf nearest it within the group
+ * nearest it; the leaf's and the group's radii grow to cover it. Its leaf
+ * and group into *leaf, *group. KMV_OK or KMV_ENOMEM (t unchanged). */
+int kmv__tree_insert(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *ks, uint32_t id,
+                     uint32_t *leaf, uint32_t *group);
 
 void kmv__tree_free(kmv__tree *t, const kmv_allocator *a);
 
@@ -62,6 +77,7 @@ typedef struct kmv__tree_mass {
     size_t c;
     double budget, inv2s2, cut;
     double *la;  /* masses */
+    double *ga;  /* n_groups: the masses of each group's leaves, summed */
     double *ls;  /* column sums */
     float *thr;  /* negligible from this squared distance on */
     float *s;    /* sqrt(thr), rounded up */
@@ -77,11 +93,25 @@ static inline double kmv__tree_slack(size_t d) { return 2.0 * ((double)d + 4.0) 
 /* The share of a row's budget all negligible leaves together may take. */
 #define KMV__TREE_CUT 0.01
 
+/* What t's arrays take, in bytes. */
+size_t kmv__tree_bytes(const kmv__tree *t);
+
+/* ms->ga from ms->la (each rounded up). */
+void kmv__tree_group_mass(const kmv__tree *t, kmv__tree_mass *ms);
+
 /* x: n x c in id order; budget: each row's; inv2s2 = 1 / (2 sigma^2).
  * KMV_OK or KMV_ENOMEM. */
 int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *x, size_t c,
                        double budget, double inv2s2, kmv__tree_mass *ms);
 void kmv__tree_mass_free(kmv__tree_mass *ms, const kmv_allocator *a);
+
+/* For a growing tree (a stream's): la, ga and ls only (thr, s and h are
+ * NULL; the walk below needs none), over the keys the tree covers, x in id
+ * order; kmv__tree_mass_add() adds a key inserted since. Budget and cut
+ * are the caller's to set per row. KMV_OK or KMV_ENOMEM. */
+int kmv__tree_mass_init(const kmv__tree *t, const kmv_allocator *a, const float *x, size_t c,
+                        kmv__tree_mass *ms);
+void kmv__tree_mass_add(kmv__tree_mass *ms, uint32_t leaf, uint32_t group, const float *xj);
 
 /* Queries one search takes at most: their distances to every leaf centre
  * are one GEMM. */
@@ -109,7 +139,10 @@ typedef struct kmv__tree_out {
 
 typedef struct kmv__tree_scratch kmv__tree_scratch;
 
-int kmv__tree_scratch_new(const kmv__tree *t, const kmv_allocator *a, kmv__tree_scratch **out);
+/* Scratch for kmv__tree_rows (block 1: room for a block of rows) or for
+ * single rows only (block 0: kmv__tree_row_walk, kmv__tree_row_from). */
+int kmv__tree_scratch_new(const kmv__tree *t, const kmv_allocator *a, int block,
+                          kmv__tree_scratch **out);
 void kmv__tree_scratch_free(kmv__tree_scratch *s);
 
 /* Search; row i's estimate into y[i c .. i c + c) unless out[i].gave_up. */
@@ -121,6 +154,13 @@ void kmv__tree_rows(const kmv__tree_req *rq, kmv__tree_scratch *s, double *y, km
  * to cands; returns how many. */
 size_t kmv__tree_group_cands(const kmv__tree *t, const kmv__tree_mass *ms, const float *zdot,
                              double zn, double rho, uint32_t *cands);
+
+/* One row (rq->q, rq->count 1, no causal limit) by the tree's two levels:
+ * a group whose bound times its mass is negligible (under cut per leaf it
+ * holds) is passed whole, the leaves of the others are bounded one by one,
+ * and the row settles as kmv__tree_rows' do. Needs la, ga and ls only. */
+void kmv__tree_row_walk(const kmv__tree_req *rq, kmv__tree_scratch *s, double *y,
+                        kmv__tree_out *o);
 
 /* One row (rq->q, rq->count 1, no causal limit) from its group's
  * candidates: the others are negligible for it. y: c values. */

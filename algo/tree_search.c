@@ -36,23 +36,26 @@ struct kmv__tree_scratch {
     double slack; /* relative rounding of a float sum of d products */
 };
 
-int kmv__tree_scratch_new(const kmv__tree *t, const kmv_allocator *a, kmv__tree_scratch **out) {
-    size_t L = t->n_leaves ? t->n_leaves : 1, wide = 1;
-    for (size_t l = 0; l < t->n_leaves; l++)
-        if (t->l_off[l + 1] - t->l_off[l] > wide) wide = t->l_off[l + 1] - t->l_off[l];
+int kmv__tree_scratch_new(const kmv__tree *t, const kmv_allocator *a, int block,
+                          kmv__tree_scratch **out) {
+    size_t L = t->n_leaves ? t->n_leaves : 1, wide = t->l_wide ? t->l_wide : 1;
+    *out = NULL;
     kmv__tree_scratch *s = kmv__malloc(a, sizeof *s);
     if (s == NULL) return KMV_ENOMEM;
+    memset(s, 0, sizeof *s);
     s->a = a;
-    s->dot = kmv__malloc_array(a, KMV__TREE_BLOCK, L * sizeof(float));
-    s->ln = kmv__malloc_array(a, L, sizeof(float));
+    if (block) {
+        s->dot = kmv__malloc_array(a, KMV__TREE_BLOCK, L * sizeof(float));
+        s->ln = kmv__malloc_array(a, L, sizeof(float));
+    }
     s->kv = kmv__malloc_array(a, wide, sizeof(float));
     s->cd = kmv__malloc_array(a, L, sizeof(cand));
     s->slack = kmv__tree_slack(t->d);
-    if (!s->dot || !s->ln || !s->kv || !s->cd) {
+    if ((block && (!s->dot || !s->ln)) || !s->kv || !s->cd) {
         kmv__tree_scratch_free(s);
         return KMV_ENOMEM;
     }
-    for (size_t l = 0; l < t->n_leaves; l++) {
+    for (size_t l = 0; block && l < t->n_leaves; l++) {
         double v = 0.0;
         for (size_t u = 0; u < t->d; u++) v += (double)t->lc[l * t->d + u] * t->lc[l * t->d + u];
         s->ln[l] = (float)v;
@@ -83,7 +86,7 @@ static size_t open_leaf(const kmv__tree_req *rq, kmv__tree_scratch *s, const flo
     const kmv__tree *t = rq->t;
     size_t c = rq->ms->c, k = 0;
     const uint32_t *ids = t->ids + t->l_off[l];
-    size_t cnt = t->l_off[l + 1] - t->l_off[l];
+    size_t cnt = t->l_cnt[l];
     for (size_t u = 0; u < cnt; u++)
         if (ids[u] <= lim) s->kv[k++] = kmv__sqdist(q, kmv__keystore_row(rq->ks, ids[u]), t->d);
     kmv__gauss_row_dist(s->kv, k, (float)rq->ms->inv2s2, NULL);
@@ -162,7 +165,7 @@ static void settle(const kmv__tree_req *rq, kmv__tree_scratch *s, const float *q
     size_t u = 0;
     while (u < nc && (s->cd[u].must || T + rest > ms->budget)) {
         size_t l = s->cd[u].leaf;
-        if ((double)(o->visited + t->l_off[l + 1] - t->l_off[l]) > rq->max_work) {
+        if ((double)(o->visited + t->l_cnt[l]) > rq->max_work) {
             o->gave_up = 1;
             return;
         }
@@ -224,4 +227,43 @@ void kmv__tree_row_from(const kmv__tree_req *rq, kmv__tree_scratch *s, const uin
     }
     settle(rq, s, q, UINT32_MAX, nc, negl, y, o);
     if (!o->gave_up && o->tail > rq->ms->budget) o->gave_up = 1;
+}
+
+/* Whether a node at squared distance d2 (taken directly) with radius r and
+ * mass m is negligible: its keys' values times m stay under cut. */
+static int negligible(const kmv__tree_scratch *s, double d2, double r, double m, double inv2s2,
+                      double cut) {
+    double dlo2 = d2 * (1.0 - s->slack);
+    double dlo = sqrt(dlo2 > 0.0 ? dlo2 : 0.0) - r;
+    if (dlo <= 0.0) return m == 0.0;
+    return exp(-dlo * dlo * inv2s2) * m * (1.0 + 1e-9) <= cut;
+}
+
+void kmv__tree_row_walk(const kmv__tree_req *rq, kmv__tree_scratch *s, double *y,
+                        kmv__tree_out *o) {
+    const kmv__tree *t = rq->t;
+    const kmv__tree_mass *ms = rq->ms;
+    const float *q = rq->q;
+    size_t d = t->d, nc = 0, negl = 0, leaves = 0;
+    memset(o, 0, sizeof *o);
+    for (size_t col = 0; col < ms->c; col++) y[col] = 0.0;
+    for (size_t g = 0; g < t->n_groups; g++) {
+        size_t l0 = t->g_off[g], l1 = t->g_off[g + 1];
+        double d2 = (double)kmv__sqdist(q, t->gc + g * d, d);
+        /* a negligible group counts as the leaves it holds, each under cut */
+        if (negligible(s, d2, t->gr[g], ms->ga[g], ms->inv2s2, ms->cut * (double)(l1 - l0))) {
+            negl += l1 - l0;
+            continue;
+        }
+        for (size_t l = l0; l < l1; l++) {
+            if (ms->la[l] == 0.0) continue; /* adds nothing */
+            double e2 = (double)kmv__sqdist(q, t->lc + l * d, d);
+            leaves++;
+            if (negligible(s, e2, t->lr[l], ms->la[l], ms->inv2s2, ms->cut)) negl++;
+            else s->cd[nc++] = bound_leaf(rq, s, e2, l, 0);
+        }
+    }
+    settle(rq, s, q, UINT32_MAX, nc, negl, y, o);
+    o->bounded = t->n_groups + leaves;
+    if (!o->gave_up && o->tail > ms->budget) o->gave_up = 1;
 }

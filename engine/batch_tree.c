@@ -45,7 +45,7 @@ static int run_init(tree_run *r) {
     r->ybuf = kmv__malloc_array(a, (size_t)r->nt * TB, r->c * sizeof(double));
     if (r->sc != NULL) memset(r->sc, 0, (size_t)r->nt * sizeof *r->sc);
     if (rc == KMV_OK && (r->sc == NULL || r->ybuf == NULL)) rc = KMV_ENOMEM;
-    for (int u = 0; rc == KMV_OK && u < r->nt; u++) rc = kmv__tree_scratch_new(r->t, a, &r->sc[u]);
+    for (int u = 0; rc == KMV_OK && u < r->nt; u++) rc = kmv__tree_scratch_new(r->t, a, 1, &r->sc[u]);
     return rc;
 }
 
@@ -358,7 +358,7 @@ int kmv__batch_tree(kmv_index *ix, const float *q, size_t m, const float *x, siz
     if (x2 <= 0.0) return KMV_OK; /* y = 0: the batch's split says so */
     double build = kmv__index_has_tree(ix) ? 0.0 : kmv__tree_build_cost(n, ix->d);
     if (!forced && build > 0.15 * exact_cost) return KMV_OK;
-    tree_run r = {ix, NULL, {0, 0, 0, 0, NULL, NULL, NULL, NULL, NULL}, q, x, m, c, kmv__threads(pa),
+    tree_run r = {ix, NULL, {0, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL}, q, x, m, c, kmv__threads(pa),
                   pa->eps * sqrt(x2 / (double)m), 0.5 / (pa->sigma * pa->sigma),
                   0.25 * (double)n, NULL, NULL};
     double tb;

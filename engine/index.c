@@ -201,7 +201,7 @@ int kmv__index_tree(kmv_index *ix, const kmv__tree **out, double *seconds) {
         double t0 = kmv__now();
         if (ix->tree_built) kmv__tree_free(&ix->tree, &ix->alloc);
         ix->tree_built = 0;
-        int rc = kmv__tree_build(&ix->tree, &ix->alloc, &ix->ks, ix->params.seed,
+        int rc = kmv__tree_build(&ix->tree, &ix->alloc, &ix->ks, ix->ks.n, ix->params.seed,
                                  kmv__threads(&ix->params));
         if (rc != KMV_OK) return rc;
         ix->tree_built = 1;
