@@ -534,7 +534,10 @@ int kmv__tree_mass_init(const kmv__tree *t, const kmv_allocator *a, const float 
     ms->la = kmv__malloc_array(a, L, sizeof(double));
     ms->ga = kmv__malloc_array(a, t->n_groups ? t->n_groups : 1, sizeof(double));
     ms->ls = kmv__malloc_array(a, L, c * sizeof(double));
-    if (!ms->la || !ms->ga || !ms->ls) {
+    ms->h = kmv__malloc_array(a, L, sizeof(float));
+    ms->s = kmv__malloc_array(a, L, sizeof(float));
+    ms->thr = kmv__malloc_array(a, L, sizeof(float));
+    if (!ms->la || !ms->ga || !ms->ls || !ms->thr || !ms->h || !ms->s) {
         kmv__tree_mass_free(ms, a);
         return KMV_ENOMEM;
     }
@@ -557,43 +560,41 @@ int kmv__tree_mass_init(const kmv__tree *t, const kmv_allocator *a, const float 
     return KMV_OK;
 }
 
-int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *x, size_t c,
-                       double budget, double inv2s2, kmv__tree_mass *ms) {
+void kmv__tree_leaf_limit(const kmv__tree *t, kmv__tree_mass *ms, size_t l) {
+    /* exp(-D^2 inv2s2) mass = cut at distance D past the radius; a float
+     * rounded up so that d2 >= thr still means D is passed */
+    double thr = 0.0;
+    if (ms->la[l] > ms->cut) {
+        double D = sqrt(log(ms->la[l] / ms->cut) / ms->inv2s2) + t->lr[l];
+        thr = D * D * (1.0 + 1e-6);
+    }
+    ms->thr[l] = thr < 3e38 ? (float)thr : INFINITY;
+    ms->s[l] = thr < 3e38 ? (float)(sqrt(thr) * (1.0 + 1e-6)) : INFINITY;
+    /* d2 = qn + ln - 2 <q, c> computed, |error| <= 2 g' (qn + ln) with g'
+     * the slack: negligible when d2 - err >= thr, that is when
+     * <q, c> <= (ln (1 - 2 g') - thr) / 2 + qn (1 - 2 g') / 2 */
+    double ln = 0.0;
+    for (size_t u = 0; u < t->d; u++) ln += (double)t->lc[l * t->d + u] * t->lc[l * t->d + u];
+    double g = 1.0 - 2.0 * kmv__tree_slack(t->d);
+    double hv = 0.5 * (ln * g - thr);
+    /* rounded down, so that the float test never says negligible where
+     * the exact one would not */
+    ms->h[l] = thr < 3e38 ? (float)(hv - 1e-6 * fabs(hv)) : -INFINITY;
+}
+
+void kmv__tree_mass_limits(const kmv__tree *t, kmv__tree_mass *ms, double budget, double inv2s2) {
     size_t L = t->n_leaves ? t->n_leaves : 1;
-    int rc = kmv__tree_mass_init(t, a, x, c, ms);
-    if (rc != KMV_OK) return rc;
     ms->budget = budget;
     ms->inv2s2 = inv2s2;
     ms->cut = KMV__TREE_CUT * budget / (double)L;
-    ms->h = kmv__malloc_array(a, L, sizeof(float));
-    ms->s = kmv__malloc_array(a, L, sizeof(float));
-    ms->thr = kmv__malloc_array(a, L, sizeof(float));
-    if (!ms->thr || !ms->h || !ms->s) {
-        kmv__tree_mass_free(ms, a);
-        return KMV_ENOMEM;
-    }
-    for (size_t l = 0; l < t->n_leaves; l++) {
-        /* exp(-D^2 inv2s2) mass = cut at distance D past the radius; a
-         * float rounded up so that d2 >= thr still means D is passed */
-        double thr = 0.0;
-        if (ms->la[l] > ms->cut) {
-            double D = sqrt(log(ms->la[l] / ms->cut) / inv2s2) + t->lr[l];
-            thr = D * D * (1.0 + 1e-6);
-        }
-        ms->thr[l] = thr < 3e38 ? (float)thr : INFINITY;
-        ms->s[l] = thr < 3e38 ? (float)(sqrt(thr) * (1.0 + 1e-6)) : INFINITY;
-        /* d2 = qn + ln - 2 <q, c> computed, |error| <= 2 g' (qn + ln) with
-         * g' the slack: negligible when d2 - err >= thr, that is when
-         * <q, c> <= (ln (1 - 2 g') - thr) / 2 + qn (1 - 2 g') / 2 */
-        double ln = 0.0;
-        for (size_t u = 0; u < t->d; u++) ln += (double)t->lc[l * t->d + u] * t->lc[l * t->d + u];
-        double g = 1.0 - 2.0 * kmv__tree_slack(t->d);
-        double hv = 0.5 * (ln * g - thr);
-        /* rounded down, so that the float test never says negligible
-         * where the exact one would not */
-        ms->h[l] = thr < 3e38 ? (float)(hv - 1e-6 * fabs(hv)) : -INFINITY;
-    }
-    return KMV_OK;
+    for (size_t l = 0; l < t->n_leaves; l++) kmv__tree_leaf_limit(t, ms, l);
+}
+
+int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *x, size_t c,
+                       double budget, double inv2s2, kmv__tree_mass *ms) {
+    int rc = kmv__tree_mass_init(t, a, x, c, ms);
+    if (rc == KMV_OK) kmv__tree_mass_limits(t, ms, budget, inv2s2);
+    return rc;
 }
 
 void kmv__tree_mass_free(kmv__tree_mass *ms, const kmv_allocator *a) {

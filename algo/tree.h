@@ -105,12 +105,18 @@ int kmv__tree_mass_new(const kmv__tree *t, const kmv_allocator *a, const float *
                        double budget, double inv2s2, kmv__tree_mass *ms);
 void kmv__tree_mass_free(kmv__tree_mass *ms, const kmv_allocator *a);
 
-/* For a growing tree (a stream's): la, ga and ls only (thr, s and h are
- * NULL; the walk below needs none), over the keys the tree covers, x in id
- * order; kmv__tree_mass_add() adds a key inserted since. Budget and cut
- * are the caller's to set per row. KMV_OK or KMV_ENOMEM. */
+/* kmv__tree_mass_new() in steps, for a growing tree (a stream's): the
+ * sums (la, ga, ls) over the keys the tree covers, x in id order, with
+ * thr, s and h allocated; then every leaf's limits for a budget; then one
+ * leaf's again (for ms's budget, cut and inv2s2) after
+ * kmv__tree_mass_add() put a key inserted since into it. A threshold
+ * computed under a smaller cut than a row's is larger than it need be:
+ * still a valid test, so a growing stream only refreshes the leaf that
+ * changed. KMV_OK or KMV_ENOMEM. */
 int kmv__tree_mass_init(const kmv__tree *t, const kmv_allocator *a, const float *x, size_t c,
                         kmv__tree_mass *ms);
+void kmv__tree_mass_limits(const kmv__tree *t, kmv__tree_mass *ms, double budget, double inv2s2);
+void kmv__tree_leaf_limit(const kmv__tree *t, kmv__tree_mass *ms, size_t l);
 void kmv__tree_mass_add(kmv__tree_mass *ms, uint32_t leaf, uint32_t group, const float *xj);
 
 /* Queries one search takes at most: their distances to every leaf centre
@@ -157,8 +163,9 @@ size_t kmv__tree_group_cands(const kmv__tree *t, const kmv__tree_mass *ms, const
 
 /* One row (rq->q, rq->count 1, no causal limit) by the tree's two levels:
  * a group whose bound times its mass is negligible (under cut per leaf it
- * holds) is passed whole, the leaves of the others are bounded one by one,
- * and the row settles as kmv__tree_rows' do. Needs la, ga and ls only. */
+ * holds) is passed whole, the leaves of the others are tested against
+ * their thresholds (thr, computed under a cut at most rq->ms->cut) by one
+ * pass over their centres, and the row settles as kmv__tree_rows' do. */
 void kmv__tree_row_walk(const kmv__tree_req *rq, kmv__tree_scratch *s, double *y,
                         kmv__tree_out *o);
 

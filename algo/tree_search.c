@@ -32,6 +32,7 @@ struct kmv__tree_scratch {
     float *dot;   /* KMV__TREE_BLOCK x n_leaves */
     float *ln;    /* the leaf centres' squared norms */
     float *kv;    /* the largest leaf */
+    float *kv2;   /* the largest group's leaves */
     cand *cd;     /* candidates of one row */
     double slack; /* relative rounding of a float sum of d products */
 };
@@ -49,9 +50,13 @@ int kmv__tree_scratch_new(const kmv__tree *t, const kmv_allocator *a, int block,
         s->ln = kmv__malloc_array(a, L, sizeof(float));
     }
     s->kv = kmv__malloc_array(a, wide, sizeof(float));
+    size_t gw = 1;
+    for (size_t g = 0; g < t->n_groups; g++)
+        if (t->g_off[g + 1] - t->g_off[g] > gw) gw = t->g_off[g + 1] - t->g_off[g];
+    s->kv2 = kmv__malloc_array(a, gw, sizeof(float));
     s->cd = kmv__malloc_array(a, L, sizeof(cand));
     s->slack = kmv__tree_slack(t->d);
-    if ((block && (!s->dot || !s->ln)) || !s->kv || !s->cd) {
+    if ((block && (!s->dot || !s->ln)) || !s->kv || !s->kv2 || !s->cd) {
         kmv__tree_scratch_free(s);
         return KMV_ENOMEM;
     }
@@ -69,6 +74,7 @@ void kmv__tree_scratch_free(kmv__tree_scratch *s) {
     kmv__free(s->a, s->dot);
     kmv__free(s->a, s->ln);
     kmv__free(s->a, s->kv);
+    kmv__free(s->a, s->kv2);
     kmv__free(s->a, s->cd);
     kmv__free(s->a, s);
 }
@@ -248,18 +254,22 @@ void kmv__tree_row_walk(const kmv__tree_req *rq, kmv__tree_scratch *s, double *y
     memset(o, 0, sizeof *o);
     for (size_t col = 0; col < ms->c; col++) y[col] = 0.0;
     for (size_t g = 0; g < t->n_groups; g++) {
-        size_t l0 = t->g_off[g], l1 = t->g_off[g + 1];
+        size_t l0 = t->g_off[g], nl = t->g_off[g + 1] - l0;
         double d2 = (double)kmv__sqdist(q, t->gc + g * d, d);
         /* a negligible group counts as the leaves it holds, each under cut */
-        if (negligible(s, d2, t->gr[g], ms->ga[g], ms->inv2s2, ms->cut * (double)(l1 - l0))) {
-            negl += l1 - l0;
+        if (negligible(s, d2, t->gr[g], ms->ga[g], ms->inv2s2, ms->cut * (double)nl)) {
+            negl += nl;
             continue;
         }
-        for (size_t l = l0; l < l1; l++) {
+        /* squared distances to the group's leaf centres in one pass, each
+         * within the slack of the exact one (a float sum of d squares) */
+        kmv__sqdist_rows(q, t->lc + l0 * d, nl, d, s->kv2);
+        leaves += nl;
+        for (size_t u = 0; u < nl; u++) {
+            size_t l = l0 + u;
             if (ms->la[l] == 0.0) continue; /* adds nothing */
-            double e2 = (double)kmv__sqdist(q, t->lc + l * d, d);
-            leaves++;
-            if (negligible(s, e2, t->lr[l], ms->la[l], ms->inv2s2, ms->cut)) negl++;
+            double e2 = (double)s->kv2[u];
+            if (e2 * (1.0 - s->slack) >= (double)ms->thr[l]) negl++;
             else s->cd[nc++] = bound_leaf(rq, s, e2, l, 0);
         }
     }

@@ -30,6 +30,8 @@
 #include "tools/clock.h"
 #include "tests/datagen.h"
 
+static int backend; /* --backend auto|lsh|tree: the decoding steps' */
+
 /* forced: the approximate path even where the cost model would run
  * exact, so tables exist at every size. */
 static kmv_ctx *ctx_for(double sigma, int exact, int forced) {
@@ -41,6 +43,7 @@ static kmv_ctx *ctx_for(double sigma, int exact, int forced) {
     kmv_params_x px;
     kmv_params_get_x(&p, &px);
     px.force_approx = forced;
+    px.backend = forced ? KMV_BACKEND_LSH : backend;
     kmv_params_set_x(&p, &px);
     kmv_ctx *ctx;
     if (kmv_ctx_create(&p, &ctx) != KMV_OK) exit(1);
@@ -58,6 +61,17 @@ static void check(int rc, const char *what) {
     if (rc != KMV_OK) {
         fprintf(stderr, "%s: %s\n", what, kmv_strerror(rc));
         exit(1);
+    }
+}
+
+static void standardize(float *p, size_t n, size_t d) {
+    for (size_t a = 0; a < d; a++) {
+        double s = 0.0, s2 = 0.0;
+        for (size_t i = 0; i < n; i++) s += p[i * d + a];
+        double mean = s / (double)n;
+        for (size_t i = 0; i < n; i++) s2 += (p[i * d + a] - mean) * (p[i * d + a] - mean);
+        double sd = sqrt(s2 / (double)n);
+        for (size_t i = 0; i < n; i++) p[i * d + a] = (float)((p[i * d + a] - mean) / sd);
     }
 }
 
@@ -133,6 +147,7 @@ static void decoding(const char *name, const float *k, size_t n, const float *qs
     check(kmv_stream_decode(sa, qs, &y, &st), "decode"); /* builds the tables */
     tb = tool_now() - tb;
     double ta = 0.0, te = 0.0, worst = 0.0, cands = 0.0, samples = 0.0, th = 0.0, ts = 0.0;
+    double bounded = 0.0, visited = 0.0;
     int approx = 0;
     for (size_t i = 0; i < steps; i++) {
         const float *q = qs + i * d;
@@ -147,16 +162,21 @@ static void decoding(const char *name, const float *k, size_t n, const float *qs
         kmv_stats_x sx;
         kmv_stats_get_x(&st, &sx);
         cands += (double)sx.lsh_candidates;
+        bounded += (double)sx.nodes_bounded;
+        visited += (double)sx.keys_visited;
         samples += (double)sx.samples;
         th += sx.seconds_heavy;
         ts += sx.seconds_sample;
         double e = fabs((double)y - ye) / sqrt(x2);
         worst = e > worst ? e : worst;
     }
-    printf("%s,%zu,%zu,%.1f,%.1f,%.2f,%.5f,%d/%zu,%.0f,%.0f,%.1f,%.1f,%.3f,%d\n", name, n, d,
-           1e6 * ta / (double)steps, 1e6 * te / (double)steps, te / ta, worst, approx, steps,
-           cands / (double)steps, samples / (double)steps, 1e6 * th / (double)steps,
-           1e6 * ts / (double)steps, tb, last_tables(&st));
+    kmv_stats_x sx;
+    kmv_stats_get_x(&st, &sx);
+    printf("%s,%zu,%zu,%.1f,%.1f,%.2f,%.5f,%d/%zu,%s,%.0f,%.0f,%.0f,%.0f,%.1f,%.1f,%.3f,%d\n", name,
+           n, d, 1e6 * ta / (double)steps, 1e6 * te / (double)steps, te / ta, worst, approx, steps,
+           sx.backend == KMV_BACKEND_TREE ? "tree" : "lsh", bounded / (double)steps,
+           visited / (double)steps, cands / (double)steps, samples / (double)steps,
+           1e6 * th / (double)steps, 1e6 * ts / (double)steps, tb, last_tables(&st));
     kmv_stream_free(sa);
     kmv_stream_free(se);
     kmv_ctx_free(ca);
@@ -270,14 +290,20 @@ static void streamed_vs_batch(void) {
 
 int main(int argc, char **argv) {
     const char *glove = "../shared/data/glove100d_first65536.npy";
+    const char *zipcodes = "data/zipcodes_latlon.npy";
     size_t steps = 200;
     int decode_only = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--glove") && i + 1 < argc) glove = argv[++i];
+        else if (!strcmp(argv[i], "--zipcodes") && i + 1 < argc) zipcodes = argv[++i];
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = (size_t)strtoull(argv[++i], NULL, 10);
         else if (!strcmp(argv[i], "--decode-only")) decode_only = 1;
-        else {
-            fprintf(stderr, "usage: stream_bench [--glove PATH] [--steps N] [--decode-only]\n");
+        else if (!strcmp(argv[i], "--backend") && i + 1 < argc) {
+            const char *b = argv[++i];
+            backend = !strcmp(b, "lsh") ? KMV_BACKEND_LSH : !strcmp(b, "tree") ? KMV_BACKEND_TREE : KMV_BACKEND_AUTO;
+        } else {
+            fprintf(stderr, "usage: stream_bench [--glove PATH] [--steps N] [--decode-only] "
+                            "[--backend auto|lsh|tree]\n");
             return 2;
         }
     }
@@ -286,7 +312,8 @@ int main(int argc, char **argv) {
         appending(1);
     }
     printf("# decoding steps, eps = 0.1 (tables built at the first step, build_s)\n");
-    printf("data,n,d,approx_us,exact_us,speedup,worst_err,approx_steps,cands,samples,heavy_us,sample_us,build_s,tables\n");
+    printf("data,n,d,approx_us,exact_us,speedup,worst_err,approx_steps,backend,nodes_bounded,"
+           "keys_visited,cands,samples,heavy_us,sample_us,build_s,tables\n");
     const size_t n = 65536;
     {
         const size_t d = 64;
@@ -295,12 +322,31 @@ int main(int argc, char **argv) {
         dg_clustered(k, n, q, steps, d, 16, 1.0, 21);
         dg_x(x, n, DG_X_GAUSS, 22);
         decoding("clustered", k, n, q, steps, d, 1.0, x);
+        decoding("clustered_s0.5", k, n, q, steps, d, 0.5, x);
         free(k);
         free(q);
         free(x);
     }
     kmv_array g;
     char err[256];
+    /* Kernel density (x = 1) on real low-dimensional data: the zip codes'
+     * coordinates, standardized; keys the first 32768, steps for the rest */
+    if (kmv_npy_read(zipcodes, NULL, &g, err, sizeof err) == KMV_OK && g.rows > 32768 + steps) {
+        size_t zn = 32768;
+        standardize(g.data, g.rows, g.cols);
+        float *x = malloc(zn * sizeof(float));
+        for (size_t j = 0; j < zn; j++) x[j] = 1.0f;
+        static const double sig[] = {0.01, 0.02, 0.05};
+        for (int u = 0; u < 3; u++) {
+            char name[64];
+            snprintf(name, sizeof name, "zipcodes_s%g", sig[u]);
+            decoding(name, g.data, zn, g.data + zn * g.cols, steps, g.cols, sig[u], x);
+        }
+        free(x);
+        kmv_array_free(&g);
+    } else {
+        printf("# zip code rows skipped: %s\n", err);
+    }
     if (kmv_npy_read(glove, NULL, &g, err, sizeof err) == KMV_OK && g.rows >= n) {
         float *x = malloc(n * sizeof(float));
         dg_x(x, n, DG_X_GAUSS, 23);

@@ -155,10 +155,11 @@ static void report(const compare *cm, size_t pos, const llm_session *se, const l
             cm->nll_e / (double)scored);
     if (sa == NULL) return;
     llm_attn_stats as = llm_attention_stats(sa);
-    static const char *why[8] = {"", "no LSH plan", "heavy search", "sample budget", "columns",
-                                 "budget", "small context", "memory"};
+    static const char *why[KMV_FALLBACK_TREE + 1] = {
+        "", "no LSH plan", "heavy search", "sample budget", "columns", "budget", "small context",
+        "memory", "bounds tree"};
     int top = 1;
-    for (int r = 1; r < 8; r++)
+    for (int r = 1; r <= KMV_FALLBACK_TREE; r++)
         if (as.exact_why[r] > as.exact_why[top]) top = r;
     fprintf(stderr,
             "kmv " CMD ": approximate attention (eps %g): %.1f%% of forward time, "

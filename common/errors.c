@@ -47,6 +47,7 @@ const char *kmv_fallback_name(int reason) {
     case KMV_FALLBACK_BUDGET: return "budget";
     case KMV_FALLBACK_SMALL: return "small";
     case KMV_FALLBACK_MEMORY: return "memory";
+    case KMV_FALLBACK_TREE: return "tree";
     default: return "unknown";
     }
 }

@@ -164,7 +164,9 @@ typedef enum kmv_fallback {
     KMV_FALLBACK_COLUMNS = 4, /* too many huge x_j to sum exactly */
     KMV_FALLBACK_BUDGET = 5,  /* the dropped keys alone pass eps */
     KMV_FALLBACK_SMALL = 6,   /* too small to gain */
-    KMV_FALLBACK_MEMORY = 7   /* the plan would pass params.max_bytes */
+    KMV_FALLBACK_MEMORY = 7,  /* the plan would pass params.max_bytes */
+    KMV_FALLBACK_TREE = 8     /* the bounds tree could not certify the row
+                                 within a quarter of the exact row's keys */
 } kmv_fallback;
 
 /* "none", "lsh", ... for a kmv_fallback; "unknown" otherwise. */
@@ -343,6 +345,16 @@ typedef struct kmv_stream_info {
     int attention;           /* 1 for an attention stream */
     double key_bound;        /* attention: the lift's alpha */
     uint64_t relifts;        /* attention: times the keys were lifted again */
+    /* The decoding steps' bounds tree (Gaussian streams): built at each
+     * power of two of the keys where its trial shows it cheap, and grown
+     * key by key between (docs/bounds.md). */
+    uint64_t tree_builds;       /* builds, kept or dropped */
+    uint64_t tree_inserts;      /* keys inserted into a built tree */
+    double tree_seconds_insert; /* those inserts' time: the append cost
+                                   per key is this over tree_inserts */
+    size_t tree_keys;           /* keys under the tree the steps take now
+                                   (0: none) */
+    size_t tree_bytes;          /* its memory */
 } kmv_stream_info;
 
 /* Errors: KMV_EINVAL. */

@@ -234,7 +234,7 @@ int llm_forward(llm_session *s, int token, const float **logits) {
                 if (rc != KMV_OK) break;
                 s->as.steps++;
                 if (stats.mode == KMV_MODE_FALLBACK && stats.fallback_reason >= 0 &&
-                    stats.fallback_reason < 8)
+                    stats.fallback_reason <= KMV_FALLBACK_TREE)
                     s->as.exact_why[stats.fallback_reason]++;
                 if (stats.mode == KMV_MODE_APPROX) {
                     s->as.approx_steps++;

@@ -59,7 +59,7 @@ double llm_forward_seconds(const llm_session *s);
  * largest error bound reported. */
 typedef struct llm_attn_stats {
     size_t steps, approx_steps;
-    size_t exact_why[8]; /* steps run exact, by kmv_fallback reason */
+    size_t exact_why[KMV_FALLBACK_TREE + 1]; /* steps run exact, by kmv_fallback reason */
     double worst_bound;
 } llm_attn_stats;
 llm_attn_stats llm_attention_stats(const llm_session *s);

@@ -71,6 +71,7 @@ static int needs_prep(const kmv_stream *s) {
     const kmv_index *ix = s->ix;
     size_t n = kmv__index_keys(ix)->n;
     if (n == 0 || s->nx2 <= 0.0 || exact_rule(s) != 0) return 0;
+    if (kmv__stream_tree_serves(s)) return 0; /* no tables, no draws */
     double kappa = kmv__heavy_threshold(kmv__index_params(ix), n, 1);
     int serve = kmv__index_has_tables(ix) && kappa >= 0.5 * kmv__index_kappa(ix) &&
                 n <= 2 * kmv__index_planned_keys(ix);
@@ -289,6 +290,15 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv__stats
         if ((ye = kmv__malloc_array(t.a, t.c, sizeof(double))) == NULL) rc = KMV_ENOMEM;
         else s->kind->exact_row(&t), memcpy(ye, t.lb.est, t.c * sizeof(double));
     }
+    if (rc == KMV_OK && f == FLOW_GO && !no_plan && kmv__stream_tree_serves(s)) {
+        /* the bounds tree, where its trial showed it cheap: answered, or
+         * the exact row (the tables are not planned while it serves) */
+        int answered;
+        rc = kmv__stream_tree_row(s, q, t.lb.est, S, &answered);
+        S->seconds_tree = prep;
+        S->seconds_lsh = 0.0;
+        if (rc == KMV_OK) f = answered ? FLOW_DONE : FLOW_EXACT;
+    }
     if (rc == KMV_OK && f == FLOW_GO) f = check_rule(&t, no_plan);
     double th = kmv__now();
     if (rc == KMV_OK && f == FLOW_GO) f = exact_columns(&t);
@@ -340,9 +350,10 @@ int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv__stats *st, 
     if (pthread_rwlock_rdlock(&s->lock) != 0) return KMV_EINVAL;
     /* Another step may drop what this one prepared: try again a few
      * times, then decode_once() goes exact. */
-    for (int tries = 0; tries < 4 && needs_prep(s); tries++) {
+    for (int tries = 0; tries < 4 && (kmv__stream_tree_stale(s) || needs_prep(s)); tries++) {
         pthread_rwlock_unlock(&s->lock);
         pthread_rwlock_wrlock(&s->lock);
+        if (kmv__stream_tree_stale(s)) kmv__stream_tree_prepare(s, &prep);
         if (needs_prep(s)) {
             /* Exclusive: the refusals counted meanwhile are this plan's. */
             unsigned long r0 = kmv__meter_refusals(meter);

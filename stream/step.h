@@ -86,6 +86,25 @@ typedef struct kmv__step_kind {
 extern const kmv__step_kind kmv__gauss_step;
 extern const kmv__step_kind kmv__attention_step;
 
+/* The bounds tree of a Gaussian stream's steps (step_tree.c). Whether it
+ * must change before a step at the stream's size (a build at a new power
+ * of two of the keys, or keys to insert): decided from the stream alone. */
+int kmv__stream_tree_stale(const kmv_stream *s);
+/* Whether the steps take the tree now (held, covering every key). */
+int kmv__stream_tree_serves(const kmv_stream *s);
+/* Build, try and grow the tree for the stream's size: the tree's state
+ * is a function of the keys, the values and the seed alone, whenever the
+ * steps ran (so a loaded snapshot grows the same tree). Under the write
+ * lock. A tree out of memory, or one the trial finds costing more than a
+ * quarter of the exact row, is dropped until the keys double; KMV_OK. */
+void kmv__stream_tree_prepare(kmv_stream *s, double *seconds);
+/* One step by the tree into est (c values) when it certifies the row
+ * within a quarter of the exact row's work: *answered 1 and the stats
+ * filled; else *answered 0. KMV_OK or KMV_ENOMEM (the step's scratch). */
+int kmv__stream_tree_row(const kmv_stream *s, const float *q, double *est, kmv__stats *S,
+                         int *answered);
+void kmv__stream_tree_free(kmv_stream *s);
+
 /* The Gaussian step's exact row: a window covering every key. */
 void kmv__step_exact_window(kmv__step *t);
 

@@ -52,6 +52,7 @@ void kmv_stream_free(kmv_stream *s) {
     void *arrays[] = {s->x, s->xs, s->ws, s->wid, s->q, s->kn2};
     for (size_t u = 0; u < sizeof arrays / sizeof arrays[0]; u++) kmv__free(a, arrays[u]);
     kmv__sketch_free(&s->sk, a);
+    kmv__stream_tree_free(s);
     pthread_rwlock_destroy(&s->lock);
     kmv__free(a, s);
     kmv_index_free(ix);
@@ -211,6 +212,11 @@ int kmv_stream_get_info(const kmv_stream *s, kmv_stream_info *info) {
     info->table_builds = n.table_builds;
     info->sketch_inserts = s->sketch_inserts;
     info->lsh_tables = kmv__index_has_tables(ix) ? kmv__index_shape(ix).L : 0;
+    info->tree_builds = s->tree_builds;
+    info->tree_inserts = s->tree_inserts;
+    info->tree_seconds_insert = s->tree_seconds_insert;
+    info->tree_keys = s->tree_mode != TREE_NONE ? s->tree.n : 0;
+    info->tree_bytes = s->tree_mode != TREE_NONE ? s->tree.bytes : 0;
     if (s->attn) {
         info->dim = s->d - 1;
         info->n_cols = s->c - 1;

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "algo/sketch.h"
+#include "algo/tree.h"
 #include "common/params.h"
 #include "engine/index.h"
 
@@ -18,6 +19,13 @@
 #define KMV__ATTN_ROUNDS 4
 
 struct kmv__step_kind;
+
+/* What a stream's bounds tree does for its steps. */
+enum kmv__tree_mode {
+    TREE_NONE = 0,    /* none held */
+    TREE_STANDBY = 1, /* held; serves where the LSH plan is refused */
+    TREE_SERVES = 2   /* held, and the steps take it */
+};
 
 struct kmv_stream {
     kmv_index *ix;   /* keys in the store's random order, the tables, the
@@ -54,6 +62,15 @@ struct kmv_stream {
      * KMV__ATTN_ROUNDS windows a step may draw. */
     double z_sum, z_err;
     uint64_t relifts;
+    /* The Gaussian steps' bounds tree (step_tree.c): built over the first
+     * tree_nb keys (a power of two), grown key by key since. */
+    kmv__tree tree;
+    kmv__tree_mass tmass;  /* la, ga and ls over the tree's keys */
+    size_t tree_nb;        /* 0: no tree tried at this size */
+    double tree_nx2;       /* sum of the weights of the tree's keys */
+    int tree_mode;         /* a kmv__tree_mode */
+    uint64_t tree_builds, tree_inserts;
+    double tree_seconds_insert; /* inserting keys since the builds */
     /* Decoding steps read under it and write (tables, draws, refusals)
      * under its write side; every other call has the stream to itself. */
     pthread_rwlock_t lock;

@@ -650,6 +650,7 @@ static void test_memory_cap(void **state) {
     assert_int_equal(st.mode, KMV_MODE_FALLBACK);
     assert_int_equal(st.fallback_reason, KMV_FALLBACK_MEMORY);
     assert_string_equal(kmv_fallback_name(KMV_FALLBACK_MEMORY), "memory");
+    assert_string_equal(kmv_fallback_name(KMV_FALLBACK_TREE), "tree");
     assert_true(rel_error(y, ye, ds.m, x, ds.n) < 1e-5);
     assert_true(kmv_index_get_peak_bytes(ix) <= exact_peak);
     /* The tables were dropped; the next product skips the plan it knows
