@@ -1,7 +1,8 @@
 /* The bounds tree's build; see tree.h. Groups come from k-means++ and
- * Lloyd's iterations on a uniform sample of the keys (the first positions
- * of the store's random order), every key then goes to its nearest group,
- * and each group is split into leaves by Lloyd's iterations of its own.
+ * Lloyd's iterations on a uniform sample of the keys (ids drawn from the
+ * seed), every key then goes to its nearest group, and each group's keys,
+ * in id order, are split into leaves by Lloyd's iterations of its own:
+ * the tree depends on the keys and the seed, not on the store's order.
  * Distances for assignment go through one GEMM per block; radii are
  * measured in double from the float centres the search uses, and rounded
  * up, so the bounds they give hold for every key. */
@@ -246,12 +247,18 @@ typedef struct build {
     int nomem;
 } build;
 
-/* The sample: the first S store positions holding a key the tree covers
- * (a uniform sample, the store's order being random); their rows into P. */
-static void gather_sample(const kmv__keystore *ks, size_t n, size_t S, float *P) {
-    size_t d = ks->d, k = 0;
-    for (size_t p = 0; p < ks->n && k < S; p++)
-        if (ks->id_at[p] < n) memcpy(P + k++ * d, ks->rows + p * d, d * sizeof(float));
+/* The sample: S key ids below n drawn from the seed (with repeats, which
+ * k-means does not mind), their rows into P. Drawn by id, not by store
+ * position: the store's order depends on how the keys arrived, and a
+ * stream's tree must not. */
+static void gather_sample(const kmv__keystore *ks, size_t n, size_t S, uint64_t seed, float *P) {
+    size_t d = ks->d;
+    uint64_t rng = kmv__rng_stream(seed ^ kmv__mix64(n), KMV__RNG_TREE);
+    if (S >= n)
+        for (size_t k = 0; k < n; k++) memcpy(P + k * d, kmv__keystore_row(ks, k), d * sizeof(float));
+    else
+        for (size_t k = 0; k < S; k++)
+            memcpy(P + k * d, kmv__keystore_row(ks, (size_t)kmv__rng_below(&rng, n)), d * sizeof(float));
 }
 
 /* The top level: centres from the sample, then every key's group. */
@@ -269,7 +276,7 @@ static int top_level(build *b) {
     double *d2 = kmv__malloc_array(a, S, sizeof(double));
     int rc = P && buf && lab && sum && cnt && cn && d2 ? KMV_OK : KMV_ENOMEM;
     if (rc == KMV_OK) {
-        gather_sample(ks, n, S, P);
+        gather_sample(ks, n, S, b->seed, P);
         /* BLAS on one thread inside a team of one, as everywhere in kmv:
          * the same result for any thread count, and no BLAS team of its
          * own on the caller's thread */
@@ -376,11 +383,10 @@ static void sort_groups(build *b) {
     b->lbase[0] = 0;
     for (size_t g = 0; g < G; g++)
         b->lbase[g + 1] = b->lbase[g] + (uint32_t)(2 * leaves_for(b->gstart[g + 1] - b->gstart[g]));
-    /* positions in order within a group: the store's random order */
-    for (size_t p = 0; p < N; p++) {
-        uint32_t g = b->glab[p];
-        if (g == UINT32_MAX) continue;
-        t->ids[b->gstart[g]] = b->ks->id_at[p];
+    /* ids in order within a group: whatever the store's order */
+    for (size_t id = 0; id < n; id++) {
+        uint32_t g = b->glab[b->ks->pos_of[id]];
+        t->ids[b->gstart[g]] = (uint32_t)id;
         b->gstart[g]++;
     }
     for (size_t g = G; g > 0; g--) b->gstart[g] = b->gstart[g - 1];
@@ -440,6 +446,7 @@ static int shrink(kmv__tree *t, const kmv_allocator *a) {
         if (t->l_cnt[l] > t->l_wide) t->l_wide = t->l_cnt[l];
     }
     t->ids_len = t->ids_cap = t->n;
+    t->l_room = L;
     memcpy(lc, t->lc, t->n_leaves * d * sizeof(float));
     memcpy(lr, t->lr, t->n_leaves * sizeof(double));
     memcpy(off, t->l_off, (t->n_leaves + 1) * sizeof(uint32_t));
@@ -458,6 +465,9 @@ static int median_radius(kmv__tree *t, const kmv_allocator *a) {
     memcpy(rad, t->lr, t->n_leaves * sizeof(double));
     qsort(rad, t->n_leaves, sizeof(double), cmp_dbl);
     t->r_med = t->n_leaves ? rad[t->n_leaves / 2] : 0.0;
+    memcpy(rad, t->gr, t->n_groups * sizeof(double));
+    qsort(rad, t->n_groups, sizeof(double), cmp_dbl);
+    t->gr_med = t->n_groups ? rad[t->n_groups / 2] : 0.0;
     kmv__free(a, rad);
     return KMV_OK;
 }
@@ -518,6 +528,7 @@ int kmv__tree_build(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *k
         rc = shrink(t, a);
     }
     if (rc == KMV_OK) rc = median_radius(t, a);
+    t->g_room = b.G;
     kmv__free(a, b.gc0);
     kmv__free(a, b.glab);
     kmv__free(a, b.gstart);
@@ -531,6 +542,8 @@ int kmv__tree_mass_init(const kmv__tree *t, const kmv_allocator *a, const float 
     size_t L = t->n_leaves ? t->n_leaves : 1;
     memset(ms, 0, sizeof *ms);
     ms->c = c;
+    ms->l_room = L;
+    ms->g_room = t->n_groups ? t->n_groups : 1;
     ms->la = kmv__malloc_array(a, L, sizeof(double));
     ms->ga = kmv__malloc_array(a, t->n_groups ? t->n_groups : 1, sizeof(double));
     ms->ls = kmv__malloc_array(a, L, c * sizeof(double));

@@ -44,9 +44,14 @@ typedef struct kmv__tree {
                                  moves to the end) */
     size_t ids_len, ids_cap;
     size_t l_wide;            /* the most keys in one leaf */
+    /* Growth (tree_grow.c): room in the node arrays, and whether the last
+     * group takes new leaves */
+    size_t l_room, g_room;
+    int g_open;
     uint32_t *g_lo, *g_hi;    /* smallest and largest key id under a node */
     uint32_t *l_lo, *l_hi;
     double r_med;             /* the median leaf radius */
+    double gr_med;            /* the median group radius at build */
     size_t bytes;             /* what the arrays above take */
 } kmv__tree;
 
@@ -62,8 +67,14 @@ int kmv__tree_build(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *k
                     uint64_t seed, int threads);
 
 /* Key id (== t->n, held by ks) into the leaf nearest it within the group
- * nearest it; the leaf's and the group's radii grow to cover it. Its leaf
- * and group into *leaf, *group. KMV_OK or KMV_ENOMEM (t unchanged). */
+ * nearest it, when within twice the median leaf radius of its centre (or
+ * within its radius): the leaf's and the group's radii grow to cover it.
+ * A key farther from every leaf starts a leaf of its own, in the last
+ * group when that is open and near, else in a new group: keys that drift
+ * from what the build saw (a sorted stream) make leaves of their own
+ * rather than widen old ones. Its leaf and group into *leaf, *group
+ * (n_leaves and n_groups may have grown). KMV_OK or KMV_ENOMEM (t holds
+ * the same keys). */
 int kmv__tree_insert(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *ks, uint32_t id,
                      uint32_t *leaf, uint32_t *group);
 
@@ -75,6 +86,7 @@ void kmv__tree_free(kmv__tree *t, const kmv_allocator *a);
  * stay under cut = KMV__TREE_CUT budget / n_leaves. */
 typedef struct kmv__tree_mass {
     size_t c;
+    size_t l_room, g_room; /* leaves and groups the arrays hold */
     double budget, inv2s2, cut;
     double *la;  /* masses */
     double *ga;  /* n_groups: the masses of each group's leaves, summed */
@@ -118,6 +130,9 @@ int kmv__tree_mass_init(const kmv__tree *t, const kmv_allocator *a, const float 
 void kmv__tree_mass_limits(const kmv__tree *t, kmv__tree_mass *ms, double budget, double inv2s2);
 void kmv__tree_leaf_limit(const kmv__tree *t, kmv__tree_mass *ms, size_t l);
 void kmv__tree_mass_add(kmv__tree_mass *ms, uint32_t leaf, uint32_t group, const float *xj);
+/* Room in ms for t's leaves and groups after inserts made new ones (their
+ * sums zero). KMV_OK or KMV_ENOMEM (ms as it was). */
+int kmv__tree_mass_fit(kmv__tree_mass *ms, const kmv_allocator *a, const kmv__tree *t);
 
 /* Queries one search takes at most: their distances to every leaf centre
  * are one GEMM. */

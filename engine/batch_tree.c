@@ -358,7 +358,7 @@ int kmv__batch_tree(kmv_index *ix, const float *q, size_t m, const float *x, siz
     if (x2 <= 0.0) return KMV_OK; /* y = 0: the batch's split says so */
     double build = kmv__index_has_tree(ix) ? 0.0 : kmv__tree_build_cost(n, ix->d);
     if (!forced && build > 0.15 * exact_cost) return KMV_OK;
-    tree_run r = {ix, NULL, {0, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL}, q, x, m, c, kmv__threads(pa),
+    tree_run r = {ix, NULL, {0}, q, x, m, c, kmv__threads(pa),
                   pa->eps * sqrt(x2 / (double)m), 0.5 / (pa->sigma * pa->sigma),
                   0.25 * (double)n, NULL, NULL};
     double tb;

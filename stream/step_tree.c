@@ -147,6 +147,7 @@ void kmv__stream_tree_prepare(kmv_stream *s, double *seconds) {
     while (rc == KMV_OK && s->tree_mode != TREE_NONE && s->tree.n < n) {
         uint32_t leaf, group, id = (uint32_t)s->tree.n;
         rc = kmv__tree_insert(&s->tree, a, ks, id, &leaf, &group);
+        if (rc == KMV_OK) rc = kmv__tree_mass_fit(&s->tmass, a, &s->tree);
         if (rc != KMV_OK) break;
         kmv__tree_mass_add(&s->tmass, leaf, group, s->x + (size_t)id * s->c);
         /* the leaf's limit under the budget of the keys so far: at most

@@ -20,6 +20,7 @@
 #include "kmv/kmv.h"
 #include "kmv/kmv_experimental.h"
 #include "tests/datagen.h"
+#include "tests/realdata.h"
 #include "tests/testutil.h"
 
 typedef struct data {
@@ -50,24 +51,12 @@ static data glove(double sigma) {
 /* Every eighth U.S. postal code (data/zipcodes_latlon.npy), standardized:
  * real low-dimensional kernel-density data. Queries: every fourth key. */
 static data zipcodes(double sigma) {
-    kmv_array a;
     char err[256];
-    const char *paths[] = {"data/zipcodes_latlon.npy", "../data/zipcodes_latlon.npy"};
-    int rc = KMV_EIO;
-    for (size_t i = 0; i < 2 && rc != KMV_OK; i++) rc = kmv_npy_read(paths[i], NULL, &a, err, sizeof err);
-    if (rc != KMV_OK) fail_msg("zip codes: %s", err);
-    size_t n = a.rows / 8, d = a.cols;
-    data ds = {malloc(n * d * sizeof(float)), NULL, n, n / 4, d, sigma};
-    for (size_t i = 0; i < n; i++) memcpy(ds.k + i * d, a.data + 8 * i * d, d * sizeof(float));
-    for (size_t u = 0; u < d; u++) {
-        double s = 0.0, s2 = 0.0;
-        for (size_t i = 0; i < n; i++) s += ds.k[i * d + u];
-        for (size_t i = 0; i < n; i++) s2 += (ds.k[i * d + u] - s / (double)n) * (ds.k[i * d + u] - s / (double)n);
-        for (size_t i = 0; i < n; i++) ds.k[i * d + u] = (float)((ds.k[i * d + u] - s / (double)n) / sqrt(s2 / (double)n));
-    }
-    ds.q = malloc(ds.m * d * sizeof(float));
+    size_t n = 0, d = 0;
+    float *k = rd_zipcodes(8, &n, &d, err, sizeof err);
+    if (k == NULL) fail_msg("zip codes: %s", err);
+    data ds = {k, malloc(n / 4 * d * sizeof(float)), n, n / 4, d, sigma};
     for (size_t i = 0; i < ds.m; i++) memcpy(ds.q + i * d, ds.k + 4 * i * d, d * sizeof(float));
-    kmv_array_free(&a);
     return ds;
 }
 
