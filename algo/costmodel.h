@@ -24,6 +24,12 @@ static inline double kmv__cost_exact(double d) { return 0.5 + 0.025 * d; }
 #define KMV__COST_WIDE 1.9
 /* One LSH candidate verified: a random row fetched, a distance, an exp. */
 static inline double kmv__cost_cand(double d) { return 20.0 + 0.15 * d; }
+/* A decoding step through the bounds tree: each node bounded (the scan
+ * reads int8 leaf centres) against one key of a window, and what every
+ * step pays whatever the tree (bench/stream_bench: 6.8 ns per node at
+ * d = 64 where a window key costs 12 ns; about 3 us a step on 2-d data). */
+#define KMV__COST_TREE_NODE 0.6
+#define KMV__COST_TREE_STEP 1000.0
 /* One step along a bucket chain (duplicates included). */
 #define KMV__COST_STEP 2.0
 /* One bucket looked up by a query (hash of k integers, a slot and a

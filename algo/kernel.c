@@ -11,6 +11,7 @@
 #include "algo/kernel.h"
 
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
     !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__) && !defined(KMV_NO_CLONES)
@@ -126,33 +127,121 @@ float kmv__attn_row(float *s, size_t len, float scale, float shift, const float 
     return sum;
 }
 
+/* Sixteen lanes in GCC's generic vectors: one zmm register under
+ * AVX-512, two ymm under AVX2, four xmm otherwise. */
+typedef float kmv__f16v __attribute__((vector_size(64)));
+typedef float kmv__f8v __attribute__((vector_size(32)));
+typedef float kmv__f4v __attribute__((vector_size(16)));
+typedef int8_t kmv__b16v __attribute__((vector_size(16)));
+typedef int32_t kmv__i16v __attribute__((vector_size(64)));
+
+/* The lanes' sum by halves: a few shuffles, where `omp simd reduction`
+ * adds sixteen lanes one after another. */
+static inline float hsum16(kmv__f16v v) {
+    kmv__f8v a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    kmv__f4v b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 /* Squared distances taken as sums of squared differences: no cancellation
  * at any bandwidth, which the GEMM expansion cannot promise (exact.c pays
  * for float64 dots instead). The approximate engine evaluates few entries
  * per row, so the direct form costs it little. */
-KMV_CLONES
-float kmv__sqdist(const float *a, const float *b, size_t d) {
+/* Sixteen lanes at a time, summed by halves at the end (see hsum16). */
+static inline float sqdist16(const float *a, const float *b, size_t d) {
+    size_t d16 = d & ~(size_t)15;
+    kmv__f16v vacc = {0};
+    for (size_t t = 0; t < d16; t += 16) {
+        kmv__f16v av, bv;
+        memcpy(&av, a + t, sizeof av);
+        memcpy(&bv, b + t, sizeof bv);
+        kmv__f16v u = av - bv;
+        vacc += u * u;
+    }
     float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (size_t t = 0; t < d; t++) {
+    for (size_t t = d16; t < d; t++) {
         float u = a[t] - b[t];
+        acc += u * u;
+    }
+    return hsum16(vacc) + acc;
+}
+
+KMV_CLONES
+float kmv__sqdist(const float *a, const float *b, size_t d) { return sqdist16(a, b, d); }
+
+KMV_CLONES
+void kmv__sqdist_rows(const float *q, const float *rows, size_t count, size_t d, float *out) {
+    for (size_t j = 0; j < count; j++) out[j] = sqdist16(q, rows + j * d, d);
+}
+
+/* The int8 rows through intrinsics where the CPU has AVX-512 or AVX2:
+ * GCC's generic vectors widen int8 to float one lane at a time. Each
+ * product s_j v_ju is rounded to float before the subtraction, as in the
+ * portable loop. */
+static float q8_row(const float *q, const int8_t *r, float sj, size_t from, size_t d) {
+    float acc = 0.0f;
+    for (size_t t = from; t < d; t++) {
+        float u = q[t] - sj * (float)r[t];
         acc += u * u;
     }
     return acc;
 }
 
-KMV_CLONES
-void kmv__sqdist_rows(const float *q, const float *rows, size_t count, size_t d, float *out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+__attribute__((target("avx512f"))) static void q8_rows_avx512(const float *q, const int8_t *v,
+                                                                const float *s, size_t count,
+                                                                size_t d, float *out) {
+    size_t d16 = d & ~(size_t)15;
     for (size_t j = 0; j < count; j++) {
-        const float *r = rows + j * d;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (size_t t = 0; t < d; t++) {
-            float u = q[t] - r[t];
-            acc += u * u;
+        const int8_t *r = v + j * d;
+        __m512 acc = _mm512_setzero_ps(), sj = _mm512_set1_ps(s[j]);
+        for (size_t t = 0; t < d16; t += 16) {
+            __m512 c = _mm512_mul_ps(sj, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                             _mm_loadu_si128((const __m128i *)(r + t)))));
+            __m512 u = _mm512_sub_ps(_mm512_loadu_ps(q + t), c);
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(u, u));
         }
-        out[j] = acc;
+        out[j] = _mm512_reduce_add_ps(acc) + q8_row(q, r, s[j], d16, d);
     }
+}
+
+__attribute__((target("avx2"))) static void q8_rows_avx2(const float *q, const int8_t *v,
+                                                           const float *s, size_t count, size_t d,
+                                                           float *out) {
+    size_t d8 = d & ~(size_t)7;
+    for (size_t j = 0; j < count; j++) {
+        const int8_t *r = v + j * d;
+        __m256 acc = _mm256_setzero_ps(), sj = _mm256_set1_ps(s[j]);
+        for (size_t t = 0; t < d8; t += 8) {
+            __m256 c = _mm256_mul_ps(sj, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                             _mm_loadl_epi64((const __m128i *)(r + t)))));
+            __m256 u = _mm256_sub_ps(_mm256_loadu_ps(q + t), c);
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(u, u));
+        }
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        out[j] = _mm_cvtss_f32(h) + q8_row(q, r, s[j], d8, d);
+    }
+}
+#endif
+
+void kmv__sqdist_q8_rows(const float *q, const int8_t *v, const float *s, size_t count, size_t d,
+                         float *out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (__builtin_cpu_supports("avx512f")) {
+        q8_rows_avx512(q, v, s, count, d, out);
+        return;
+    }
+    if (__builtin_cpu_supports("avx2")) {
+        q8_rows_avx2(q, v, s, count, d, out);
+        return;
+    }
+#endif
+    for (size_t j = 0; j < count; j++) out[j] = q8_row(q, v + j * d, s[j], 0, d);
 }
 
 KMV_CLONES

@@ -45,6 +45,13 @@ float kmv__sqdist(const float *a, const float *b, size_t d);
 /* out[j] = ||q - rows_j||^2 for count contiguous rows of dimension d. */
 void kmv__sqdist_rows(const float *q, const float *rows, size_t count, size_t d, float *out);
 
+/* The same for rows stored as int8 with a scale each: row j is
+ * s[j] v[j d .. j d + d) (a quarter of the bytes a float row reads). Each
+ * entry within the float sum's slack of ||q - c||^2 for a point c within
+ * 2^-23 ||s_j v_j|| of s_j v_j (the product s_j v_ju may be fused). */
+void kmv__sqdist_q8_rows(const float *q, const int8_t *v, const float *s, size_t count, size_t d,
+                         float *out);
+
 /* out[u] = sum_i v_i P[i ld + u] for u < cols (P: d rows of stride ld),
  * summed over i in order: one vector against many projections, where a
  * one-row BLAS call would pack all of P first. */

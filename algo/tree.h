@@ -50,6 +50,11 @@ typedef struct kmv__tree {
     int g_open;
     uint32_t *g_lo, *g_hi;    /* smallest and largest key id under a node */
     uint32_t *l_lo, *l_hi;
+    /* Int8 copies of the leaf centres (tree_q8.c; NULL unless asked): leaf
+     * l's is lqs[l] lq[l d ..], and lqr[l] its radius about that point */
+    int8_t *lq;
+    float *lqs;
+    double *lqr;
     double r_med;             /* the median leaf radius */
     double gr_med;            /* the median group radius at build */
     size_t bytes;             /* what the arrays above take */
@@ -93,6 +98,7 @@ typedef struct kmv__tree_mass {
     double *ls;  /* column sums */
     float *thr;  /* negligible from this squared distance on */
     float *s;    /* sqrt(thr), rounded up */
+    float *thq;  /* thr about the int8 centres (tree.lq; NULL without) */
     float *h;    /* the same as a test on a dot product: leaf l is
                     negligible for q when <q, c_l> <= h[l] + ||q||^2 g / 2,
                     g = 1 - 2 kmv__tree_slack(d), rounding included */
@@ -104,6 +110,18 @@ static inline double kmv__tree_slack(size_t d) { return 2.0 * ((double)d + 4.0) 
 
 /* The share of a row's budget all negligible leaves together may take. */
 #define KMV__TREE_CUT 0.01
+
+/* Int8 copies of t's leaf centres, for scans that read a quarter of the
+ * bytes (a stream's single-row steps, which are bound by memory): each
+ * centre quantized with a scale of its own, and the radius covering the
+ * leaf's keys about the quantized point, so bounds taken from it hold for
+ * every key. Inserts keep them. KMV_OK or KMV_ENOMEM (none then). */
+int kmv__tree_q8(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *ks);
+/* Leaf l's int8 centre from its float one, radius 0 (tree_grow.c). */
+void kmv__tree_q8_leaf(kmv__tree *t, size_t l);
+/* The distance from k to leaf l's int8 centre, rounded up (with the
+ * product's rounding). */
+double kmv__tree_q8_cover(const kmv__tree *t, size_t l, const float *k);
 
 /* What t's arrays take, in bytes. */
 size_t kmv__tree_bytes(const kmv__tree *t);

@@ -78,6 +78,11 @@ static int node_room(kmv__tree *t, const kmv_allocator *a) {
         if (rc == KMV_OK) rc = regrow(a, (void **)&t->l_cap, L, r, sizeof(uint32_t));
         if (rc == KMV_OK) rc = regrow(a, (void **)&t->l_lo, L, r, sizeof(uint32_t));
         if (rc == KMV_OK) rc = regrow(a, (void **)&t->l_hi, L, r, sizeof(uint32_t));
+        if (rc == KMV_OK && t->lq != NULL) {
+            rc = regrow(a, (void **)&t->lq, L * d, r * d, 1);
+            if (rc == KMV_OK) rc = regrow(a, (void **)&t->lqs, L, r, sizeof(float));
+            if (rc == KMV_OK) rc = regrow(a, (void **)&t->lqr, L, r, sizeof(double));
+        }
         if (rc != KMV_OK) return rc; /* arrays grown so far keep their keys */
         t->l_room = r;
     }
@@ -118,6 +123,7 @@ static int new_leaf(kmv__tree *t, const kmv_allocator *a, const float *k, uint32
     t->l_off[L] = (uint32_t)t->ids_len;
     t->l_cnt[L] = t->l_cap[L] = 0;
     t->l_lo[L] = t->l_hi[L] = id;
+    if (t->lq != NULL) kmv__tree_q8_leaf(t, L);
     t->n_leaves = L + 1;
     t->g_off[last + 1] = (uint32_t)(L + 1);
     *leaf = L;
@@ -143,6 +149,10 @@ int kmv__tree_insert(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *
     double rg = cover(k, t->gc + g * d, d);
     if (rl > t->lr[l]) t->lr[l] = rl;
     if (rg > t->gr[g]) t->gr[g] = rg;
+    if (t->lq != NULL) {
+        double rq = kmv__tree_q8_cover(t, l, k);
+        if (rq > t->lqr[l]) t->lqr[l] = rq;
+    }
     t->l_hi[l] = t->g_hi[g] = id; /* ids arrive in order */
     t->n++;
     t->bytes = kmv__tree_bytes(t);
@@ -158,10 +168,17 @@ int kmv__tree_mass_fit(kmv__tree_mass *ms, const kmv_allocator *a, const kmv__tr
         double *la = kmv__malloc_array(a, r, sizeof(double)), *ls = kmv__malloc_array(a, r, c * sizeof(double));
         float *thr = kmv__malloc_array(a, r, sizeof(float)), *sv = kmv__malloc_array(a, r, sizeof(float));
         float *h = kmv__malloc_array(a, r, sizeof(float));
-        if (!la || !ls || !thr || !sv || !h) {
-            void *p[] = {la, ls, thr, sv, h};
-            for (size_t u = 0; u < 5; u++) kmv__free(a, p[u]);
+        float *thq = ms->thq != NULL ? kmv__malloc_array(a, r, sizeof(float)) : NULL;
+        if (!la || !ls || !thr || !sv || !h || (ms->thq && !thq)) {
+            void *p[] = {la, ls, thr, sv, h, thq};
+            for (size_t u = 0; u < 6; u++) kmv__free(a, p[u]);
             return KMV_ENOMEM;
+        }
+        if (thq != NULL) {
+            memcpy(thq, ms->thq, have * sizeof(float));
+            for (size_t l = have; l < r; l++) thq[l] = 0.0f;
+            kmv__free(a, ms->thq);
+            ms->thq = thq;
         }
         memcpy(la, ms->la, have * sizeof(double));
         memcpy(ls, ms->ls, have * c * sizeof(double));

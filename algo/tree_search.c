@@ -262,15 +262,26 @@ void kmv__tree_row_walk(const kmv__tree_req *rq, kmv__tree_scratch *s, double *y
             continue;
         }
         /* squared distances to the group's leaf centres in one pass, each
-         * within the slack of the exact one (a float sum of d squares) */
-        kmv__sqdist_rows(q, t->lc + l0 * d, nl, d, s->kv2);
+         * within the slack of the exact one (a float sum of d squares):
+         * from the int8 centres where the tree has them, tested against
+         * the thresholds about those */
+        const float *thr = ms->thr + l0;
+        if (t->lq != NULL && ms->thq != NULL) {
+            kmv__sqdist_q8_rows(q, t->lq + l0 * d, t->lqs + l0, nl, d, s->kv2);
+            thr = ms->thq + l0;
+        } else {
+            kmv__sqdist_rows(q, t->lc + l0 * d, nl, d, s->kv2);
+        }
         leaves += nl;
         for (size_t u = 0; u < nl; u++) {
             size_t l = l0 + u;
             if (ms->la[l] == 0.0) continue; /* adds nothing */
-            double e2 = (double)s->kv2[u];
-            if (e2 * (1.0 - s->slack) >= (double)ms->thr[l]) negl++;
-            else s->cd[nc++] = bound_leaf(rq, s, e2, l, 0);
+            if ((double)s->kv2[u] * (1.0 - s->slack) >= (double)thr[u]) {
+                negl++;
+                continue;
+            }
+            double e2 = t->lq != NULL ? (double)kmv__sqdist(q, t->lc + l * d, d) : (double)s->kv2[u];
+            s->cd[nc++] = bound_leaf(rq, s, e2, l, 0);
         }
     }
     settle(rq, s, q, UINT32_MAX, nc, negl, y, o);

@@ -111,9 +111,12 @@ static int prepare(kmv_stream *s, double *seconds) {
     if (uses_tables(s)) {
         float *sample;
         size_t m = plan_sample(s, &sample);
+        /* tables costing more than a tree standing by are refused: the
+         * tree then serves */
+        double cap = 0.25 * row_cost(s);
+        if (s->tree_mode == TREE_STANDBY && s->tree_cost < cap) cap = s->tree_cost;
         kmv__plan_req rq = {sample, m, kmv__heavy_threshold(pa, n, 1), s->kind->miss(s),
-                            kmv__index_force_approx(ix) ? INFINITY : 0.25 * row_cost(s) * (double)m,
-                            1.0};
+                            kmv__index_force_approx(ix) ? INFINITY : cap * (double)m, 1.0};
         rc = m == 0 ? KMV_ENOMEM : kmv__index_plan(ix, &rq, &refused);
         kmv__free(kmv__index_alloc(ix), sample);
     }

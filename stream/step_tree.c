@@ -10,13 +10,18 @@
  * loaded from a snapshot grows the same tree, and answers bit for bit the
  * same.
  *
- * At each build a trial of stored keys taken as queries says whether the
- * certificate is cheap here; where it is not (spread kernels) the tree is
- * dropped and the steps go the LSH way until the keys double again. */
+ * At each build a trial of stored keys taken as queries measures what a
+ * step through the tree costs. Past a quarter of the exact row (spread
+ * kernels) the tree is dropped until the keys double again; under it, the
+ * tree stands by, and its cost caps the LSH tables' plan: tables that would
+ * cost more are refused, and the tree serves (on clustered d = 64 keys at
+ * sigma 1 the tree wins, at sigma 0.5 the tables; on 2-d data the tables
+ * are refused outright). */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <string.h>
 
+#include "algo/costmodel.h"
 #include "algo/stats.h"
 #include "common/rng.h"
 #include "common/timer.h"
@@ -24,13 +29,6 @@
 
 #define TRIAL_ROWS 32   /* stand-in queries of a trial */
 #define WORK_SHARE 0.25 /* of the exact row: a trial's mean and a step's most */
-/* A trial's mean work (nodes bounded and keys summed) under this share of
- * the keys: the tree serves outright. Between this and WORK_SHARE it
- * stands by for the LSH tables: on clustered d = 64 keys the tree bounds
- * every leaf (about n / 10 of work) where the tables cost less, while on
- * low-dimensional data the tree's work is a few hundred nodes and the
- * tables are refused (bench/stream_bench.c). */
-#define SERVE_SHARE (1.0 / 32.0)
 
 /* The largest power of two at most n (n > 0). */
 static size_t base_of(size_t n) {
@@ -83,8 +81,9 @@ static kmv__tree_mass with_budget(const kmv_stream *s, double nx2) {
     return m;
 }
 
-/* The tree's mean work on stored keys taken as queries, as a share of the
- * exact row's nb keys (INFINITY past WORK_SHARE). */
+/* A step's cost through the tree over nb keys, in the cost model's units,
+ * from its work on stored keys taken as queries (INFINITY past WORK_SHARE
+ * of the exact row's keys). */
 static double trial(const kmv_stream *s, size_t nb) {
     const kmv__params *pa = kmv__index_params(s->ix);
     const kmv_allocator *a = kmv__index_alloc(s->ix);
@@ -98,7 +97,7 @@ static double trial(const kmv_stream *s, size_t nb) {
         return INFINITY;
     }
     kmv__tree_mass m = with_budget(s, nx2);
-    double most = WORK_SHARE * (double)nb, work = 0.0;
+    double most = WORK_SHARE * (double)nb, work = 0.0, nodes = 0.0;
     uint64_t rng = kmv__rng_stream(pa->seed ^ kmv__mix64(nb), KMV__RNG_TREE);
     size_t rows = 0;
     for (; rows < TRIAL_ROWS && work <= most * TRIAL_ROWS; rows++) {
@@ -107,10 +106,15 @@ static double trial(const kmv_stream *s, size_t nb) {
         kmv__tree_out o;
         kmv__tree_row_walk(&rq, sc, y, &o);
         work += (double)(o.bounded + o.visited) + (o.gave_up ? (double)nb : 0.0);
+        nodes += (double)o.bounded;
     }
     kmv__tree_scratch_free(sc);
     kmv__free(a, y);
-    return rows == TRIAL_ROWS && work <= most * TRIAL_ROWS ? work / TRIAL_ROWS / (double)nb : INFINITY;
+    if (rows < TRIAL_ROWS || work > most * TRIAL_ROWS) return INFINITY;
+    double keys = (work - nodes) / TRIAL_ROWS;
+    return kmv__cost_window((double)s->d) * (KMV__COST_TREE_NODE * nodes / TRIAL_ROWS + keys) *
+               (1.0 + 0.1 * (double)(s->c - 1)) +
+           KMV__COST_TREE_STEP;
 }
 
 /* The tree over the first nb keys, its mass, and the trial's verdict. */
@@ -118,6 +122,7 @@ static int build(kmv_stream *s, size_t nb) {
     const kmv__params *pa = kmv__index_params(s->ix);
     const kmv_allocator *a = kmv__index_alloc(s->ix);
     int rc = kmv__tree_build(&s->tree, a, kmv__index_keys(s->ix), nb, pa->seed, kmv__threads(pa));
+    if (rc == KMV_OK) rc = kmv__tree_q8(&s->tree, a, kmv__index_keys(s->ix));
     if (rc == KMV_OK) rc = kmv__tree_mass_init(&s->tree, a, s->x, s->c, &s->tmass);
     if (rc != KMV_OK) return rc;
     /* x's squared norm over the tree's keys, added in id order as the
@@ -127,8 +132,10 @@ static int build(kmv_stream *s, size_t nb) {
     kmv__tree_mass_limits(&s->tree, &s->tmass, budget_of(s, s->tree_nx2),
                           0.5 / (pa->sigma * pa->sigma));
     s->tree_builds++;
-    double f = pa->backend == KMV_BACKEND_TREE ? 0.0 : trial(s, nb);
-    s->tree_mode = f <= SERVE_SHARE ? TREE_SERVES : f <= WORK_SHARE ? TREE_STANDBY : TREE_NONE;
+    s->tree_cost = pa->backend == KMV_BACKEND_TREE ? 0.0 : trial(s, nb);
+    s->tree_mode = pa->backend == KMV_BACKEND_TREE ? TREE_SERVES
+                   : s->tree_cost < INFINITY       ? TREE_STANDBY
+                                                   : TREE_NONE;
     return KMV_OK;
 }
 

@@ -23,7 +23,8 @@ struct kmv__step_kind;
 /* What a stream's bounds tree does for its steps. */
 enum kmv__tree_mode {
     TREE_NONE = 0,    /* none held */
-    TREE_STANDBY = 1, /* held; serves where the LSH plan is refused */
+    TREE_STANDBY = 1, /* held; serves where the LSH plan is refused (the
+                         plan's cap is the tree's cost) */
     TREE_SERVES = 2   /* held, and the steps take it */
 };
 
@@ -68,6 +69,7 @@ struct kmv_stream {
     kmv__tree_mass tmass;  /* la, ga and ls over the tree's keys */
     size_t tree_nb;        /* 0: no tree tried at this size */
     double tree_nx2;       /* sum of the weights of the tree's keys */
+    double tree_cost;      /* a step through it, in the cost model's units */
     int tree_mode;         /* a kmv__tree_mode */
     uint64_t tree_builds, tree_inserts;
     double tree_seconds_insert; /* inserting keys since the builds */

@@ -175,17 +175,29 @@ static void test_guarantee_glove(void **state) {
  * first step's query as the plan's only cost sample, these seeds of 16384
  * clustered keys left every one of 32 steps exact with no tables (one
  * unlucky query predicted too many candidates); planned from the stream's
- * own keys, they approximate, within eps. */
+ * own keys, they approximate, within eps. Under the cost model (AUTO) the
+ * bounds tree may serve instead: as many steps approximate. */
 static void test_plan_from_keys(void **state) {
     (void)state;
     const size_t n = 16384, d = 64, m = 32;
     const uint64_t seeds[] = {17, 43, 58};
     float *k = malloc(n * d * sizeof(float)), *q = malloc(m * d * sizeof(float));
     float *x = malloc(n * sizeof(float));
-    for (size_t u = 0; u < sizeof seeds / sizeof seeds[0]; u++) {
+    for (size_t r = 0; r < 2 * sizeof seeds / sizeof seeds[0]; r++) {
+        size_t u = r / 2;
+        int backend = r % 2 ? KMV_BACKEND_LSH : KMV_BACKEND_AUTO;
         dg_clustered(k, n, q, m, d, 16, 1.0, seeds[u]);
         dg_x(x, n, DG_X_GAUSS, seeds[u]);
-        kmv_ctx *ctx = make_ctx(1.0, seeds[u], 0, 0);
+        kmv_params p;
+        kmv_params_init(&p);
+        p.sigma = 1.0;
+        p.seed = seeds[u];
+        p.delta = 0.01;
+        kmv_params_x px = tu_px(&p);
+        px.backend = backend;
+        assert_int_equal(kmv_params_set_x(&p, &px), KMV_OK);
+        kmv_ctx *ctx;
+        assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
         kmv_stream *s = make_stream(ctx, d, 1, 0);
         assert_int_equal(kmv_stream_append_keys(s, k, x, n), KMV_OK);
         int approx = 0, beyond = 0;
@@ -199,9 +211,12 @@ static void test_plan_from_keys(void **state) {
         }
         kmv_stream_info info;
         assert_int_equal(kmv_stream_get_info(s, &info), KMV_OK);
-        print_message("seed %llu: %d of %zu steps approximate, %d tables, %d past eps\n",
-                      (unsigned long long)seeds[u], approx, m, info.lsh_tables, beyond);
-        assert_true(approx >= 24 && info.lsh_tables > 0);
+        print_message("seed %llu, %s: %d of %zu steps approximate, %d tables, tree over %zu "
+                      "keys, %d past eps\n",
+                      (unsigned long long)seeds[u], backend == KMV_BACKEND_LSH ? "LSH" : "auto",
+                      approx, m, info.lsh_tables, info.tree_keys, beyond);
+        assert_true(approx >= 24);
+        if (backend == KMV_BACKEND_LSH) assert_true(info.lsh_tables > 0 && info.tree_keys == 0);
         assert_true(beyond <= 1);
         kmv_stream_free(s);
         kmv_ctx_free(ctx);
