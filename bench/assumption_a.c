@@ -104,7 +104,7 @@ int main(int argc, char **argv) {
         if (llm_encode(tok, line, 1, &tk, &nt) != KMV_OK) die("out of memory");
         if (nt > T) nt = T;
         llm_session *s;
-        if (llm_session_create(m, &p, 1, &s) != KMV_OK) die("session");
+        if (llm_session_create(m, &p, 0, 1, &s) != KMV_OK) die("session");
         const float *lg;
         for (size_t u = 0; u < nt; u++)
             if (llm_forward(s, tk[u], &lg) != KMV_OK) die("forward");

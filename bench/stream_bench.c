@@ -16,7 +16,12 @@
  *     for the keys themselves): mean latency of the approximate row and of
  *     the exact row (the stream with params.exact: one pass over the keys),
  *     their ratio, and the worst ||y - exact|| / ||x|| against eps = 0.1.
- *  3. Kx for the current prefix after streaming 64 blocks against one
+ *     Also zip codes (data/zipcodes_latlon.npy, standardized, x = 1: kernel
+ *     density) at sigma 0.01 to 0.05, and --backend to pin one backend.
+ *  3. A decoding loop, token by token: one key appended and one step per
+ *     token from 32K and 62K clustered keys, against the exact stream; the
+ *     tree's insert cost per key and its memory.
+ *  4. Kx for the current prefix after streaming 64 blocks against one
  *     block: the same answer, and the ratio of their times. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
@@ -233,6 +238,66 @@ static void attention_decoding(const char *name, const float *k, size_t n, size_
     kmv_ctx_free(ce);
 }
 
+/* A decoding loop: from n0 clustered keys (d = 64), one key appended and
+ * one step taken `steps` times, under the cost model and exact: the mean
+ * step (inserting the new key into the tree included) and the tree's
+ * insert cost per key. */
+static void token_by_token(size_t n0, size_t steps, double sigma) {
+    const size_t d = 64;
+    size_t total = n0 + steps;
+    float *k = malloc(total * d * sizeof(float)), *q = malloc(steps * d * sizeof(float));
+    float *x = malloc(total * sizeof(float));
+    dg_clustered(k, total, q, steps, d, 16, 1.0, 31);
+    dg_x(x, total, DG_X_GAUSS, 32);
+    kmv_ctx *ca = ctx_for(sigma, 0, 0), *ce = ctx_for(sigma, 1, 0);
+    kmv_stream *sa, *se;
+    check(kmv_stream_create(ca, d, 1, &sa), "create");
+    check(kmv_stream_create(ce, d, 1, &se), "create");
+    check(kmv_stream_append_keys(sa, k, x, n0), "append");
+    check(kmv_stream_append_keys(se, k, x, n0), "append");
+    float y, ye;
+    kmv_stats st;
+    check(kmv_stream_decode(sa, q, &y, &st), "decode"); /* the build */
+    kmv_stream_info i0;
+    kmv_stream_get_info(sa, &i0);
+    double ta = 0.0, te = 0.0, x2 = 0.0, worst = 0.0;
+    for (size_t j = 0; j < n0; j++) x2 += (double)x[j] * x[j];
+    int tree = 0;
+    for (size_t i = 0; i < steps; i++) {
+        const float *kj = k + (n0 + i) * d;
+        x2 += (double)x[n0 + i] * x[n0 + i];
+        double t0 = tool_now();
+        check(kmv_stream_append_keys(sa, kj, x + n0 + i, 1), "append");
+        check(kmv_stream_decode(sa, q + i * d, &y, &st), "decode");
+        double t1 = tool_now();
+        check(kmv_stream_append_keys(se, kj, x + n0 + i, 1), "append");
+        check(kmv_stream_decode(se, q + i * d, &ye, NULL), "decode");
+        double t2 = tool_now();
+        ta += t1 - t0;
+        te += t2 - t1;
+        kmv_stats_x sx;
+        kmv_stats_get_x(&st, &sx);
+        tree += sx.backend == KMV_BACKEND_TREE && st.mode == KMV_MODE_APPROX;
+        double e = fabs((double)y - ye) / sqrt(x2);
+        worst = e > worst ? e : worst;
+    }
+    kmv_stream_info i1;
+    kmv_stream_get_info(sa, &i1);
+    double ins = i1.tree_seconds_insert - i0.tree_seconds_insert;
+    uint64_t nins = i1.tree_inserts - i0.tree_inserts;
+    printf("%zu,%zu,%g,%.1f,%.1f,%.2f,%.5f,%d/%zu,%.2f,%zu,%.1f\n", n0, steps, sigma,
+           1e6 * ta / (double)steps, 1e6 * te / (double)steps, te / ta, worst, tree, steps,
+           nins ? 1e6 * ins / (double)nins : 0.0, i1.tree_bytes,
+           100.0 * (double)i1.tree_bytes / (double)(total * d * sizeof(float)));
+    kmv_stream_free(sa);
+    kmv_stream_free(se);
+    kmv_ctx_free(ca);
+    kmv_ctx_free(ce);
+    free(k);
+    free(q);
+    free(x);
+}
+
 static void streamed_vs_batch(void) {
     const size_t n = 16384, d = 100, blocks = 64;
     float *k = malloc(n * d * sizeof(float)), *q = malloc(n * d * sizeof(float));
@@ -364,6 +429,12 @@ int main(int argc, char **argv) {
     } else {
         printf("# GloVe rows skipped: %s\n", err);
     }
+    printf("# a decoding loop: one key appended and one step taken per token, clustered d = 64,\n"
+           "# eps = 0.1, under the cost model; step_us includes the append and the tree insert\n");
+    printf("n0,tokens,sigma,kmv_step_us,exact_step_us,speedup,worst_err,tree_steps,"
+           "insert_us_per_key,tree_bytes,tree_pct_of_keys\n");
+    token_by_token(32768, 2048, 1.0);
+    token_by_token(65536 - 2048, 2048, 1.0);
     if (!decode_only) streamed_vs_batch();
     return 0;
 }

@@ -146,6 +146,77 @@ static void compare_step(compare *cm, const float *lg_e, const float *lg_a, int 
     cm->compared++;
 }
 
+/* --report: the run cut into context buckets, positions [0, 512),
+ * [512, 1024), [1024, 2048), ..., each named by its end. */
+#define BUCKETS 24
+
+typedef struct bucket {
+    size_t steps, attn_steps, approx_steps;
+    double t_exact, t_kmv, worst;
+    compare cm;
+} bucket;
+
+static size_t bucket_of(size_t pos) {
+    size_t b = 0;
+    while (b + 1 < BUCKETS && pos >= ((size_t)512 << b)) b++;
+    return b;
+}
+
+static void bucket_json(text *t, const bucket *b, size_t context, int approx) {
+    double n = b->steps ? (double)b->steps : 1.0, as = b->attn_steps ? (double)b->attn_steps : 1.0;
+    text_put(t,
+             "{\"context\": %zu, \"steps\": %zu, \"attention_steps\": %zu, \"approx_steps\": %zu, "
+             "\"exact_us_per_step\": ",
+             context, b->steps, b->attn_steps, b->approx_steps);
+    text_num(t, 1e6 * b->t_exact / as);
+    text_put(t, ", \"kmv_us_per_step\": ");
+    text_num(t, approx ? 1e6 * b->t_kmv / as : NAN);
+    text_put(t, ", \"worst_bound\": ");
+    text_num(t, approx && b->approx_steps ? b->worst : NAN);
+    text_put(t, ", \"top1_agreement\": ");
+    text_num(t, approx && b->cm.compared ? (double)b->cm.agree / (double)b->cm.compared : NAN);
+    text_put(t, ", \"mean_kl\": ");
+    text_num(t, approx && b->cm.compared ? b->cm.kl / (double)b->cm.compared : NAN);
+    text_put(t, ", \"log_loss\": ");
+    text_num(t, b->cm.nll_e / n);
+    text_put(t, ", \"log_loss_kmv\": ");
+    text_num(t, approx ? b->cm.nll_a / n : NAN);
+    text_put(t, "}");
+}
+
+/* The report's JSON on the output named "report". */
+static int write_report(const bucket *bk, const llm_config *c, size_t context, double eps,
+                        int approx, const io_outputs *outs) {
+    text t = {0};
+    bucket tot = {0};
+    text_put(&t, "{\n  \"context\": %zu,\n  \"trained_context\": %d,\n  \"eps\": ", context,
+             c->seq_len);
+    text_num(&t, eps);
+    text_put(&t, ",\n  \"attention_steps_per_position\": %d,\n  \"buckets\": [",
+             c->n_layers * c->n_heads);
+    int first = 1;
+    for (size_t b = 0; b < BUCKETS; b++) {
+        if (bk[b].steps == 0) continue;
+        text_put(&t, "%s\n    ", first ? "" : ",");
+        first = 0;
+        bucket_json(&t, &bk[b], (size_t)512 << b, approx);
+        tot.steps += bk[b].steps, tot.attn_steps += bk[b].attn_steps;
+        tot.approx_steps += bk[b].approx_steps;
+        tot.t_exact += bk[b].t_exact, tot.t_kmv += bk[b].t_kmv;
+        tot.worst = bk[b].worst > tot.worst ? bk[b].worst : tot.worst;
+        tot.cm.agree += bk[b].cm.agree, tot.cm.compared += bk[b].cm.compared;
+        tot.cm.kl += bk[b].cm.kl, tot.cm.nll_e += bk[b].cm.nll_e, tot.cm.nll_a += bk[b].cm.nll_a;
+    }
+    text_put(&t, "\n  ],\n  \"totals\": ");
+    bucket_json(&t, &tot, tot.steps, approx);
+    text_put(&t, "\n}\n");
+    int rc = EXIT_FAIL;
+    if (t.failed) fprintf(stderr, "kmv " CMD ": --report: out of memory\n");
+    else rc = io_write(outs, "report", t.s, t.len);
+    text_free(&t);
+    return rc;
+}
+
 static void report(const compare *cm, size_t pos, const llm_session *se, const llm_session *sa,
                    double eps) {
     size_t scored = pos > 0 ? pos : 1;
@@ -178,8 +249,10 @@ int cmd_decode(int argc, char **argv) {
         INPUT("tokenizer", 1, "T.bin", "llama2.c tokenizer"),
         OPTION("prompt", OPT_STRING, "TEXT", "generate (greedy) after TEXT"),
         INPUT("text-file", 0, "F", "score the UTF-8 text in F instead"),
-        OPTION("steps", OPT_INT, "N", "positions to run, prompt included (default: the model's "
-                                      "seq_len)"),
+        OPTION("steps", OPT_INT, "N", "positions to run, prompt included (default: the context)"),
+        OPTION("context", OPT_INT, "N", "positions the sessions hold (default: the model's "
+                                        "seq_len; past it the model runs outside its trained "
+                                        "range, rotary angles computed per position)"),
         FLAG("exact", "exact attention only (no comparison)"),
         OPTION("eps", OPT_DOUBLE, "E", "attention error target, in (0, 1) (default 0.1)"),
         OPTION("delta", OPT_DOUBLE, "P", "failure probability per step, in (0, 1) (default 0.01)"),
@@ -187,6 +260,10 @@ int cmd_decode(int argc, char **argv) {
         OUTPUT("dump-qk", 0, "out.npz", "per layer l, q_l, k_l and v_l of the tokens run "
                                         "(positions x heads x head size; q and k after the rotary "
                                         "embedding; exact attention's)"),
+        OUTPUT("report", 0, "FILE.json", "per context bucket (positions up to 512, 1024, 2048, "
+                                         "...) and in total: steps, approximate attention steps, "
+                                         "attention microseconds per step exact and kmv, worst "
+                                         "bound, top-1 agreement, mean KL, log-loss"),
         EXPERIMENTAL_FLAG("force-approx", "approximate steps even where the cost model runs exact "
                                           "(below 2048 keys: every context of a small model)"),
         OPT_EMPIRICAL,
@@ -208,9 +285,13 @@ int cmd_decode(int argc, char **argv) {
     if (args_common_params(CMD, o, no, &p) != EXIT_OK) return EXIT_USAGE;
     int exact_only = p.exact;
     p.exact = 0;
-    opt *st = args_get(o, no, "steps");
+    opt *st = args_get(o, no, "steps"), *ctxo = args_get(o, no, "context");
     if (st->seen && st->i < 1) {
         fprintf(stderr, "kmv " CMD ": --steps must be >= 1\n");
+        return EXIT_USAGE;
+    }
+    if (ctxo->seen && (ctxo->i < 1 || ctxo->i > 1 << 24)) {
+        fprintf(stderr, "kmv " CMD ": --context must be in [1, %d]\n", 1 << 24);
         return EXIT_USAGE;
     }
 
@@ -246,12 +327,17 @@ int cmd_decode(int argc, char **argv) {
         fprintf(stderr, "kmv " CMD ": out of memory\n");
         goto done;
     }
-    size_t steps = st->seen ? (size_t)st->i : (size_t)c->seq_len;
-    if (steps > (size_t)c->seq_len) steps = (size_t)c->seq_len;
+    size_t context = ctxo->seen ? (size_t)ctxo->i : (size_t)c->seq_len;
+    if (context > (size_t)c->seq_len)
+        fprintf(stderr, "kmv " CMD ": --context %zu is past the model's trained context (%d): from "
+                        "position %d on it runs outside its training range\n",
+                context, c->seq_len, c->seq_len);
+    size_t steps = st->seen ? (size_t)st->i : context;
+    if (steps > context) steps = context;
     /* Scoring: each position predicts the next token, so the last token
      * runs no forward pass. */
     if (tfile != NULL && ntok > steps + 1) {
-        fprintf(stderr, "kmv " CMD ": scoring the first %zu of %zu tokens (the model's context)\n",
+        fprintf(stderr, "kmv " CMD ": scoring the first %zu of %zu tokens (the context)\n",
                 steps + 1, ntok);
         ntok = steps + 1;
     }
@@ -260,11 +346,11 @@ int cmd_decode(int argc, char **argv) {
     kmv_params pe = p;
     pe.exact = 1; /* which runs exact whatever the experimental knobs say */
     int dump = io_output(&outs, "dump-qk") != NULL;
-    if (llm_session_create(model, &pe, dump, &se) != KMV_OK) {
+    if (llm_session_create(model, &pe, (int)context, dump, &se) != KMV_OK) {
         fprintf(stderr, "kmv " CMD ": cannot create the exact session\n");
         goto done;
     }
-    if (!exact_only && llm_session_create(model, &p, 0, &sa) != KMV_OK) {
+    if (!exact_only && llm_session_create(model, &p, (int)context, 0, &sa) != KMV_OK) {
         fprintf(stderr, "kmv " CMD ": cannot create the approximate session\n");
         goto done;
     }
@@ -280,8 +366,15 @@ int cmd_decode(int argc, char **argv) {
     int token = tokens[0];
     size_t pos = 0;
     compare cm = {0};
+    bucket bk[BUCKETS];
+    memset(bk, 0, sizeof bk);
     while (pos < steps) {
         const float *lg_e, *lg_a = NULL;
+        bucket *b = &bk[bucket_of(pos)];
+        if (sa != NULL && b->steps == 0) llm_attention_reset_worst(sa);
+        double te = llm_attention_seconds(se), ta = sa ? llm_attention_seconds(sa) : 0.0;
+        size_t ap = sa ? llm_attention_stats(sa).approx_steps : 0;
+        compare before = cm;
         if ((rc = llm_forward(se, token, &lg_e)) != KMV_OK ||
             (sa != NULL && (rc = llm_forward(sa, token, &lg_a)) != KMV_OK)) {
             fprintf(stderr, "kmv " CMD ": position %zu: %s\n", pos, kmv_strerror(rc));
@@ -289,6 +382,18 @@ int cmd_decode(int argc, char **argv) {
         }
         int next = pos + 1 < ntok ? tokens[pos + 1] : argmax(lg_a ? lg_a : lg_e, c->vocab_size);
         compare_step(&cm, lg_e, lg_a, c->vocab_size, next, le, la);
+        b->steps++;
+        b->attn_steps += (size_t)(c->n_layers * c->n_heads);
+        b->t_exact += llm_attention_seconds(se) - te;
+        if (sa != NULL) {
+            llm_attn_stats as = llm_attention_stats(sa);
+            b->t_kmv += llm_attention_seconds(sa) - ta;
+            b->approx_steps += as.approx_steps - ap;
+            b->worst = as.worst_bound;
+        }
+        b->cm.agree += cm.agree - before.agree, b->cm.compared += cm.compared - before.compared;
+        b->cm.kl += cm.kl - before.kl, b->cm.nll_e += cm.nll_e - before.nll_e;
+        b->cm.nll_a += cm.nll_a - before.nll_a;
         pos++;
         if (next == 1) break; /* BOS ends a story */
         if (prompt != NULL) {
@@ -300,6 +405,9 @@ int cmd_decode(int argc, char **argv) {
     if (prompt != NULL) fputc('\n', stdout);
     report(&cm, pos, se, sa, p.eps);
     if (dump && write_dump(se, c, (size_t)llm_position(se), &outs) != 0) goto done;
+    if (io_output(&outs, "report") != NULL &&
+        write_report(bk, c, context, p.eps, sa != NULL, &outs) != 0)
+        goto done;
     if (io_outputs_commit(&outs)) goto done;
     status = EXIT_OK;
 done:

@@ -109,8 +109,8 @@ struct llm_session {
     kmv_ctx *ctx;    /* the caller's params with the model's attention scale */
     kmv_stream **st; /* n_layers x n_kv_heads */
     float *x, *xb, *xb2, *hb, *hb2, *q, *k, *v, *logits;
-    float *dq, *dk, *dv; /* n_layers x seq_len x heads x head size */
-    int pos;
+    float *dq, *dk, *dv; /* n_layers x max_pos x heads x head size */
+    int pos, max_pos;
     int failed;      /* a stream call failed midway: positions are off */
     double t_attn, t_all;
     llm_attn_stats as;
@@ -127,17 +127,20 @@ void llm_session_free(llm_session *s) {
     free(s);
 }
 
-int llm_session_create(const llm_model *m, const kmv_params *params, int keep_qkv,
+int llm_session_create(const llm_model *m, const kmv_params *params, int max_pos, int keep_qkv,
                        llm_session **out) {
     *out = NULL;
     const llm_config *c = &m->c;
+    if (max_pos < 0) return KMV_EINVAL;
+    if (max_pos == 0) max_pos = c->seq_len;
     size_t dim = (size_t)c->dim, hs = dim / (size_t)c->n_heads, kv = hs * (size_t)c->n_kv_heads;
-    size_t per_layer = (size_t)c->seq_len * dim, dkv = (size_t)c->seq_len * kv;
+    size_t per_layer = (size_t)max_pos * dim, dkv = (size_t)max_pos * kv;
     kmv_params p = *params;
     p.attn_scale = 1.0 / sqrt((double)hs); /* the model's, whatever the caller's */
     llm_session *s = calloc(1, sizeof *s);
     if (s == NULL) return KMV_ENOMEM;
     s->m = m;
+    s->max_pos = max_pos;
     int rc = kmv_ctx_create(&p, &s->ctx);
     if (rc != KMV_OK) {
         llm_session_free(s);
@@ -195,11 +198,11 @@ static void matmul(float *o, const float *x, const float *w, size_t n, size_t d)
 int llm_forward(llm_session *s, int token, const float **logits) {
     const llm_model *m = s->m;
     const llm_config *c = &m->c;
-    if (s->failed || token < 0 || token >= c->vocab_size || s->pos >= c->seq_len) return KMV_EINVAL;
+    if (s->failed || token < 0 || token >= c->vocab_size || s->pos >= s->max_pos) return KMV_EINVAL;
     double t0 = tool_now();
     size_t dim = (size_t)c->dim, hid = (size_t)c->hidden_dim, hs = dim / (size_t)c->n_heads;
     size_t kv = hs * (size_t)c->n_kv_heads, kv_mul = (size_t)(c->n_heads / c->n_kv_heads);
-    size_t pos = (size_t)s->pos, T = (size_t)c->seq_len;
+    size_t pos = (size_t)s->pos, T = (size_t)s->max_pos;
     memcpy(s->x, m->emb + (size_t)token * dim, dim * sizeof(float));
     for (size_t l = 0; l < (size_t)c->n_layers; l++) {
         rmsnorm(s->xb, s->x, m->rms_att + l * dim, dim);
@@ -271,17 +274,18 @@ int llm_forward(llm_session *s, int token, const float **logits) {
 double llm_attention_seconds(const llm_session *s) { return s->t_attn; }
 double llm_forward_seconds(const llm_session *s) { return s->t_all; }
 llm_attn_stats llm_attention_stats(const llm_session *s) { return s->as; }
+void llm_attention_reset_worst(llm_session *s) { s->as.worst_bound = 0.0; }
 int llm_position(const llm_session *s) { return s->pos; }
 const float *llm_dump_q(const llm_session *s, int layer) {
-    return s->pos && s->dq ? s->dq + (size_t)layer * (size_t)s->m->c.seq_len * (size_t)s->m->c.dim : NULL;
+    return s->pos && s->dq ? s->dq + (size_t)layer * (size_t)s->max_pos * (size_t)s->m->c.dim : NULL;
 }
 const float *llm_dump_k(const llm_session *s, int layer) {
     const llm_config *c = &s->m->c;
     size_t kv = (size_t)(c->dim / c->n_heads * c->n_kv_heads);
-    return s->pos && s->dk ? s->dk + (size_t)layer * (size_t)c->seq_len * kv : NULL;
+    return s->pos && s->dk ? s->dk + (size_t)layer * (size_t)s->max_pos * kv : NULL;
 }
 const float *llm_dump_v(const llm_session *s, int layer) {
     const llm_config *c = &s->m->c;
     size_t kv = (size_t)(c->dim / c->n_heads * c->n_kv_heads);
-    return s->pos && s->dv ? s->dv + (size_t)layer * (size_t)c->seq_len * kv : NULL;
+    return s->pos && s->dv ? s->dv + (size_t)layer * (size_t)s->max_pos * kv : NULL;
 }

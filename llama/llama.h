@@ -31,18 +31,20 @@ const llm_config *llm_config_of(const llm_model *m);
 
 /* One decoding session: the model's activations and its kmv streams,
  * under a copy of params (params.exact for exact attention) whose
- * attention scale is set to the model's, 1/sqrt(head size). keep_qkv:
- * keep every position's q, k and v for llm_dump_*() (n_layers x seq_len x
- * dim floats each). Errors: as kmv_ctx_create() and
- * kmv_stream_attention_create(). */
+ * attention scale is set to the model's, 1/sqrt(head size), for up to
+ * max_pos positions (0: the checkpoint's seq_len; more runs the model past
+ * the context it was trained on, the rotary angles computed per position).
+ * keep_qkv: keep every position's q, k and v for llm_dump_*() (n_layers x
+ * max_pos x dim floats each). Errors: KMV_EINVAL (max_pos < 0) and as
+ * kmv_ctx_create() and kmv_stream_attention_create(). */
 typedef struct llm_session llm_session;
 
-int llm_session_create(const llm_model *m, const kmv_params *params, int keep_qkv,
+int llm_session_create(const llm_model *m, const kmv_params *params, int max_pos, int keep_qkv,
                        llm_session **out);
 void llm_session_free(llm_session *s);
 
 /* Logits (vocab_size) for token at the next position. Errors: KMV_EINVAL
- * (token out of range, the context full, or a session that failed
+ * (token out of range, max_pos positions run, or a session that failed
  * before) or what the streams return, after which the session refuses
  * further tokens (its streams no longer agree on the positions). */
 int llm_forward(llm_session *s, int token, const float **logits);
@@ -63,6 +65,9 @@ typedef struct llm_attn_stats {
     double worst_bound;
 } llm_attn_stats;
 llm_attn_stats llm_attention_stats(const llm_session *s);
+/* worst_bound back to 0, for a caller that reports it per stretch of
+ * positions. */
+void llm_attention_reset_worst(llm_session *s);
 
 /* Per layer and head, the rotated q and k and the v of every token fed:
  * [pos][head][head size], for --dump-qk. NULL before the first token or

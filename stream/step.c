@@ -15,6 +15,11 @@
 #include "common/timer.h"
 #include "stream/step.h"
 
+/* Steps in a row that tried the approximate path and ran exact before the
+ * next ones skip the attempt, and the longest skip. */
+#define KMV__BACKOFF_FAILS 8
+#define KMV__BACKOFF_MAX 4096
+
 /* Where a step goes after one of its parts. */
 typedef enum { FLOW_GO, FLOW_EXACT, FLOW_DONE } flow;
 
@@ -169,14 +174,15 @@ static int step_init(kmv__step *t, const kmv_stream *s, const float *q, kmv__sta
     return KMV_OK;
 }
 
-/* Whether a step runs exact before it looks at anything (no_plan: a plan
- * that did not fit params.max_bytes), and what it will search. */
-static flow check_rule(kmv__step *t, int no_plan) {
+/* Whether a step runs exact before it looks at anything (exact_why: the
+ * caller's reason, a plan past params.max_bytes or the backoff), and what
+ * it will search. */
+static flow check_rule(kmv__step *t, int exact_why) {
     const kmv_stream *s = t->s;
     int rule = exact_rule(s);
     if (rule == -1) return FLOW_EXACT;
-    t->S->fallback_reason = no_plan ? KMV_FALLBACK_MEMORY : (kmv_fallback)rule;
-    if (no_plan || rule != 0) return FLOW_EXACT;
+    t->S->fallback_reason = exact_why ? (kmv_fallback)exact_why : (kmv_fallback)rule;
+    if (exact_why || rule != 0) return FLOW_EXACT;
     t->use_tables = uses_tables(s);
     if (needs_prep(s) || (t->use_tables && !kmv__index_has_tables(t->ix))) {
         /* the state moved under us */
@@ -271,11 +277,11 @@ static flow light_keys(kmv__step *t, kmv__step_light *l) {
     return FLOW_GO;
 }
 
-/* One step on prepared state, reading the stream only; with no_plan, the
- * exact row. With defer, a step that would compute the exact row returns
+/* One step on prepared state, reading the stream only; with exact_why
+ * (a kmv_fallback), the exact row for that reason. With defer, a step that would compute the exact row returns
  * its stats only, y untouched. prep: seconds this call spent preparing. */
-static int decode_once(const kmv_stream *s, const float *q, float *y, kmv__stats *S, int no_plan,
-                       int defer, double prep) {
+static int decode_once(const kmv_stream *s, const float *q, float *y, kmv__stats *S,
+                       int exact_why, int defer, double prep) {
     double t0 = kmv__now() - prep, *ye = NULL;
     const kmv__params *pa = kmv__index_params(s->ix);
     kmv__stats_start(S, kmv__index_keys(s->ix)->n, 1, s->d, s->c, 1, pa->eps);
@@ -293,7 +299,7 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv__stats
         if ((ye = kmv__malloc_array(t.a, t.c, sizeof(double))) == NULL) rc = KMV_ENOMEM;
         else s->kind->exact_row(&t), memcpy(ye, t.lb.est, t.c * sizeof(double));
     }
-    if (rc == KMV_OK && f == FLOW_GO && !no_plan && kmv__stream_tree_serves(s)) {
+    if (rc == KMV_OK && f == FLOW_GO && !exact_why && kmv__stream_tree_serves(s)) {
         /* the bounds tree, where its trial showed it cheap: answered, or
          * the exact row (the tables are not planned while it serves) */
         int answered;
@@ -302,7 +308,7 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv__stats
         S->seconds_lsh = 0.0;
         if (rc == KMV_OK) f = answered ? FLOW_DONE : FLOW_EXACT;
     }
-    if (rc == KMV_OK && f == FLOW_GO) f = check_rule(&t, no_plan);
+    if (rc == KMV_OK && f == FLOW_GO) f = check_rule(&t, exact_why);
     double th = kmv__now();
     if (rc == KMV_OK && f == FLOW_GO) f = exact_columns(&t);
     if (rc == KMV_OK && f == FLOW_GO) rc = heavy_keys(&t, &f);
@@ -345,12 +351,56 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv__stats
  * change. A step's own scratch refused by the cap (the steps beside it
  * hold theirs) costs that step only: it reruns as the exact row, which
  * needs less, and the tables stay. */
+/* The backoff's reason when this step skips the attempt, else 0. Only
+ * for decoding steps (not a batch's deferred rows, whose probe decides),
+ * and never where the approximate path is asked for whatever it costs. */
+static int backing_off(kmv_stream *s, int defer) {
+    if (defer || kmv__index_force_approx(s->ix)) return 0;
+    unsigned k = atomic_load_explicit(&s->skip, memory_order_relaxed);
+    while (k > 0)
+        if (atomic_compare_exchange_weak_explicit(&s->skip, &k, k - 1, memory_order_relaxed,
+                                                  memory_order_relaxed))
+            return atomic_load_explicit(&s->skip_reason, memory_order_relaxed);
+    return 0;
+}
+
+/* What a step that tried the approximate path tells the backoff: an
+ * approximate row ends it; a row that ran exact after a search (not for
+ * a rule known before trying) counts towards it. */
+static void note_outcome(kmv_stream *s, const kmv__stats *S) {
+    int why = S->fallback_reason;
+    if (S->mode == KMV_MODE_APPROX) {
+        atomic_store_explicit(&s->fails, 0, memory_order_relaxed);
+        atomic_store_explicit(&s->span, 0, memory_order_relaxed);
+        return;
+    }
+    if (S->mode != KMV_MODE_FALLBACK ||
+        !(why == KMV_FALLBACK_SAMPLES || why == KMV_FALLBACK_BUDGET || why == KMV_FALLBACK_HEAVY ||
+          why == KMV_FALLBACK_COLUMNS || why == KMV_FALLBACK_TREE))
+        return;
+    if (atomic_fetch_add_explicit(&s->fails, 1, memory_order_relaxed) + 1 < KMV__BACKOFF_FAILS)
+        return;
+    unsigned span = atomic_load_explicit(&s->span, memory_order_relaxed);
+    span = span == 0 ? 16 : span >= KMV__BACKOFF_MAX / 2 ? KMV__BACKOFF_MAX : 2 * span;
+    atomic_store_explicit(&s->span, span, memory_order_relaxed);
+    atomic_store_explicit(&s->skip_reason, why, memory_order_relaxed);
+    atomic_store_explicit(&s->skip, span, memory_order_relaxed);
+    atomic_store_explicit(&s->fails, 0, memory_order_relaxed);
+}
+
 int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv__stats *st, int defer) {
     kmv_index *ix = s->ix;
     kmv__meter *meter = kmv__index_meter(ix);
     double prep = 0.0;
     int rc = KMV_OK;
     if (pthread_rwlock_rdlock(&s->lock) != 0) return KMV_EINVAL;
+    int skip = kmv__index_params(ix)->exact ? 0 : backing_off(s, defer);
+    if (skip) {
+        /* the exact row this stretch of steps has been ending with */
+        rc = decode_once(s, q, y, st, skip, defer, 0.0);
+        pthread_rwlock_unlock(&s->lock);
+        return rc;
+    }
     /* Another step may drop what this one prepared: try again a few
      * times, then decode_once() goes exact. */
     for (int tries = 0; tries < 4 && (kmv__stream_tree_stale(s) || needs_prep(s)); tries++) {
@@ -377,9 +427,10 @@ int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv__stats *st, 
     }
     unsigned long h0 = kmv__meter_refusals_here();
     rc = decode_once(s, q, y, st, 0, defer, prep);
+    if (rc == KMV_OK && !defer) note_outcome(s, st);
     if (rc == KMV_ENOMEM && kmv__meter_refusals_here() != h0 && !kmv__index_params(ix)->exact) {
         h0 = kmv__meter_refusals_here();
-        rc = decode_once(s, q, y, st, 1, defer, prep);
+        rc = decode_once(s, q, y, st, KMV_FALLBACK_MEMORY, defer, prep);
     }
     pthread_rwlock_unlock(&s->lock);
     if (rc == KMV_ENOMEM && kmv__meter_refusals_here() != h0) rc = KMV_ELIMIT;

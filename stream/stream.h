@@ -7,6 +7,7 @@
 #define KMV_STREAM_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -73,6 +74,13 @@ struct kmv_stream {
     int tree_mode;         /* a kmv__tree_mode */
     uint64_t tree_builds, tree_inserts;
     double tree_seconds_insert; /* inserting keys since the builds */
+    /* The steps' backoff (step.c): after KMV__BACKOFF_FAILS steps in a
+     * row tried the approximate path and ran exact, the next `skip` steps
+     * go straight to the exact row (the same row they would have ended
+     * with), the span doubling while retries fail. Atomics: steps run
+     * concurrently under the read lock. */
+    atomic_uint fails, skip, span;
+    atomic_int skip_reason;
     /* Decoding steps read under it and write (tables, draws, refusals)
      * under its write side; every other call has the stream to itself. */
     pthread_rwlock_t lock;

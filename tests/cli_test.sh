@@ -239,6 +239,40 @@ expect 1 "nope.txt: cannot open: No such file" -- $KMV decode "${M[@]}" --text-f
 # model's context.
 awk 'BEGIN {for (i = 0; i < 40000; i++) print "The cat sat on the mat and looked at the sun."}' >"$T/long.txt"
 expect 0 "scoring the first 513 of [0-9]+ tokens" -- $KMV decode "${M[@]}" --text-file "$T/long.txt" --exact
+# --context past the trained range, and --report's fields per context
+# bucket (pinned: a renamed or missing field fails here).
+expect 0 "past the model's trained context \(512\): from position 512 on" -- \
+    $KMV decode "${M[@]}" --text-file "$T/long.txt" --exact --context 1100 --report "$T/report.json"
+expect 0 "" -- $KMV decode "${M[@]}" --text-file "$T/story.txt" --force-approx --report "$T/report2.json"
+expect 2 "context must be in" -- $KMV decode "${M[@]}" --prompt a --context 0
+if python3 - "$T/report.json" "$T/report2.json" <<'PY'; then ok; else bad "decode --report: $(cat "$T/report.json" "$T/report2.json")"; fi
+import json, math, sys
+FIELDS = ["context", "steps", "attention_steps", "approx_steps", "exact_us_per_step",
+          "kmv_us_per_step", "worst_bound", "top1_agreement", "mean_kl", "log_loss", "log_loss_kmv"]
+ex, ap = (json.load(open(p)) for p in sys.argv[1:3])
+for r in (ex, ap):
+    assert r["trained_context"] == 512 and r["attention_steps_per_position"] == 40
+    for b in r["buckets"] + [r["totals"]]:
+        assert list(b) == FIELDS, list(b)
+        assert b["attention_steps"] == 40 * b["steps"]
+        assert b["exact_us_per_step"] > 0 and b["log_loss"] > 0
+# exact only: three buckets (up to 512, 1024, 2048), no kmv figures
+assert ex["context"] == 1100
+assert [b["context"] for b in ex["buckets"]] == [512, 1024, 2048]
+assert [b["steps"] for b in ex["buckets"]] == [512, 512, 76] and ex["totals"]["steps"] == 1100
+for b in ex["buckets"] + [ex["totals"]]:
+    assert b["approx_steps"] == 0
+    assert all(b[f] is None for f in ("kmv_us_per_step", "worst_bound", "top1_agreement",
+                                      "mean_kl", "log_loss_kmv"))
+# the totals are the buckets' sums and means
+tl = ex["totals"]
+mean = sum(b["log_loss"] * b["steps"] for b in ex["buckets"]) / tl["steps"]
+assert math.isclose(tl["log_loss"], mean, rel_tol=1e-6)
+# beside an approximate session: its figures; a bound only where a step approximated
+for b in ap["buckets"] + [ap["totals"]]:
+    assert b["kmv_us_per_step"] > 0 and 0 <= b["top1_agreement"] <= 1 and b["mean_kl"] >= 0
+    assert (b["worst_bound"] is None) == (b["approx_steps"] == 0)
+PY
 # --dump-qk: a ZIP of .npy files, q/k/v per layer, positions x heads x head size.
 expect 0 "" -- $KMV decode "${M[@]}" --prompt "Once upon a time" --steps 30 --exact --dump-qk "$T/qk.npz"
 if [ "$(head -c 4 "$T/qk.npz" | od -An -tx1 | tr -d ' ')" = 504b0304 ] &&

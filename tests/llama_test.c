@@ -219,7 +219,7 @@ static void forward_refusals(void **state) {
     kmv_params_init(&p);
     p.exact = 1;
     llm_session *s;
-    assert_int_equal(llm_session_create(m, &p, 0, &s), KMV_OK);
+    assert_int_equal(llm_session_create(m, &p, 0, 0, &s), KMV_OK);
     const float *lg;
     assert_int_equal(llm_forward(s, -1, &lg), KMV_EINVAL);
     assert_int_equal(llm_forward(s, 512, &lg), KMV_EINVAL);

@@ -226,6 +226,54 @@ static void test_plan_from_keys(void **state) {
     free(x);
 }
 
+/* Steps that keep trying and running exact back off: after eight in a
+ * row, the next sixteen skip the attempt (no search, no sketch), then one
+ * tries again, and the spans double. Every answer is the exact stream's,
+ * bit for bit, skipped or not. */
+static void test_backoff(void **state) {
+    (void)state;
+    const size_t n = 4096, d = 16, m = 64;
+    float *k = malloc(n * d * sizeof(float)), *q = malloc(m * d * sizeof(float));
+    float *x = malloc(n * sizeof(float));
+    dg_clustered(k, n, q, m, d, 16, 1.0, 91);
+    dg_x(x, n, DG_X_GAUSS, 92);
+    /* attention spread over every key (small logits): the certified
+     * budget needs more samples than half the keys */
+    for (size_t u = 0; u < n * d; u++) k[u] *= 0.1f;
+    kmv_ctx *ca = make_ctx(1.0, 3, 0, 0), *ce = make_ctx(1.0, 3, 1, 0);
+    kmv_stream *sa, *se;
+    assert_int_equal(kmv_stream_attention_create(ca, d, 1, &sa), KMV_OK);
+    assert_int_equal(kmv_stream_attention_create(ce, d, 1, &se), KMV_OK);
+    assert_int_equal(kmv_stream_append_keys(sa, k, x, n), KMV_OK);
+    assert_int_equal(kmv_stream_append_keys(se, k, x, n), KMV_OK);
+    int tried[64];
+    for (size_t i = 0; i < m; i++) {
+        float ya, ye;
+        kmv_stats st;
+        assert_int_equal(kmv_stream_decode(sa, q + i * d, &ya, &st), KMV_OK);
+        assert_int_equal(kmv_stream_decode(se, q + i * d, &ye, NULL), KMV_OK);
+        assert_memory_equal(&ya, &ye, sizeof ya);
+        assert_int_equal(st.mode, KMV_MODE_FALLBACK);
+        assert_int_equal(st.fallback_reason, KMV_FALLBACK_SAMPLES);
+        kmv_stats_x sx;
+        kmv_stats_get_x(&st, &sx);
+        tried[i] = sx.sketch_evals > 0;
+    }
+    /* 8 tried, 16 skipped, 8 tried (the span doubles on the next failure
+     * only after eight more), 32 skipped */
+    for (size_t i = 0; i < m; i++) {
+        int want = i < 8 || (i >= 24 && i < 32);
+        if (tried[i] != want) fail_msg("step %zu: tried %d, expected %d", i, tried[i], want);
+    }
+    kmv_stream_free(sa);
+    kmv_stream_free(se);
+    kmv_ctx_free(ca);
+    kmv_ctx_free(ce);
+    free(k);
+    free(q);
+    free(x);
+}
+
 /* One block or many (of random sizes, queries interleaved): the same
  * answers, bit for bit, from products and decoding steps. */
 static void test_order_independence(void **state) {
@@ -916,6 +964,7 @@ int main(void) {
         cmocka_unit_test(test_guarantee_clustered_columns),
         cmocka_unit_test(test_guarantee_causal),
         cmocka_unit_test(test_guarantee_glove),
+        cmocka_unit_test(test_backoff),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
