@@ -198,7 +198,7 @@ static void seed_pp(const float *P, size_t np, size_t d, float *C, size_t k, dou
 
 void kmv__tree_free(kmv__tree *t, const kmv_allocator *a) {
     void *p[] = {t->gc, t->lc, t->gr, t->lr, t->g_off, t->l_off, t->l_cnt, t->l_cap, t->ids,
-                 t->g_lo, t->g_hi, t->l_lo, t->l_hi, t->lq, t->lqs, t->lqr};
+                 t->g_lo, t->g_hi, t->l_lo, t->l_hi, t->lq, t->lqs};
     for (size_t u = 0; u < sizeof p / sizeof *p; u++) kmv__free(a, p[u]);
     memset(t, 0, sizeof *t);
 }
@@ -529,6 +529,7 @@ int kmv__tree_build(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *k
     }
     if (rc == KMV_OK) rc = median_radius(t, a);
     t->g_room = b.G;
+    t->g_built = t->n_groups;
     kmv__free(a, b.gc0);
     kmv__free(a, b.glab);
     kmv__free(a, b.gstart);
@@ -550,8 +551,7 @@ int kmv__tree_mass_init(const kmv__tree *t, const kmv_allocator *a, const float 
     ms->h = kmv__malloc_array(a, L, sizeof(float));
     ms->s = kmv__malloc_array(a, L, sizeof(float));
     ms->thr = kmv__malloc_array(a, L, sizeof(float));
-    if (t->lq != NULL) ms->thq = kmv__malloc_array(a, L, sizeof(float));
-    if (!ms->la || !ms->ga || !ms->ls || !ms->thr || !ms->h || !ms->s || (t->lq && !ms->thq)) {
+    if (!ms->la || !ms->ga || !ms->ls || !ms->thr || !ms->h || !ms->s) {
         kmv__tree_mass_free(ms, a);
         return KMV_ENOMEM;
     }
@@ -577,20 +577,20 @@ int kmv__tree_mass_init(const kmv__tree *t, const kmv_allocator *a, const float 
 void kmv__tree_leaf_limit(const kmv__tree *t, kmv__tree_mass *ms, size_t l) {
     /* exp(-D^2 inv2s2) mass = cut at distance D past the radius; a float
      * rounded up so that d2 >= thr still means D is passed */
-    double thr = 0.0, D = 0.0;
+    double thr = 0.0;
     if (ms->la[l] > ms->cut) {
-        D = sqrt(log(ms->la[l] / ms->cut) / ms->inv2s2);
+        double D = sqrt(log(ms->la[l] / ms->cut) / ms->inv2s2);
         thr = (D + t->lr[l]) * (D + t->lr[l]) * (1.0 + 1e-6);
-    }
-    if (ms->thq != NULL) {
-        double tq = ms->la[l] > ms->cut ? (D + t->lqr[l]) * (D + t->lqr[l]) * (1.0 + 1e-6) : 0.0;
-        ms->thq[l] = tq < 3e38 ? (float)tq : INFINITY;
     }
     ms->thr[l] = thr < 3e38 ? (float)thr : INFINITY;
     ms->s[l] = thr < 3e38 ? (float)(sqrt(thr) * (1.0 + 1e-6)) : INFINITY;
     /* d2 = qn + ln - 2 <q, c> computed, |error| <= 2 g' (qn + ln) with g'
      * the slack: negligible when d2 - err >= thr, that is when
      * <q, c> <= (ln (1 - 2 g') - thr) / 2 + qn (1 - 2 g') / 2 */
+    if (t->lc == NULL) { /* int8 centres: no dot-product test */
+        ms->h[l] = -INFINITY;
+        return;
+    }
     double ln = 0.0;
     for (size_t u = 0; u < t->d; u++) ln += (double)t->lc[l * t->d + u] * t->lc[l * t->d + u];
     double g = 1.0 - 2.0 * kmv__tree_slack(t->d);
@@ -620,7 +620,6 @@ void kmv__tree_mass_free(kmv__tree_mass *ms, const kmv_allocator *a) {
     kmv__free(a, ms->ga);
     kmv__free(a, ms->ls);
     kmv__free(a, ms->thr);
-    kmv__free(a, ms->thq);
     kmv__free(a, ms->h);
     kmv__free(a, ms->s);
     memset(ms, 0, sizeof *ms);
@@ -628,9 +627,11 @@ void kmv__tree_mass_free(kmv__tree_mass *ms, const kmv_allocator *a) {
 
 size_t kmv__tree_bytes(const kmv__tree *t) {
     size_t node = t->d * sizeof(float) + sizeof(double) + 2 * sizeof(uint32_t);
-    size_t q8 = t->lq != NULL ? t->d + sizeof(float) + sizeof(double) : 0;
-    return t->n_groups * (node + sizeof(uint32_t)) + t->n_leaves * (node + 3 * sizeof(uint32_t) + q8) +
-           2 * sizeof(uint32_t) + t->ids_cap * sizeof(uint32_t);
+    /* a leaf's centre: d floats, or d int8 and a scale */
+    size_t leaf = node + 3 * sizeof(uint32_t) - (t->lc == NULL ? t->d * sizeof(float) : 0) +
+                  (t->lq != NULL ? t->d + sizeof(float) : 0);
+    return t->n_groups * (node + sizeof(uint32_t)) + t->n_leaves * leaf + 2 * sizeof(uint32_t) +
+           t->ids_cap * sizeof(uint32_t);
 }
 
 void kmv__tree_group_mass(const kmv__tree *t, kmv__tree_mass *ms) {

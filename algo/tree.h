@@ -44,17 +44,16 @@ typedef struct kmv__tree {
                                  moves to the end) */
     size_t ids_len, ids_cap;
     size_t l_wide;            /* the most keys in one leaf */
-    /* Growth (tree_grow.c): room in the node arrays, and whether the last
-     * group takes new leaves */
-    size_t l_room, g_room;
-    int g_open;
+    /* Growth (tree_grow.c): room in the node arrays, and the groups the
+     * build made (those past them were opened by inserts) */
+    size_t l_room, g_room, g_built;
     uint32_t *g_lo, *g_hi;    /* smallest and largest key id under a node */
     uint32_t *l_lo, *l_hi;
-    /* Int8 copies of the leaf centres (tree_q8.c; NULL unless asked): leaf
-     * l's is lqs[l] lq[l d ..], and lqr[l] its radius about that point */
+    /* Int8 leaf centres (tree_q8.c; NULL unless asked): when set, they
+     * replace lc (then NULL): leaf l's centre is lqs[l] lq[l d ..], and
+     * lr[l] its radius about that point */
     int8_t *lq;
     float *lqs;
-    double *lqr;
     double r_med;             /* the median leaf radius */
     double gr_med;            /* the median group radius at build */
     size_t bytes;             /* what the arrays above take */
@@ -75,9 +74,10 @@ int kmv__tree_build(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *k
  * nearest it, when within twice the median leaf radius of its centre (or
  * within its radius): the leaf's and the group's radii grow to cover it.
  * A key farther from every leaf starts a leaf of its own, in the last
- * group when that is open and near, else in a new group: keys that drift
- * from what the build saw (a sorted stream) make leaves of their own
- * rather than widen old ones. Its leaf and group into *leaf, *group
+ * group when an insert opened it and its centre is within a built group's
+ * median radius, else in a new group centred on the key: keys that drift
+ * from what the build saw (a sorted stream, a new topic) make leaves and
+ * groups of their own rather than widen old ones. Its leaf and group into *leaf, *group
  * (n_leaves and n_groups may have grown). KMV_OK or KMV_ENOMEM (t holds
  * the same keys). */
 int kmv__tree_insert(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *ks, uint32_t id,
@@ -98,7 +98,6 @@ typedef struct kmv__tree_mass {
     double *ls;  /* column sums */
     float *thr;  /* negligible from this squared distance on */
     float *s;    /* sqrt(thr), rounded up */
-    float *thq;  /* thr about the int8 centres (tree.lq; NULL without) */
     float *h;    /* the same as a test on a dot product: leaf l is
                     negligible for q when <q, c_l> <= h[l] + ||q||^2 g / 2,
                     g = 1 - 2 kmv__tree_slack(d), rounding included */
@@ -111,14 +110,15 @@ static inline double kmv__tree_slack(size_t d) { return 2.0 * ((double)d + 4.0) 
 /* The share of a row's budget all negligible leaves together may take. */
 #define KMV__TREE_CUT 0.01
 
-/* Int8 copies of t's leaf centres, for scans that read a quarter of the
- * bytes (a stream's single-row steps, which are bound by memory): each
- * centre quantized with a scale of its own, and the radius covering the
- * leaf's keys about the quantized point, so bounds taken from it hold for
- * every key. Inserts keep them. KMV_OK or KMV_ENOMEM (none then). */
+/* t's leaf centres in int8, in place of the float ones: scans read a
+ * quarter of the bytes (a stream's single-row steps, which are bound by
+ * memory), and the tree takes less room. Each centre is quantized with a
+ * scale of its own, and each leaf's radius measured again about the
+ * quantized point, so bounds taken from it hold for every key. Inserts
+ * keep the form. KMV_OK or KMV_ENOMEM (t unchanged). */
 int kmv__tree_q8(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *ks);
-/* Leaf l's int8 centre from its float one, radius 0 (tree_grow.c). */
-void kmv__tree_q8_leaf(kmv__tree *t, size_t l);
+/* Leaf l's int8 centre from the point c (d floats). */
+void kmv__tree_q8_leaf(kmv__tree *t, size_t l, const float *c);
 /* The distance from k to leaf l's int8 centre, rounded up (with the
  * product's rounding). */
 double kmv__tree_q8_cover(const kmv__tree *t, size_t l, const float *k);

@@ -34,6 +34,24 @@ static double cover(const float *k, const float *centre, size_t d) {
     return sqrt(s) * (1.0 + 1e-9) + 1e-30;
 }
 
+/* The leaf nearest k among l0 .. l1 (its float or int8 centre). */
+static size_t nearest_leaf(const kmv__tree *t, const float *k, size_t l0, size_t l1) {
+    if (t->lc != NULL) return l0 + nearest(k, t->lc + l0 * t->d, l1 - l0, t->d);
+    size_t arg = l0;
+    float best = INFINITY;
+    for (size_t l = l0; l < l1; l++) {
+        float v;
+        kmv__sqdist_q8_rows(k, t->lq + l * t->d, t->lqs + l, 1, t->d, &v);
+        if (v < best) best = v, arg = l;
+    }
+    return arg;
+}
+
+/* The distance from k to leaf l's centre, rounded up. */
+static double leaf_cover(const kmv__tree *t, size_t l, const float *k) {
+    return t->lc != NULL ? cover(k, t->lc + l * t->d, t->d) : kmv__tree_q8_cover(t, l, k);
+}
+
 /* Room for one more key in leaf l: a full leaf moves to the end of ids
  * with twice the room. */
 static int room(kmv__tree *t, const kmv_allocator *a, size_t l) {
@@ -71,7 +89,7 @@ static int node_room(kmv__tree *t, const kmv_allocator *a) {
     size_t d = t->d, L = t->n_leaves, G = t->n_groups;
     if (L + 1 > t->l_room) {
         size_t r = 2 * t->l_room + 1;
-        int rc = regrow(a, (void **)&t->lc, L * d, r * d, sizeof(float));
+        int rc = t->lc ? regrow(a, (void **)&t->lc, L * d, r * d, sizeof(float)) : KMV_OK;
         if (rc == KMV_OK) rc = regrow(a, (void **)&t->lr, L, r, sizeof(double));
         if (rc == KMV_OK) rc = regrow(a, (void **)&t->l_off, L + 1, r + 1, sizeof(uint32_t));
         if (rc == KMV_OK) rc = regrow(a, (void **)&t->l_cnt, L, r, sizeof(uint32_t));
@@ -81,7 +99,6 @@ static int node_room(kmv__tree *t, const kmv_allocator *a) {
         if (rc == KMV_OK && t->lq != NULL) {
             rc = regrow(a, (void **)&t->lq, L * d, r * d, 1);
             if (rc == KMV_OK) rc = regrow(a, (void **)&t->lqs, L, r, sizeof(float));
-            if (rc == KMV_OK) rc = regrow(a, (void **)&t->lqr, L, r, sizeof(double));
         }
         if (rc != KMV_OK) return rc; /* arrays grown so far keep their keys */
         t->l_room = r;
@@ -99,16 +116,19 @@ static int node_room(kmv__tree *t, const kmv_allocator *a) {
     return KMV_OK;
 }
 
-/* A leaf of its own for key id at k: in the last group when it is open,
- * near k and not yet as wide as a built group, else in a new group. */
+/* A leaf of its own for key id at k: in the last group when an insert
+ * opened it, its centre is within a built group's median radius of k and
+ * it is not yet as wide as a built group; else in a new group centred on
+ * k. (Only the last group can take a leaf: a group's leaves are
+ * contiguous.) Later keys near k then find the group by its centre. */
 static int new_leaf(kmv__tree *t, const kmv_allocator *a, const float *k, uint32_t id,
                     size_t *leaf, size_t *group) {
     size_t d = t->d, L = t->n_leaves, G = t->n_groups;
     int rc = node_room(t, a);
     if (rc != KMV_OK) return rc;
     size_t last = G - 1, width = (size_t)ceil(sqrt((double)L));
-    int join = t->g_open && t->g_off[G] - t->g_off[last] < width &&
-               cover(k, t->gc + last * d, d) <= 2.0 * t->gr_med;
+    int join = last >= t->g_built && t->g_off[G] - t->g_off[last] < width &&
+               cover(k, t->gc + last * d, d) <= t->gr_med;
     if (!join) {
         memcpy(t->gc + G * d, k, d * sizeof(float));
         t->gr[G] = 0.0;
@@ -116,14 +136,13 @@ static int new_leaf(kmv__tree *t, const kmv_allocator *a, const float *k, uint32
         t->g_off[G + 1] = (uint32_t)L;
         last = G;
         t->n_groups = G + 1;
-        t->g_open = 1;
     }
-    memcpy(t->lc + L * d, k, d * sizeof(float));
+    if (t->lq != NULL) kmv__tree_q8_leaf(t, L, k);
+    else memcpy(t->lc + L * d, k, d * sizeof(float));
     t->lr[L] = 0.0;
     t->l_off[L] = (uint32_t)t->ids_len;
     t->l_cnt[L] = t->l_cap[L] = 0;
     t->l_lo[L] = t->l_hi[L] = id;
-    if (t->lq != NULL) kmv__tree_q8_leaf(t, L);
     t->n_leaves = L + 1;
     t->g_off[last + 1] = (uint32_t)(L + 1);
     *leaf = L;
@@ -137,22 +156,18 @@ int kmv__tree_insert(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *
     size_t d = t->d;
     const float *k = kmv__keystore_row(ks, id);
     size_t g = nearest(k, t->gc, t->n_groups, d);
-    size_t l0 = t->g_off[g], l = l0 + nearest(k, t->lc + l0 * d, t->g_off[g + 1] - l0, d);
+    size_t l0 = t->g_off[g], l = nearest_leaf(t, k, l0, t->g_off[g + 1]);
     int rc = KMV_OK;
-    double rl = cover(k, t->lc + l * d, d);
+    double rl = leaf_cover(t, l, k);
     if (rl > t->lr[l] && rl > 2.0 * t->r_med) rc = new_leaf(t, a, k, id, &l, &g);
     if (rc == KMV_OK) rc = room(t, a, l);
     if (rc != KMV_OK) return rc;
     t->ids[t->l_off[l] + t->l_cnt[l]++] = id;
     if (t->l_cnt[l] > t->l_wide) t->l_wide = t->l_cnt[l];
-    rl = cover(k, t->lc + l * d, d);
+    rl = leaf_cover(t, l, k);
     double rg = cover(k, t->gc + g * d, d);
     if (rl > t->lr[l]) t->lr[l] = rl;
     if (rg > t->gr[g]) t->gr[g] = rg;
-    if (t->lq != NULL) {
-        double rq = kmv__tree_q8_cover(t, l, k);
-        if (rq > t->lqr[l]) t->lqr[l] = rq;
-    }
     t->l_hi[l] = t->g_hi[g] = id; /* ids arrive in order */
     t->n++;
     t->bytes = kmv__tree_bytes(t);
@@ -168,17 +183,10 @@ int kmv__tree_mass_fit(kmv__tree_mass *ms, const kmv_allocator *a, const kmv__tr
         double *la = kmv__malloc_array(a, r, sizeof(double)), *ls = kmv__malloc_array(a, r, c * sizeof(double));
         float *thr = kmv__malloc_array(a, r, sizeof(float)), *sv = kmv__malloc_array(a, r, sizeof(float));
         float *h = kmv__malloc_array(a, r, sizeof(float));
-        float *thq = ms->thq != NULL ? kmv__malloc_array(a, r, sizeof(float)) : NULL;
-        if (!la || !ls || !thr || !sv || !h || (ms->thq && !thq)) {
-            void *p[] = {la, ls, thr, sv, h, thq};
-            for (size_t u = 0; u < 6; u++) kmv__free(a, p[u]);
+        if (!la || !ls || !thr || !sv || !h) {
+            void *p[] = {la, ls, thr, sv, h};
+            for (size_t u = 0; u < 5; u++) kmv__free(a, p[u]);
             return KMV_ENOMEM;
-        }
-        if (thq != NULL) {
-            memcpy(thq, ms->thq, have * sizeof(float));
-            for (size_t l = have; l < r; l++) thq[l] = 0.0f;
-            kmv__free(a, ms->thq);
-            ms->thq = thq;
         }
         memcpy(la, ms->la, have * sizeof(double));
         memcpy(ls, ms->ls, have * c * sizeof(double));

@@ -262,16 +262,11 @@ void kmv__tree_row_walk(const kmv__tree_req *rq, kmv__tree_scratch *s, double *y
             continue;
         }
         /* squared distances to the group's leaf centres in one pass, each
-         * within the slack of the exact one (a float sum of d squares):
-         * from the int8 centres where the tree has them, tested against
-         * the thresholds about those */
+         * within the slack of the exact one (a float sum of d squares),
+         * from the int8 centres where the tree has them */
         const float *thr = ms->thr + l0;
-        if (t->lq != NULL && ms->thq != NULL) {
-            kmv__sqdist_q8_rows(q, t->lq + l0 * d, t->lqs + l0, nl, d, s->kv2);
-            thr = ms->thq + l0;
-        } else {
-            kmv__sqdist_rows(q, t->lc + l0 * d, nl, d, s->kv2);
-        }
+        if (t->lq != NULL) kmv__sqdist_q8_rows(q, t->lq + l0 * d, t->lqs + l0, nl, d, s->kv2);
+        else kmv__sqdist_rows(q, t->lc + l0 * d, nl, d, s->kv2);
         leaves += nl;
         for (size_t u = 0; u < nl; u++) {
             size_t l = l0 + u;
@@ -280,8 +275,7 @@ void kmv__tree_row_walk(const kmv__tree_req *rq, kmv__tree_scratch *s, double *y
                 negl++;
                 continue;
             }
-            double e2 = t->lq != NULL ? (double)kmv__sqdist(q, t->lc + l * d, d) : (double)s->kv2[u];
-            s->cd[nc++] = bound_leaf(rq, s, e2, l, 0);
+            s->cd[nc++] = bound_leaf(rq, s, (double)s->kv2[u], l, 0);
         }
     }
     settle(rq, s, q, UINT32_MAX, nc, negl, y, o);

@@ -230,6 +230,42 @@ static void test_adversarial(void **state) {
     free(x);
 }
 
+/* A stream's tree at d = 64, grown by a fifth past its build (new
+ * clusters, as a drifting context brings): at most 15% of the keys' bytes,
+ * and every step within its bound. */
+static void test_memory(void **state) {
+    (void)state;
+    const size_t n0 = 8192, n = 8192 + 1700, d = 64;
+    float *k = malloc(n * d * sizeof(float)), *q = malloc(16 * d * sizeof(float));
+    float *x = malloc(n * sizeof(float));
+    dg_clustered(k, n, q, 16, d, 16, 1.0, 19);
+    dg_x(x, n, DG_X_GAUSS, 20);
+    kmv_ctx *ctx = make_ctx(1.0, KMV_BACKEND_TREE, NULL, 0);
+    kmv_stream *s;
+    assert_int_equal(kmv_stream_create(ctx, d, 1, &s), KMV_OK);
+    assert_int_equal(kmv_stream_append_keys(s, k, x, n0), KMV_OK);
+    float y;
+    assert_int_equal(kmv_stream_decode(s, q, &y, NULL), KMV_OK);
+    assert_int_equal(kmv_stream_append_keys(s, k + n0 * d, x + n0, n - n0), KMV_OK);
+    for (size_t i = 0; i < 16; i++) {
+        kmv_stats st;
+        assert_int_equal(kmv_stream_decode(s, q + i * d, &y, &st), KMV_OK);
+        check_step(k, n, d, x, 1, 1.0, q + i * d, &y, 0.1);
+    }
+    kmv_stream_info info;
+    assert_int_equal(kmv_stream_get_info(s, &info), KMV_OK);
+    double share = (double)info.tree_bytes / (double)(n * d * sizeof(float));
+    print_message("tree at d = 64 over %zu keys (built at %zu): %zu bytes, %.1f%% of the keys\n",
+                  info.tree_keys, n0, info.tree_bytes, 100.0 * share);
+    assert_int_equal(info.tree_keys, n);
+    assert_true(share > 0.0 && share <= 0.15);
+    kmv_stream_free(s);
+    kmv_ctx_free(ctx);
+    free(k);
+    free(q);
+    free(x);
+}
+
 /* GloVe at sigma 1: the trial finds the certificate costs more than it
  * saves, and no tree is kept for the steps. */
 static void test_glove_no_tree(void **state) {
@@ -334,6 +370,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_steps_certified), cmocka_unit_test(test_history_free),
         cmocka_unit_test(test_adversarial),     cmocka_unit_test(test_glove_no_tree),
+        cmocka_unit_test(test_memory),
         cmocka_unit_test(test_allocation_failures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
