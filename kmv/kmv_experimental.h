@@ -59,9 +59,11 @@ typedef struct kmv_params_x {
     int backend;       /* a kmv_backend. Default AUTO */
     int verify_every;  /* N > 0: rows 0, N, 2N, ... of an approximate
                           batch product (kmv_matvec, kmv_index_matvec,
-                          kmv_attention) are computed exactly too, and the
-                          stats report the errors seen (verify_*). 0: off.
-                          Default 0 */
+                          kmv_attention), and a stream's decoding steps
+                          0, N, 2N, ... (kmv_stream_decode, counted per
+                          stream), are computed exactly too, and the stats
+                          report the errors seen (verify_*; a step: its
+                          own). Answers do not change. 0: off. Default 0 */
 } kmv_params_x;
 
 /* Read p's knobs into *x. */

@@ -104,7 +104,8 @@ int kmv__stream_attn_append(kmv_stream *s, const float *keys, const float *v, si
 }
 
 int kmv__stream_attn_decode(kmv_stream *s, const float *query, float *y, kmv__stats *stats,
-                            int defer) {
+                            unsigned flags) {
+    int defer = (flags & KMV__STEP_DEFER) != 0;
     kmv_index *ix = s->ix;
     const kmv_allocator *a = kmv__index_alloc(ix);
     if (kmv__index_keys(ix)->n == 0) return KMV_EEMPTY; /* a softmax over nothing */
@@ -117,7 +118,7 @@ int kmv__stream_attn_decode(kmv_stream *s, const float *query, float *y, kmv__st
     if (ql && yl) {
         memcpy(ql, query, (s->d - 1) * sizeof(float));
         ql[s->d - 1] = 0.0f;
-        rc = kmv__stream_decode(s, ql, yl, stats, defer);
+        rc = kmv__stream_decode(s, ql, yl, stats, flags);
         if (rc == KMV_OK && !(defer && stats->mode != KMV_MODE_APPROX))
             memcpy(y, yl, (s->c - 1) * sizeof(float));
     }

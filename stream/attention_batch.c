@@ -63,7 +63,8 @@ static int step_row(batch *b, size_t i, kmv__stats *st) {
                                         (i < b->n ? i + 1 : b->n) - have);
         if (rc != KMV_OK) return rc;
     }
-    int rc = kmv__stream_attn_decode(b->s, b->q + i * b->d, b->res + i * b->c, st, b->defer);
+    int rc = kmv__stream_attn_decode(b->s, b->q + i * b->d, b->res + i * b->c, st,
+                                     b->defer ? KMV__STEP_DEFER : 0u);
     if (rc == KMV_OK) b->deferred[i] = b->defer && st->mode != KMV_MODE_APPROX;
     return rc;
 }

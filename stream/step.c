@@ -278,10 +278,11 @@ static flow light_keys(kmv__step *t, kmv__step_light *l) {
 }
 
 /* One step on prepared state, reading the stream only; with exact_why
- * (a kmv_fallback), the exact row for that reason. With defer, a step that would compute the exact row returns
- * its stats only, y untouched. prep: seconds this call spent preparing. */
+ * (a kmv_fallback), the exact row for that reason. flags as for
+ * kmv__stream_decode(). prep: seconds this call spent preparing. */
 static int decode_once(const kmv_stream *s, const float *q, float *y, kmv__stats *S,
-                       int exact_why, int defer, double prep) {
+                       int exact_why, unsigned flags, double prep) {
+    int defer = (flags & KMV__STEP_DEFER) != 0, verify = (flags & KMV__STEP_VERIFY) != 0;
     double t0 = kmv__now() - prep, *ye = NULL;
     const kmv__params *pa = kmv__index_params(s->ix);
     kmv__stats_start(S, kmv__index_keys(s->ix)->n, 1, s->d, s->c, 1, pa->eps);
@@ -295,7 +296,7 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv__stats
         if (pa->measure_error) S->error_measured = 0.0;
         f = FLOW_DONE;
     }
-    if (rc == KMV_OK && f == FLOW_GO && pa->measure_error) {
+    if (rc == KMV_OK && f == FLOW_GO && (pa->measure_error || verify)) {
         if ((ye = kmv__malloc_array(t.a, t.c, sizeof(double))) == NULL) rc = KMV_ENOMEM;
         else s->kind->exact_row(&t), memcpy(ye, t.lb.est, t.c * sizeof(double));
     }
@@ -331,7 +332,10 @@ static int decode_once(const kmv_stream *s, const float *q, float *y, kmv__stats
         for (size_t col = 0; col < t.c; col++)
             if (!(fabs(t.lb.est[col]) <= 3.4028234663852886e38)) rc = KMV_EOVERFLOW;
         if (rc == KMV_OK) {
-            if (ye != NULL) S->error_measured = s->kind->error(&t, ye);
+            /* the monitor: one row's error, on the scale error() gives */
+            double e = ye != NULL ? s->kind->error(&t, ye) : 0.0;
+            if (ye != NULL && pa->measure_error) S->error_measured = e;
+            if (verify) kmv__stats_verified(S, &e, 1);
             for (size_t col = 0; col < t.c; col++) y[col] = (float)t.lb.est[col];
         }
     }
@@ -388,7 +392,8 @@ static void note_outcome(kmv_stream *s, const kmv__stats *S) {
     atomic_store_explicit(&s->fails, 0, memory_order_relaxed);
 }
 
-int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv__stats *st, int defer) {
+int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv__stats *st, unsigned flags) {
+    int defer = (flags & KMV__STEP_DEFER) != 0;
     kmv_index *ix = s->ix;
     kmv__meter *meter = kmv__index_meter(ix);
     double prep = 0.0;
@@ -397,7 +402,7 @@ int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv__stats *st, 
     int skip = kmv__index_params(ix)->exact ? 0 : backing_off(s, defer);
     if (skip) {
         /* the exact row this stretch of steps has been ending with */
-        rc = decode_once(s, q, y, st, skip, defer, 0.0);
+        rc = decode_once(s, q, y, st, skip, flags, 0.0);
         pthread_rwlock_unlock(&s->lock);
         return rc;
     }
@@ -426,11 +431,11 @@ int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv__stats *st, 
         pthread_rwlock_rdlock(&s->lock);
     }
     unsigned long h0 = kmv__meter_refusals_here();
-    rc = decode_once(s, q, y, st, 0, defer, prep);
+    rc = decode_once(s, q, y, st, 0, flags, prep);
     if (rc == KMV_OK && !defer) note_outcome(s, st);
     if (rc == KMV_ENOMEM && kmv__meter_refusals_here() != h0 && !kmv__index_params(ix)->exact) {
         h0 = kmv__meter_refusals_here();
-        rc = decode_once(s, q, y, st, KMV_FALLBACK_MEMORY, defer, prep);
+        rc = decode_once(s, q, y, st, KMV_FALLBACK_MEMORY, flags, prep);
     }
     pthread_rwlock_unlock(&s->lock);
     if (rc == KMV_ENOMEM && kmv__meter_refusals_here() != h0) rc = KMV_ELIMIT;

@@ -191,8 +191,12 @@ int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_stats *st
     if (s == NULL || query == NULL || y == NULL) return KMV_EINVAL;
     if (kmv_find_nonfinite(query, s->d - (size_t)s->attn, NULL) != KMV_OK) return KMV_ENONFINITE;
     kmv__stats S;
-    int rc = s->attn ? kmv__stream_attn_decode(s, query, y, &S, 0)
-                     : kmv__stream_decode(s, query, y, &S, 0);
+    /* the monitor: steps 0, N, 2N, ... of this stream computed exactly too */
+    unsigned long k = atomic_fetch_add_explicit(&s->steps_taken, 1, memory_order_relaxed);
+    int every = kmv__index_params(s->ix)->verify_every;
+    unsigned flags = every > 0 && k % (unsigned long)every == 0 ? KMV__STEP_VERIFY : 0u;
+    int rc = s->attn ? kmv__stream_attn_decode(s, query, y, &S, flags)
+                     : kmv__stream_decode(s, query, y, &S, flags);
     if (rc == KMV_OK) kmv__stats_export(&S, stats);
     return rc;
 }

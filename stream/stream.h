@@ -81,6 +81,7 @@ struct kmv_stream {
      * concurrently under the read lock. */
     atomic_uint fails, skip, span;
     atomic_int skip_reason;
+    atomic_ulong steps_taken; /* kmv_stream_decode calls: the monitor's count */
     /* Decoding steps read under it and write (tables, draws, refusals)
      * under its write side; every other call has the stream to itself. */
     pthread_rwlock_t lock;
@@ -106,15 +107,21 @@ int kmv__stream_append_queries(kmv_stream *s, const float *q, size_t count);
 /* Attention keys (count x (d - 1)) with V (count x (c - 1)), lifted. */
 int kmv__stream_attn_append(kmv_stream *s, const float *keys, const float *v, size_t count);
 
+/* How a step is asked for. DEFER: a step that would compute the exact row
+ * returns at once with st->mode not KMV_MODE_APPROX and y untouched, for a
+ * caller that sums such rows together (batch attention, on the exact
+ * engine). VERIFY: the exact row is computed too, and its error reported
+ * as the monitor's (params.verify_every). */
+#define KMV__STEP_DEFER 1u
+#define KMV__STEP_VERIFY 2u
+
 /* kmv_stream_decode() past validation (step.c); for an attention stream, q
- * is lifted and y (c) comes out normalized, with y[c - 1] = 1. With defer,
- * a step that would compute the exact row returns at once with st->mode
- * not KMV_MODE_APPROX and y untouched, for a caller that sums such rows
- * together (batch attention, on the exact engine). */
-int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv__stats *st, int defer);
+ * is lifted and y (c) comes out normalized, with y[c - 1] = 1. */
+int kmv__stream_decode(kmv_stream *s, const float *q, float *y, kmv__stats *st, unsigned flags);
 
 /* The same on an attention stream, from the caller's query (d - 1). */
-int kmv__stream_attn_decode(kmv_stream *s, const float *query, float *y, kmv__stats *st, int defer);
+int kmv__stream_attn_decode(kmv_stream *s, const float *query, float *y, kmv__stats *st,
+                            unsigned flags);
 
 /* Room for need rows of elem bytes in an array holding have rows, its
  * capacity *cap doubling to fit. KMV_OK or KMV_ENOMEM (unchanged). */

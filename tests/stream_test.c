@@ -274,6 +274,55 @@ static void test_backoff(void **state) {
     free(x);
 }
 
+/* The monitor on decoding steps: steps 0, N, 2N, ... report their own
+ * error against the exact row (as the test measures it), the others
+ * nothing, and no answer changes. */
+static void test_verify_steps(void **state) {
+    (void)state;
+    const size_t n = 4096, d = 16, m = 12;
+    float *k = malloc(n * d * sizeof(float)), *q = malloc(m * d * sizeof(float));
+    float *x = malloc(n * sizeof(float));
+    dg_clustered(k, n, q, m, d, 16, 1.0, 95);
+    dg_x(x, n, DG_X_GAUSS, 96);
+    kmv_stream *s[2];
+    kmv_ctx *ctx[2];
+    for (int v = 0; v < 2; v++) {
+        kmv_params p;
+        kmv_params_init(&p);
+        p.seed = 4;
+        kmv_params_x px = tu_px(&p);
+        px.verify_every = v ? 3 : 0;
+        assert_int_equal(kmv_params_set_x(&p, &px), KMV_OK);
+        assert_int_equal(kmv_ctx_create(&p, &ctx[v]), KMV_OK);
+        s[v] = make_stream(ctx[v], d, 1, 1);
+        assert_int_equal(kmv_stream_append_keys(s[v], k, x, n), KMV_OK);
+    }
+    double x2 = 0.0;
+    for (size_t j = 0; j < n; j++) x2 += (double)x[j] * x[j];
+    for (size_t i = 0; i < m; i++) {
+        float y0, y1, ye;
+        kmv_stats st;
+        assert_int_equal(kmv_stream_decode(s[0], q + i * d, &y0, NULL), KMV_OK);
+        assert_int_equal(kmv_stream_decode(s[1], q + i * d, &y1, &st), KMV_OK);
+        assert_memory_equal(&y0, &y1, sizeof y0);
+        kmv_stats_x sx;
+        kmv_stats_get_x(&st, &sx);
+        assert_int_equal(sx.verified, i % 3 == 0);
+        if (i % 3 != 0) continue;
+        exact_prefix(q + i * d, 1, k, n, d, x, 1, 1.0, 0, &ye);
+        double e = fabs((double)y1 - ye) / sqrt(x2);
+        assert_true(sx.verify_max == sx.verify_mean && sx.verify_p99 == sx.verify_max);
+        assert_true(fabs(sx.verify_max - e) <= 1e-5 * fabs(ye) / sqrt(x2) + 1e-7);
+    }
+    for (int v = 0; v < 2; v++) {
+        kmv_stream_free(s[v]);
+        kmv_ctx_free(ctx[v]);
+    }
+    free(k);
+    free(q);
+    free(x);
+}
+
 /* One block or many (of random sizes, queries interleaved): the same
  * answers, bit for bit, from products and decoding steps. */
 static void test_order_independence(void **state) {
@@ -965,6 +1014,7 @@ int main(void) {
         cmocka_unit_test(test_guarantee_causal),
         cmocka_unit_test(test_guarantee_glove),
         cmocka_unit_test(test_backoff),
+        cmocka_unit_test(test_verify_steps),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
