@@ -373,3 +373,107 @@ int peer_bimw(const peer_problem *p, size_t s, uint64_t seed, float *out) {
     free(ks);
     return rc;
 }
+
+/* ---------------------------------------------------- Quest-style pages */
+
+struct peer_pages {
+    const float *k;
+    size_t n, d, P, np;
+    float *lo, *hi; /* np x d */
+};
+
+peer_pages *peer_pages_new(const float *k, size_t n, size_t d, size_t P) {
+    peer_pages *pp = calloc(1, sizeof *pp);
+    if (pp == NULL || P == 0) {
+        free(pp);
+        return NULL;
+    }
+    *pp = (peer_pages){k, n, d, P, (n + P - 1) / P, NULL, NULL};
+    pp->lo = malloc(pp->np * d * sizeof(float));
+    pp->hi = malloc(pp->np * d * sizeof(float));
+    if (!pp->lo || !pp->hi) {
+        peer_pages_free(pp);
+        return NULL;
+    }
+    for (size_t b = 0; b < pp->np; b++)
+        for (size_t u = 0; u < d; u++) {
+            float lo = INFINITY, hi = -INFINITY;
+            for (size_t j = b * P; j < n && j < (b + 1) * P; j++) {
+                lo = k[j * d + u] < lo ? k[j * d + u] : lo;
+                hi = k[j * d + u] > hi ? k[j * d + u] : hi;
+            }
+            pp->lo[b * d + u] = lo, pp->hi[b * d + u] = hi;
+        }
+    return pp;
+}
+
+void peer_pages_free(peer_pages *pp) {
+    if (pp == NULL) return;
+    free(pp->lo);
+    free(pp->hi);
+    free(pp);
+}
+
+/* A min-heap of (score, page) keeping the k largest scores. */
+static void heap_push(float *hs, size_t *hp, size_t *len, size_t k, float s, size_t p) {
+    size_t i;
+    if (*len < k) {
+        i = (*len)++;
+        while (i > 0 && hs[(i - 1) / 2] > s) {
+            hs[i] = hs[(i - 1) / 2], hp[i] = hp[(i - 1) / 2];
+            i = (i - 1) / 2;
+        }
+    } else {
+        if (s <= hs[0]) return;
+        i = 0;
+        for (;;) {
+            size_t a = 2 * i + 1, b = a + 1, m = i;
+            float ms = s;
+            if (a < k && hs[a] < ms) m = a, ms = hs[a];
+            if (b < k && hs[b] < ms) m = b;
+            if (m == i) break;
+            hs[i] = hs[m], hp[i] = hp[m];
+            i = m;
+        }
+    }
+    hs[i] = s, hp[i] = p;
+}
+
+int peer_pages_step(const peer_pages *pp, const float *q, size_t topk, const float *v, size_t c,
+                    double scale, float *out) {
+    size_t d = pp->d, k = topk < pp->np ? topk : pp->np;
+    float *hs = malloc(k * sizeof(float)), *l = malloc(k * pp->P * sizeof(float));
+    size_t *hp = malloc(k * sizeof(size_t)), len = 0;
+    double *acc = malloc(c * sizeof(double));
+    if (!hs || !l || !hp || !acc) {
+        free(hs), free(l), free(hp), free(acc);
+        return -1;
+    }
+    for (size_t b = 0; b < pp->np; b++) {
+        const float *lo = pp->lo + b * d, *hi = pp->hi + b * d;
+        float s = 0.0f;
+        for (size_t u = 0; u < d; u++) s += fmaxf(q[u] * lo[u], q[u] * hi[u]);
+        heap_push(hs, hp, &len, k, s, b);
+    }
+    size_t cnt = 0;
+    float mx = -INFINITY;
+    for (size_t t = 0; t < len; t++)
+        for (size_t j = hp[t] * pp->P; j < pp->n && j < (hp[t] + 1) * pp->P; j++) {
+            float s = 0.0f;
+            for (size_t u = 0; u < d; u++) s += q[u] * pp->k[j * d + u];
+            l[cnt++] = (float)scale * s;
+            mx = l[cnt - 1] > mx ? l[cnt - 1] : mx;
+        }
+    double z = 0.0;
+    memset(acc, 0, c * sizeof(double));
+    cnt = 0;
+    for (size_t t = 0; t < len; t++)
+        for (size_t j = hp[t] * pp->P; j < pp->n && j < (hp[t] + 1) * pp->P; j++) {
+            double e = exp((double)l[cnt++] - mx);
+            z += e;
+            for (size_t col = 0; col < c; col++) acc[col] += e * v[j * c + col];
+        }
+    for (size_t col = 0; col < c; col++) out[col] = (float)(acc[col] / z);
+    free(hs), free(l), free(hp), free(acc);
+    return 0;
+}

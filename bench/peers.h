@@ -49,4 +49,18 @@ int peer_kdeformer(const peer_problem *p, size_t block, int bits, size_t probe, 
  * samples. out: m x c. */
 int peer_bimw(const peer_problem *p, size_t s, uint64_t seed, float *out);
 
+/* Quest-style page selection for decoding steps (Tang et al. 2024): keys
+ * in pages of P consecutive tokens, each page keeping its per-coordinate
+ * minimum and maximum. A step scores every page by the upper bound
+ * sum_u max(q_u lo_u, q_u hi_u) on its logits, keeps the topk best pages,
+ * and takes the softmax over their keys only. The bound ranks; nothing
+ * bounds what the unkept pages hold. keys (n x d) must outlive the
+ * pages. */
+typedef struct peer_pages peer_pages;
+peer_pages *peer_pages_new(const float *k, size_t n, size_t d, size_t P);
+void peer_pages_free(peer_pages *pp);
+/* One query's row (c values) into out; -1 when out of memory. */
+int peer_pages_step(const peer_pages *pp, const float *q, size_t topk, const float *v, size_t c,
+                    double scale, float *out);
+
 #endif /* KMV_BENCH_PEERS_H */
