@@ -360,10 +360,11 @@ typedef struct kmv_stream_info {
 /* Errors: KMV_EINVAL. */
 KMV_API int kmv_stream_get_info(const kmv_stream *s, kmv_stream_info *info);
 
-/* Save a Gaussian stream (params, keys in store order with the shuffle's
- * state, values, queries, table shape, XXH3-64 of it all) by the rules of
- * kmv_output_open(). Errors: KMV_EINVAL, KMV_EIO, KMV_ENOMEM,
- * KMV_EUNSUPPORTED (attention streams). err as for kmv_npy_read(). */
+/* Save a stream (params, keys in store order with the shuffle's state,
+ * values, queries, table shape; an attention stream's lift: its scale,
+ * bound and key norms; XXH3-64 of it all) by the rules of
+ * kmv_output_open(). Errors: KMV_EINVAL, KMV_EIO, KMV_ENOMEM. err as for
+ * kmv_npy_read(). */
 KMV_API int kmv_stream_save(const kmv_stream *s, const char *path, char *err, size_t err_len);
 /* A stream saved by kmv_stream_save(): the algorithm's params from the
  * file, allocator, threads, cap and hooks from ctx; it answers and goes on
