@@ -301,8 +301,9 @@ KMV_API int kmv_stream_create(const kmv_ctx *ctx, size_t dim, size_t n_cols,
  * params.attn_scale (0: 1/sqrt(dim)) over keys (dim) and values (n_cols),
  * each step within the attention GUARANTEE. Keys are kept lifted by Lemma
  * 4.1 under alpha = the largest ||k||^2 so far (a longer key lifts the
- * rest again, about ln n times for n keys of i.i.d. norms). A step over no
- * keys is KMV_EEMPTY. Errors: as kmv_stream_create(). */
+ * rest again, about ln n times for n keys of i.i.d. norms); a key whose
+ * lift would pass float's range (sqrt(alpha) past FLT_MAX) is refused with
+ * KMV_EOVERFLOW. A step over no keys is KMV_EEMPTY. Errors: as kmv_stream_create(). */
 KMV_API int kmv_stream_attention_create(const kmv_ctx *ctx, size_t dim, size_t n_cols,
                                         kmv_stream **out);
 /* NULL is a no-op. */
@@ -318,7 +319,13 @@ KMV_API int kmv_stream_append_queries(kmv_stream *s, const float *queries, size_
 
 /* y (n_queries x n_cols) = K x over every query and key so far, with the x
  * given at append or x_fresh (n_keys x n_cols) when not NULL; GUARANTEE,
- * fallbacks and errors as kmv_index_matvec(). */
+ * fallbacks and errors as kmv_index_matvec(). On an attention stream, each
+ * query's row of softmax(s Q K^T) V over every key so far, as kmv_attention
+ * computes it (one decoding step per row, each within the attention
+ * GUARANTEE; the same rows bit for bit); x_fresh is KMV_EUNSUPPORTED
+ * (values come with their keys), queries over no keys KMV_EEMPTY, and
+ * logits near float's range KMV_EOVERFLOW (as kmv_attention, y then
+ * untouched). */
 KMV_API int kmv_stream_matvec(kmv_stream *s, const float *x_fresh, float *y, kmv_stats *stats);
 
 /* The decoding step: y (n_cols) = one query's row against every key so far,

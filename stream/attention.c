@@ -82,7 +82,10 @@ int kmv__stream_attn_append(kmv_stream *s, const float *keys, const float *v, si
             norms[u] = kmv_max_sq_norm(keys + u * dim, 1, dim);
             bound = norms[u] > bound ? norms[u] : bound;
         }
-        rc = kmv_attention_lift(keys, count, dim, 1, bound, kl);
+        /* A lifted coordinate is at most sqrt(bound): past float's range
+         * the stream would hold infinities (and could not be saved). */
+        rc = sqrt(bound) <= 3.4028234663852886e38 ? kmv_attention_lift(keys, count, dim, 1, bound, kl)
+                                                  : KMV_EOVERFLOW;
         for (size_t u = 0; u < count && rc == KMV_OK; u++) {
             memcpy(xv + u * s->c, v + u * nc, nc * sizeof(float));
             xv[u * s->c + nc] = 1.0f;

@@ -40,7 +40,7 @@ typedef struct batch {
     unsigned char *deferred; /* rows left to the exact engine */
     int defer;               /* non-causal, no cap: exact rows are deferred */
     int nt, threads, gave_up;
-    size_t approx, rows_done, why[8];
+    size_t approx, rows_done, why[KMV_FALLBACK_TREE + 1];
     kmv__stats *S;
 } batch;
 
@@ -52,7 +52,8 @@ static void tally(batch *b, const kmv__stats *st) {
     S->heavy_pairs += st->heavy_pairs;
     S->kernel_evals += st->kernel_evals;
     if (st->mode == KMV_MODE_APPROX) b->approx++;
-    else if (st->fallback_reason > 0 && st->fallback_reason < 8) b->why[st->fallback_reason]++;
+    else if (st->fallback_reason > 0 && st->fallback_reason <= KMV_FALLBACK_TREE)
+        b->why[st->fallback_reason]++;
 }
 
 /* Row i's step (its keys entering first when causal). */
@@ -242,7 +243,7 @@ static int measure(batch *b) {
 static void report(batch *b) {
     kmv__stats *S = b->S;
     int top = 0;
-    for (int r = 1; r < 8; r++)
+    for (int r = 1; r <= KMV_FALLBACK_TREE; r++)
         if (b->why[r] > b->why[top]) top = r;
     S->mode = b->approx ? KMV_MODE_APPROX : KMV_MODE_FALLBACK;
     S->fallback_reason = b->approx ? KMV_FALLBACK_NONE : (kmv_fallback)top;
@@ -253,11 +254,64 @@ static void report(batch *b) {
                          : b->pa->eps * sqrt(b->s->wmax) / (1.0 - b->pa->eps);
 }
 
+/* The batch's rows on b->s (its keys held, or entering row by row when
+ * causal), into out. */
+static int run(batch *b, float *out, double t0) {
+    static int (*const steps[])(batch *) = {probe,          step_rest, exact_rest,
+                                            exact_deferred, verify,    measure};
+    size_t m = b->m, c = b->c;
+    b->a = kmv__index_alloc(b->s->ix);
+    b->res = kmv__malloc_array(b->a, m ? m : 1, c * sizeof(float));
+    b->deferred = kmv__malloc_array(b->a, m ? m : 1, 1);
+    int rc = b->res && b->deferred ? KMV_OK : KMV_ENOMEM;
+    if (rc == KMV_OK) memset(b->deferred, 0, m ? m : 1);
+    for (size_t u = 0; rc == KMV_OK && u < sizeof steps / sizeof *steps; u++) rc = steps[u](b);
+    /* finite operands can still sum past float's range: an error, not an
+     * infinity passed off as a result (out untouched) */
+    if (rc == KMV_OK && kmv_find_nonfinite(b->res, m * c, NULL) != KMV_OK) rc = KMV_EOVERFLOW;
+    if (rc == KMV_OK) {
+        report(b);
+        memcpy(out, b->res, m * c * sizeof(float));
+        b->S->seconds = kmv__now() - t0;
+    }
+    if (rc == KMV_ENOMEM) rc = kmv__meter_code(kmv__index_meter(b->s->ix), rc); /* the cap's refusal */
+    kmv__free(b->a, b->res);
+    kmv__free(b->a, b->deferred);
+    return rc;
+}
+
+int kmv__attention_stream_rows(kmv_stream *s, const float *q, size_t m, float *out,
+                               kmv__stats *stats) {
+    double t0 = kmv__now();
+    const kmv__params *pa = kmv__index_params(s->ix);
+    const kmv__keystore *ks = kmv__index_keys(s->ix);
+    const kmv_allocator *a = kmv__index_alloc(s->ix);
+    size_t n = ks->n, d = s->d - 1, c = s->c - 1;
+    kmv__stats S;
+    kmv__stats_start(&S, n, m, d, c, 1, pa->eps);
+    /* The exact engine's operands: the keys unlifted and the values
+     * without their ones column, in id order. */
+    float *k = kmv__malloc_array(a, n ? n : 1, d * sizeof(float));
+    float *v = kmv__malloc_array(a, n ? n : 1, c * sizeof(float));
+    int rc = k && v ? KMV_OK : KMV_ENOMEM;
+    for (size_t id = 0; rc == KMV_OK && id < n; id++) {
+        memcpy(k + id * d, kmv__keystore_row(ks, id), d * sizeof(float));
+        memcpy(v + id * c, s->x + id * s->c, c * sizeof(float));
+    }
+    batch b = {.pa = pa, .q = q, .k = k, .v = v, .m = m, .n = n, .d = d, .c = c,
+               .scale = s->scale, .s = s, .nt = kmv__threads(pa), .threads = 1, .S = &S,
+               .defer = pa->max_bytes == 0}; /* attention streams are not causal */
+    if (rc == KMV_OK) rc = run(&b, out, t0);
+    else rc = kmv__meter_code(kmv__index_meter(s->ix), rc);
+    if (rc == KMV_OK) *stats = S;
+    kmv__free(a, k);
+    kmv__free(a, v);
+    return rc;
+}
+
 int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const float *k,
                           size_t n, size_t d, const float *v, size_t c, double scale,
                           float *out, kmv__stats *stats) {
-    static int (*const steps[])(batch *) = {probe,          step_rest, exact_rest,
-                                            exact_deferred, verify,    measure};
     double t0 = kmv__now();
     const kmv__params *pa = &ctx->params;
     kmv__params p = *pa;
@@ -271,22 +325,10 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
                .defer = !pa->causal && pa->max_bytes == 0};
     int rc = kmv__stream_attention_new(&p, &ctx->alloc, d, c, &b.s);
     if (rc != KMV_OK) return rc;
-    b.a = kmv__index_alloc(b.s->ix);
-    b.res = kmv__malloc_array(b.a, m, c * sizeof(float));
-    b.deferred = kmv__malloc_array(b.a, m ? m : 1, 1);
-    rc = b.res && b.deferred ? KMV_OK : KMV_ENOMEM;
-    if (rc == KMV_OK) memset(b.deferred, 0, m ? m : 1);
-    if (rc == KMV_OK && !pa->causal) rc = kmv_stream_append_keys(b.s, k, v, n);
-    for (size_t u = 0; rc == KMV_OK && u < sizeof steps / sizeof *steps; u++) rc = steps[u](&b);
-    if (rc == KMV_OK) {
-        report(&b);
-        memcpy(out, b.res, m * c * sizeof(float));
-        S.seconds = kmv__now() - t0;
-        *stats = S;
-    }
-    if (rc == KMV_ENOMEM) rc = kmv__meter_code(kmv__index_meter(b.s->ix), rc); /* the cap's refusal */
-    kmv__free(b.a, b.res);
-    kmv__free(b.a, b.deferred);
+    if (!pa->causal) rc = kmv_stream_append_keys(b.s, k, v, n);
+    if (rc == KMV_OK) rc = run(&b, out, t0);
+    else rc = kmv__meter_code(kmv__index_meter(b.s->ix), rc);
+    if (rc == KMV_OK) *stats = S;
     kmv_stream_free(b.s);
     return rc;
 }

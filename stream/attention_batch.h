@@ -16,4 +16,13 @@ int kmv__attention_approx(const kmv_ctx *ctx, const float *q, size_t m, const fl
                           size_t n, size_t d, const float *v, size_t c, double scale,
                           float *out, kmv__stats *stats);
 
+/* kmv_stream_matvec() on an attention stream past its checks: the m
+ * queries q (m x (dim), unlifted) against every key the stream holds, as
+ * the batch above does (one step per row, exact rows deferred to the
+ * exact engine), out m x n_cols. The stream's tables and draws are
+ * prepared as its steps would. */
+struct kmv_stream;
+int kmv__attention_stream_rows(struct kmv_stream *s, const float *q, size_t m, float *out,
+                               kmv__stats *stats);
+
 #endif /* KMV_STREAM_ATTENTION_BATCH_H */

@@ -289,8 +289,8 @@ static const char *check_frame(const unsigned char *buf, size_t len, frame *f) {
 }
 
 /* An attention stream's lift: what is wrong with it, or NULL. Every
- * lifted coordinate must be the one the bound gives its key, and every
- * value row end in the 1 of the normaliser. */
+ * lifted coordinate must be the one the bound gives its key, every value
+ * row end in the 1 of the normaliser, and every query's lift be 0. */
 static const char *check_attention(const frame *f, const body *b) {
     const snap_header *h = &f->h;
     const snap_attn *at = &f->at;
@@ -299,7 +299,7 @@ static const char *check_attention(const frame *f, const body *b) {
         return at->scale != 0.0 || at->key_bound != 0.0 || at->relifts != 0 || at->pad != 0
                    ? "inconsistent: attention fields in a Gaussian stream"
                    : NULL;
-    if (d < 2 || c < 2 || h->causal != 0 || h->m != 0 || !(at->scale > 0.0) || !isfinite(at->scale) ||
+    if (d < 2 || c < 2 || h->causal != 0 || !(at->scale > 0.0) || !isfinite(at->scale) ||
         !(at->key_bound >= 0.0) || !isfinite(at->key_bound) || at->pad != 0 ||
         h->sigma != kmv_attention_sigma(at->scale, d - 1))
         return "inconsistent: attention parameters out of range";
@@ -314,6 +314,8 @@ static const char *check_attention(const frame *f, const body *b) {
     }
     for (size_t j = 0; j < n; j++)
         if (b->x[j * c + c - 1] != 1.0f) return "inconsistent: a value row lacks its 1";
+    for (size_t i = 0; i < (size_t)h->m; i++)
+        if (b->q[i * d + d - 1] != 0.0f) return "inconsistent: a query's lift is not 0";
     return NULL;
 }
 

@@ -5,8 +5,10 @@
 #include <stdatomic.h>
 #include <string.h>
 
+#include "algo/stats.h"
 #include "common/alloc.h"
 #include "common/params.h"
+#include "stream/attention_batch.h"
 #include "stream/step.h"
 
 int kmv__stream_new(const kmv__params *params, const kmv_allocator *base, size_t dim,
@@ -163,18 +165,61 @@ int kmv__stream_append_queries(kmv_stream *s, const float *q, size_t count) {
 
 int kmv_stream_append_queries(kmv_stream *s, const float *q, size_t count) {
     if (s == NULL || (q == NULL && count > 0)) return KMV_EINVAL;
-    if (s->attn) return KMV_EUNSUPPORTED;
     if (count == 0) return KMV_OK;
-    size_t prod;
+    size_t prod, dim = s->d - (size_t)s->attn;
     if (count > SIZE_MAX / 64 - s->m || !kmv__mul_size(count, s->d, &prod))
         return KMV_EOVERFLOW;
-    if (kmv_find_nonfinite(q, count * s->d, NULL) != KMV_OK) return KMV_ENONFINITE;
-    return kmv__stream_append_queries(s, q, count);
+    if (kmv_find_nonfinite(q, count * dim, NULL) != KMV_OK) return KMV_ENONFINITE;
+    if (!s->attn) return kmv__stream_append_queries(s, q, count);
+    /* An attention stream keeps its queries lifted (a last coordinate 0,
+     * Lemma 4.1), as its steps take them. */
+    const kmv_allocator *a = kmv__index_alloc(s->ix);
+    float *ql = kmv__malloc_array(a, count, s->d * sizeof(float));
+    if (ql == NULL) return kmv__meter_code(kmv__index_meter(s->ix), KMV_ENOMEM);
+    for (size_t i = 0; i < count; i++) {
+        memcpy(ql + i * s->d, q + i * dim, dim * sizeof(float));
+        ql[i * s->d + dim] = 0.0f;
+    }
+    int rc = kmv__stream_append_queries(s, ql, count);
+    kmv__free(a, ql);
+    return rc;
+}
+
+/* kmv_stream_matvec() on an attention stream: its queries' rows. */
+static int attention_rows(kmv_stream *s, const float *x_fresh, float *y, kmv__stats *S) {
+    if (x_fresh != NULL) return KMV_EUNSUPPORTED; /* values come with their keys */
+    if (s->m == 0) {
+        kmv__stats_start(S, kmv__index_keys(s->ix)->n, 0, s->d - 1, s->c - 1, 1, 0.0);
+        S->mode = KMV_MODE_EXACT;
+        return KMV_OK;
+    }
+    if (kmv__index_keys(s->ix)->n == 0) return KMV_EEMPTY; /* a softmax over nothing */
+    size_t dim = s->d - 1;
+    const kmv_allocator *a = kmv__index_alloc(s->ix);
+    float *qu = kmv__malloc_array(a, s->m, dim * sizeof(float));
+    if (qu == NULL) return kmv__meter_code(kmv__index_meter(s->ix), KMV_ENOMEM);
+    for (size_t i = 0; i < s->m; i++) memcpy(qu + i * dim, s->q + i * s->d, dim * sizeof(float));
+    /* As kmv_attention: logits whose Cauchy-Schwarz bound comes within
+     * 2^-10 of float's range are refused, not returned as infinities. */
+    double bound = sqrt(kmv_max_sq_norm(qu, s->m, dim)) * sqrt(s->key_bound);
+    double limit = 0x1p-10 * 3.4028234663852886e38;
+    if (!(bound <= limit && bound * s->scale <= limit && s->scale <= limit)) {
+        kmv__free(a, qu);
+        return KMV_EOVERFLOW;
+    }
+    int rc = kmv__attention_stream_rows(s, qu, s->m, y, S);
+    kmv__free(a, qu);
+    return rc;
 }
 
 int kmv_stream_matvec(kmv_stream *s, const float *x_fresh, float *y, kmv_stats *stats) {
     if (s == NULL || (y == NULL && s->m > 0)) return KMV_EINVAL;
-    if (s->attn) return KMV_EUNSUPPORTED;
+    if (s->attn) {
+        kmv__stats S;
+        int rc = attention_rows(s, x_fresh, y, &S);
+        if (rc == KMV_OK) kmv__stats_export(&S, stats);
+        return rc;
+    }
     if (x_fresh != NULL && kmv_find_nonfinite(x_fresh, kmv__index_keys(s->ix)->n * s->c, NULL) != KMV_OK)
         return KMV_ENONFINITE;
     const float *x = x_fresh != NULL ? x_fresh : s->x;

@@ -46,6 +46,17 @@ static double ref_err(const float *out, const float *q, const float *k, size_t n
     return sqrt(e2);
 }
 
+/* n keys and m queries on the sphere of radius 4 (dg_sphere, seed 21:
+ * self-attention where cluster mates carry a row) and Gaussian values
+ * drawn from vseed. */
+static void sphere_data(size_t n, size_t m, uint64_t vseed, float **k, float **q, float **v) {
+    *k = malloc(n * D * sizeof(float));
+    *q = malloc(m * D * sizeof(float));
+    *v = malloc(n * C * sizeof(float));
+    dg_sphere(*k, n, *q, m, D, 4.0, 21);
+    dg_x(*v, n * C, DG_X_GAUSS, vseed);
+}
+
 /* One decoding step of query q and its error against the float64 softmax. */
 static double step_err(kmv_stream *s, const float *q, const float *k, size_t n, const float *v,
                        kmv_stats *st) {
@@ -102,10 +113,8 @@ static void exact_steps_as_keys_grow(void **state) {
 static void approximate_steps_within_bound(void **state) {
     (void)state;
     const size_t n = 16384, m = 60;
-    float *k = malloc(n * D * sizeof(float)), *q = malloc(m * D * sizeof(float));
-    float *v = malloc(n * C * sizeof(float));
-    dg_sphere(k, n, q, m, D, 4.0, 21);
-    dg_x(v, n * C, DG_X_GAUSS, 22);
+    float *k, *q, *v;
+    sphere_data(n, m, 22, &k, &q, &v);
     kmv_ctx *ctx = ctx_with(0, 1, NULL);
     kmv_stream *s;
     assert_int_equal(kmv_stream_attention_create(ctx, D, C, &s), KMV_OK);
@@ -448,6 +457,66 @@ static void snapshot_damage(void **state) {
     free(v);
 }
 
+/* Queries appended to an attention stream and its batch product: the same
+ * rows, bit for bit, as kmv_attention over the same keys (it runs the same
+ * steps), each within the step's bound of the float64 softmax; saved with
+ * its queries, a loaded stream answers the product alike; a product over
+ * no keys is KMV_EEMPTY, over no queries nothing. */
+static void queries_and_products(void **state) {
+    (void)state;
+    const size_t n = 16384, m = 48;
+    float *k, *q, *v;
+    sphere_data(n, m, 62, &k, &q, &v);
+    kmv_params p;
+    kmv_params_init(&p);
+    p.seed = 5;
+    kmv_params_x px = tu_px(&p);
+    px.force_approx = 1;
+    assert_int_equal(kmv_params_set_x(&p, &px), KMV_OK);
+    kmv_ctx *ctx = ctx_from(&p);
+    kmv_stream *s, *l;
+    assert_int_equal(kmv_stream_attention_create(ctx, D, C, &s), KMV_OK);
+    float y[C];
+    assert_int_equal(kmv_stream_matvec(s, NULL, y, NULL), KMV_OK); /* no queries: nothing */
+    assert_int_equal(kmv_stream_append_queries(s, q, m), KMV_OK);
+    float *ys = malloc(m * C * sizeof(float)), *yb = malloc(m * C * sizeof(float));
+    assert_int_equal(kmv_stream_matvec(s, NULL, ys, NULL), KMV_EEMPTY); /* no keys */
+    for (size_t at = 0; at < n; at += 4096)
+        assert_int_equal(kmv_stream_append_keys(s, k + at * D, v + at * C, 4096), KMV_OK);
+    kmv_stats ss, sb;
+    assert_int_equal(kmv_stream_matvec(s, NULL, ys, &ss), KMV_OK);
+    assert_int_equal(kmv_attention(ctx, q, m, k, n, D, v, C, yb, &sb), KMV_OK);
+    assert_memory_equal(ys, yb, m * C * sizeof(float));
+    assert_int_equal(ss.mode, sb.mode);
+    assert_true(ss.error_bound == sb.error_bound);
+    kmv_stream_info info;
+    assert_int_equal(kmv_stream_get_info(s, &info), KMV_OK);
+    assert_int_equal(info.n_queries, m);
+    size_t beyond = 0;
+    for (size_t i = 0; i < m; i++) beyond += ref_err(ys + i * C, q + i * D, k, n, v) > ss.error_bound;
+    print_message("attention stream product: mode %d, %zu rows exact, %zu of %zu past the bound %.3g\n",
+                  (int)ss.mode, ss.rows_exact, beyond, m, ss.error_bound);
+    assert_true(beyond <= 1);
+    assert_int_equal(ss.mode, KMV_MODE_APPROX); /* the product's rows did approximate */
+    assert_true(ss.rows_exact < m);
+    char path[512], err[512];
+    tmp_path(path, sizeof path, "attn-queries.kmvs");
+    assert_int_equal(kmv_stream_save(s, path, err, sizeof err), KMV_OK);
+    assert_int_equal(kmv_stream_load(ctx, path, &l, err, sizeof err), KMV_OK);
+    assert_int_equal(kmv_stream_matvec(l, NULL, yb, NULL), KMV_OK);
+    assert_int_equal(kmv_stream_matvec(s, NULL, ys, NULL), KMV_OK);
+    assert_memory_equal(ys, yb, m * C * sizeof(float));
+    remove(path);
+    kmv_stream_free(s);
+    kmv_stream_free(l);
+    kmv_ctx_free(ctx);
+    free(k);
+    free(q);
+    free(v);
+    free(ys);
+    free(yb);
+}
+
 /* What an attention stream refuses, with the code kmv.h names. */
 static void refusals(void **state) {
     (void)state;
@@ -460,9 +529,9 @@ static void refusals(void **state) {
     assert_int_equal(kmv_stream_attention_create(ctx, D, C, &s), KMV_OK);
     float k[D] = {1}, v[C] = {1}, y[C] = {5, 5, 5};
     assert_int_equal(kmv_stream_append_keys(s, k, v, 1), KMV_OK);
-    assert_int_equal(kmv_stream_append_queries(s, k, 1), KMV_EUNSUPPORTED);
-    assert_int_equal(kmv_stream_matvec(s, NULL, y, NULL), KMV_EUNSUPPORTED);
+    assert_int_equal(kmv_stream_matvec(s, v, y, NULL), KMV_EUNSUPPORTED); /* fresh values */
     k[3] = NAN;
+    assert_int_equal(kmv_stream_append_queries(s, k, 1), KMV_ENONFINITE);
     assert_int_equal(kmv_stream_append_keys(s, k, v, 1), KMV_ENONFINITE);
     assert_int_equal(kmv_stream_decode(s, k, y, NULL), KMV_ENONFINITE);
     assert_true(y[0] == 5.0f);
@@ -532,6 +601,7 @@ int main(void) {
         cmocka_unit_test(blocks_do_not_matter),
         cmocka_unit_test(snapshot_continue),
         cmocka_unit_test(snapshot_damage),
+        cmocka_unit_test(queries_and_products),
         cmocka_unit_test(refusals),
         cmocka_unit_test(failed_appends_change_nothing),
     };
