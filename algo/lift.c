@@ -3,6 +3,9 @@
  * kmv_max_sq_norm() and the check here agree exactly: the key with the
  * largest norm gets an extra coordinate of 0, never a refusal. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
+#include "algo/lift.h"
+
+#include <float.h>
 #include <math.h>
 
 #include "kmv/kmv.h"
@@ -48,4 +51,9 @@ double kmv_attention_sigma(double scale, size_t dim) {
     if (dim == 0 || !(scale >= 0.0) || !isfinite(scale)) return 0.0;
     double s = scale > 0.0 ? scale : 1.0 / sqrt((double)dim);
     return 1.0 / sqrt(s);
+}
+
+int kmv__logits_fit(double max_q2, double max_k2, double scale) {
+    double bound = sqrt(max_q2) * sqrt(max_k2), limit = 0x1p-10 * FLT_MAX;
+    return bound <= limit && bound * scale <= limit && scale <= limit;
 }

@@ -4,12 +4,12 @@
  * an engine may assume about its input is established here, so the
  * engines carry no argument checks of their own. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
-#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <string.h>
 
 #include "algo/exact.h"
+#include "algo/lift.h"
 #include "algo/stats.h"
 #include "common/alloc.h"
 #include "common/params.h"
@@ -39,15 +39,11 @@ static int fits(size_t a, size_t b) {
     return kmv__mul_size(a, b, &prod) && prod <= SIZE_MAX / 64;
 }
 
-/* Attention computes dot products and logits in float. By Cauchy-Schwarz
- * no |<q, k>| exceeds max ||q|| max ||k||; when that bound, or the bound on
- * the logits, comes within 2^-10 of float's range, refuse rather than
- * return infinities or NaN. Real attention inputs are nowhere near. */
+/* Logits near float's range are refused (algo/lift.h). Real attention
+ * inputs are nowhere near. */
 static int logits_fit(const call *cl) {
-    double bound = sqrt(kmv_max_sq_norm(cl->q, cl->m, cl->d)) *
-                   sqrt(kmv_max_sq_norm(cl->k, cl->n, cl->d));
-    double limit = 0x1p-10 * FLT_MAX;
-    return bound <= limit && bound * cl->scale <= limit && cl->scale <= limit;
+    return kmv__logits_fit(kmv_max_sq_norm(cl->q, cl->m, cl->d), kmv_max_sq_norm(cl->k, cl->n, cl->d),
+                           cl->scale);
 }
 
 /* The checks every engine relies on. */

@@ -5,6 +5,7 @@
  * against the row sum, the exact softmax row, and the normalized answer.
  * The argument: docs/guarantee-attention.md. */
 #define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <string.h>
@@ -84,8 +85,8 @@ int kmv__stream_attn_append(kmv_stream *s, const float *keys, const float *v, si
         }
         /* A lifted coordinate is at most sqrt(bound): past float's range
          * the stream would hold infinities (and could not be saved). */
-        rc = sqrt(bound) <= 3.4028234663852886e38 ? kmv_attention_lift(keys, count, dim, 1, bound, kl)
-                                                  : KMV_EOVERFLOW;
+        rc = sqrt(bound) <= FLT_MAX ? kmv_attention_lift(keys, count, dim, 1, bound, kl)
+                                    : KMV_EOVERFLOW;
         for (size_t u = 0; u < count && rc == KMV_OK; u++) {
             memcpy(xv + u * s->c, v + u * nc, nc * sizeof(float));
             xv[u * s->c + nc] = 1.0f;

@@ -5,6 +5,7 @@
 #include <stdatomic.h>
 #include <string.h>
 
+#include "algo/lift.h"
 #include "algo/stats.h"
 #include "common/alloc.h"
 #include "common/params.h"
@@ -199,11 +200,8 @@ static int attention_rows(kmv_stream *s, const float *x_fresh, float *y, kmv__st
     float *qu = kmv__malloc_array(a, s->m, dim * sizeof(float));
     if (qu == NULL) return kmv__meter_code(kmv__index_meter(s->ix), KMV_ENOMEM);
     for (size_t i = 0; i < s->m; i++) memcpy(qu + i * dim, s->q + i * s->d, dim * sizeof(float));
-    /* As kmv_attention: logits whose Cauchy-Schwarz bound comes within
-     * 2^-10 of float's range are refused, not returned as infinities. */
-    double bound = sqrt(kmv_max_sq_norm(qu, s->m, dim)) * sqrt(s->key_bound);
-    double limit = 0x1p-10 * 3.4028234663852886e38;
-    if (!(bound <= limit && bound * s->scale <= limit && s->scale <= limit)) {
+    /* as kmv_attention: logits near float's range are refused */
+    if (!kmv__logits_fit(kmv_max_sq_norm(qu, s->m, dim), s->key_bound, s->scale)) {
         kmv__free(a, qu);
         return KMV_EOVERFLOW;
     }
