@@ -227,9 +227,7 @@ static void fit_node(const kmv__keystore *ks, const uint32_t *ids, size_t cnt, f
         }
         if (s > best) best = s;
     }
-    /* Rounded up: a bound from it holds for every key whatever the last
-     * bits of the sums above. */
-    *radius = sqrt(best) * (1.0 + 1e-9) + 1e-30;
+    *radius = kmv__tree_radius(sqrt(best));
 }
 
 typedef struct build {

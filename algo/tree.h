@@ -103,6 +103,11 @@ typedef struct kmv__tree_mass {
                     g = 1 - 2 kmv__tree_slack(d), rounding included */
 } kmv__tree_mass;
 
+/* A radius from a distance measured in double: rounded up, so that a
+ * bound taken from it holds for every key whatever the last bits of the
+ * sums behind the distance. Every node radius goes through it. */
+static inline double kmv__tree_radius(double dist) { return dist * (1.0 + 1e-9) + 1e-30; }
+
 /* The relative rounding allowed for a float sum of d products (each
  * product and sum rounds once: (d + 2) 2^-24, taken twice over). */
 static inline double kmv__tree_slack(size_t d) { return 2.0 * ((double)d + 4.0) * 0x1p-24; }

@@ -31,7 +31,7 @@ static double cover(const float *k, const float *centre, size_t d) {
         double v = (double)k[u] - centre[u];
         s += v * v;
     }
-    return sqrt(s) * (1.0 + 1e-9) + 1e-30;
+    return kmv__tree_radius(sqrt(s));
 }
 
 /* The leaf nearest k among l0 .. l1 (its float or int8 centre). */

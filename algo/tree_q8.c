@@ -34,7 +34,7 @@ double kmv__tree_q8_cover(const kmv__tree *t, size_t l, const float *k) {
     }
     /* the scan may take s v_u rounded, or fused: 2^-23 of the centre's
      * norm covers either */
-    return (sqrt(e) + 0x1p-23 * sqrt(n2)) * (1.0 + 1e-9) + 1e-30;
+    return kmv__tree_radius(sqrt(e) + 0x1p-23 * sqrt(n2));
 }
 
 int kmv__tree_q8(kmv__tree *t, const kmv_allocator *a, const kmv__keystore *ks) {
