@@ -35,6 +35,7 @@
 #include "kmv/kmv.h"
 #include "kmv/kmv_experimental.h"
 #include "bench/oracle.h"
+#include "tests/realdata.h"
 #include "tools/clock.h"
 
 #define KMAX 1024 /* neighbours at most */
@@ -244,17 +245,6 @@ static double product(const float *p, size_t n, size_t d, const float *x, double
     return rc == KMV_OK ? t : -1.0;
 }
 
-static void standardize(float *p, size_t n, size_t d) {
-    for (size_t a = 0; a < d; a++) {
-        double s = 0.0, s2 = 0.0;
-        for (size_t i = 0; i < n; i++) s += p[i * d + a];
-        double mean = s / (double)n;
-        for (size_t i = 0; i < n; i++) s2 += (p[i * d + a] - mean) * (p[i * d + a] - mean);
-        double sd = sqrt(s2 / (double)n);
-        for (size_t i = 0; i < n; i++) p[i * d + a] = (float)((p[i * d + a] - mean) / sd);
-    }
-}
-
 static deann deann_new(const float *p, size_t n, size_t d) {
     deann de = {p, n, d, kd_new(p, n, d), malloc(n * sizeof(uint32_t)), malloc(n * d * sizeof(float)),
                 malloc(n * sizeof(uint32_t))};
@@ -293,7 +283,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     size_t n = a.rows, d = a.cols;
-    standardize(a.data, n, d);
+    rd_standardize(a.data, n, d);
     float *x = malloc(n * sizeof(float)), *ye = malloc(n * sizeof(float)), *y = malloc(n * sizeof(float));
     for (size_t i = 0; i < n; i++) x[i] = 1.0f;
     deann de = deann_new(a.data, n, d);

@@ -34,6 +34,7 @@
 #include "kmv/kmv_experimental.h"
 #include "tools/clock.h"
 #include "tests/datagen.h"
+#include "tests/realdata.h"
 
 static int backend; /* --backend auto|lsh|tree: the decoding steps' */
 
@@ -66,17 +67,6 @@ static void check(int rc, const char *what) {
     if (rc != KMV_OK) {
         fprintf(stderr, "%s: %s\n", what, kmv_strerror(rc));
         exit(1);
-    }
-}
-
-static void standardize(float *p, size_t n, size_t d) {
-    for (size_t a = 0; a < d; a++) {
-        double s = 0.0, s2 = 0.0;
-        for (size_t i = 0; i < n; i++) s += p[i * d + a];
-        double mean = s / (double)n;
-        for (size_t i = 0; i < n; i++) s2 += (p[i * d + a] - mean) * (p[i * d + a] - mean);
-        double sd = sqrt(s2 / (double)n);
-        for (size_t i = 0; i < n; i++) p[i * d + a] = (float)((p[i * d + a] - mean) / sd);
     }
 }
 
@@ -135,15 +125,27 @@ static void appending(int forced) {
     }
 }
 
+/* Two streams (attention or Gaussian) over the same n keys with one value
+ * column each, under ca and ce: the approximate one and the exact one a
+ * measurement compares it with. */
+static void stream_pair(kmv_ctx *ca, kmv_ctx *ce, int attention, const float *k, const float *x,
+                        size_t n, size_t d, kmv_stream **sa, kmv_stream **se) {
+    kmv_stream **s[2] = {sa, se};
+    kmv_ctx *c[2] = {ca, ce};
+    for (int u = 0; u < 2; u++) {
+        check(attention ? kmv_stream_attention_create(c[u], d, 1, s[u])
+                        : kmv_stream_create(c[u], d, 1, s[u]),
+              "create");
+        check(kmv_stream_append_keys(*s[u], k, x, n), "append");
+    }
+}
+
 /* Decoding steps for `steps` queries against n keys, approximate and exact. */
 static void decoding(const char *name, const float *k, size_t n, const float *qs, size_t steps,
                      size_t d, double sigma, const float *x) {
     kmv_ctx *ca = ctx_for(sigma, 0, 0), *ce = ctx_for(sigma, 1, 0);
     kmv_stream *sa, *se;
-    check(kmv_stream_create(ca, d, 1, &sa), "create");
-    check(kmv_stream_create(ce, d, 1, &se), "create");
-    check(kmv_stream_append_keys(sa, k, x, n), "append");
-    check(kmv_stream_append_keys(se, k, x, n), "append");
+    stream_pair(ca, ce, 0, k, x, n, d, &sa, &se);
     double x2 = 0.0;
     for (size_t j = 0; j < n; j++) x2 += (double)x[j] * x[j];
     float y, ye;
@@ -206,10 +208,7 @@ static void attention_decoding(const char *name, const float *k, size_t n, size_
     p.exact = 1;
     check(kmv_ctx_create(&p, &ce), "ctx");
     kmv_stream *sa, *se;
-    check(kmv_stream_attention_create(ca, d, 1, &sa), "create");
-    check(kmv_stream_attention_create(ce, d, 1, &se), "create");
-    check(kmv_stream_append_keys(sa, k, v, n), "append");
-    check(kmv_stream_append_keys(se, k, v, n), "append");
+    stream_pair(ca, ce, 1, k, v, n, d, &sa, &se);
     float y, ye;
     kmv_stats st;
     check(kmv_stream_decode(sa, k, &y, &st), "decode"); /* builds the tables */
@@ -251,10 +250,7 @@ static void token_by_token(size_t n0, size_t steps, double sigma) {
     dg_x(x, total, DG_X_GAUSS, 32);
     kmv_ctx *ca = ctx_for(sigma, 0, 0), *ce = ctx_for(sigma, 1, 0);
     kmv_stream *sa, *se;
-    check(kmv_stream_create(ca, d, 1, &sa), "create");
-    check(kmv_stream_create(ce, d, 1, &se), "create");
-    check(kmv_stream_append_keys(sa, k, x, n0), "append");
-    check(kmv_stream_append_keys(se, k, x, n0), "append");
+    stream_pair(ca, ce, 0, k, x, n0, d, &sa, &se);
     float y, ye;
     kmv_stats st;
     check(kmv_stream_decode(sa, q, &y, &st), "decode"); /* the build */
@@ -398,7 +394,7 @@ int main(int argc, char **argv) {
      * coordinates, standardized; keys the first 32768, steps for the rest */
     if (kmv_npy_read(zipcodes, NULL, &g, err, sizeof err) == KMV_OK && g.rows > 32768 + steps) {
         size_t zn = 32768;
-        standardize(g.data, g.rows, g.cols);
+        rd_standardize(g.data, g.rows, g.cols);
         float *x = malloc(zn * sizeof(float));
         for (size_t j = 0; j < zn; j++) x[j] = 1.0f;
         static const double sig[] = {0.01, 0.02, 0.05};

@@ -23,6 +23,18 @@ static inline int rd_read(const char *name, kmv_array *a, char *err, size_t err_
     return rc;
 }
 
+/* Each of p's d columns (n rows) to mean 0 and variance 1. */
+static inline void rd_standardize(float *p, size_t n, size_t d) {
+    for (size_t a = 0; a < d; a++) {
+        double s = 0.0, s2 = 0.0;
+        for (size_t i = 0; i < n; i++) s += p[i * d + a];
+        double mean = s / (double)n;
+        for (size_t i = 0; i < n; i++) s2 += (p[i * d + a] - mean) * (p[i * d + a] - mean);
+        double sd = sqrt(s2 / (double)n);
+        for (size_t i = 0; i < n; i++) p[i * d + a] = (float)((p[i * d + a] - mean) / sd);
+    }
+}
+
 /* Every `every`-th U.S. postal code's (latitude, longitude), both columns
  * standardized over the rows taken: real low-dimensional kernel-density
  * data. *n rows of *d; NULL when the file cannot be read (err filled). */
@@ -32,12 +44,7 @@ static inline float *rd_zipcodes(size_t every, size_t *n, size_t *d, char *err, 
     size_t m = a.rows / every, dd = a.cols;
     float *k = malloc(m * dd * sizeof(float));
     for (size_t i = 0; i < m; i++) memcpy(k + i * dd, a.data + every * i * dd, dd * sizeof(float));
-    for (size_t u = 0; u < dd; u++) {
-        double s = 0.0, s2 = 0.0;
-        for (size_t i = 0; i < m; i++) s += k[i * dd + u];
-        for (size_t i = 0; i < m; i++) s2 += (k[i * dd + u] - s / (double)m) * (k[i * dd + u] - s / (double)m);
-        for (size_t i = 0; i < m; i++) k[i * dd + u] = (float)((k[i * dd + u] - s / (double)m) / sqrt(s2 / (double)m));
-    }
+    rd_standardize(k, m, dd);
     kmv_array_free(&a);
     *n = m;
     *d = dd;
