@@ -162,6 +162,21 @@ static size_t bucket_of(size_t pos) {
     return b;
 }
 
+/* The run's totals: the buckets' sums (their largest bound). */
+static bucket sum_buckets(const bucket *bk) {
+    bucket tot;
+    memset(&tot, 0, sizeof tot);
+    for (size_t b = 0; b < BUCKETS; b++) {
+        tot.steps += bk[b].steps, tot.attn_steps += bk[b].attn_steps;
+        tot.approx_steps += bk[b].approx_steps;
+        tot.t_exact += bk[b].t_exact, tot.t_kmv += bk[b].t_kmv;
+        tot.worst = bk[b].worst > tot.worst ? bk[b].worst : tot.worst;
+        tot.cm.agree += bk[b].cm.agree, tot.cm.compared += bk[b].cm.compared;
+        tot.cm.kl += bk[b].cm.kl, tot.cm.nll_e += bk[b].cm.nll_e, tot.cm.nll_a += bk[b].cm.nll_a;
+    }
+    return tot;
+}
+
 static void bucket_json(text *t, const bucket *b, size_t context, int approx) {
     double n = b->steps ? (double)b->steps : 1.0, as = b->attn_steps ? (double)b->attn_steps : 1.0;
     text_put(t,
@@ -188,7 +203,6 @@ static void bucket_json(text *t, const bucket *b, size_t context, int approx) {
 static int write_report(const bucket *bk, const llm_config *c, size_t context, double eps,
                         int approx, const io_outputs *outs) {
     text t = {0};
-    bucket tot = {0};
     text_put(&t, "{\n  \"context\": %zu,\n  \"trained_context\": %d,\n  \"eps\": ", context,
              c->seq_len);
     text_num(&t, eps);
@@ -200,13 +214,8 @@ static int write_report(const bucket *bk, const llm_config *c, size_t context, d
         text_put(&t, "%s\n    ", first ? "" : ",");
         first = 0;
         bucket_json(&t, &bk[b], (size_t)512 << b, approx);
-        tot.steps += bk[b].steps, tot.attn_steps += bk[b].attn_steps;
-        tot.approx_steps += bk[b].approx_steps;
-        tot.t_exact += bk[b].t_exact, tot.t_kmv += bk[b].t_kmv;
-        tot.worst = bk[b].worst > tot.worst ? bk[b].worst : tot.worst;
-        tot.cm.agree += bk[b].cm.agree, tot.cm.compared += bk[b].cm.compared;
-        tot.cm.kl += bk[b].cm.kl, tot.cm.nll_e += bk[b].cm.nll_e, tot.cm.nll_a += bk[b].cm.nll_a;
     }
+    bucket tot = sum_buckets(bk);
     text_put(&t, "\n  ],\n  \"totals\": ");
     bucket_json(&t, &tot, tot.steps, approx);
     text_put(&t, "\n}\n");
@@ -365,7 +374,6 @@ int cmd_decode(int argc, char **argv) {
      * what a user of it would get; the exact one follows the same tokens. */
     int token = tokens[0];
     size_t pos = 0;
-    compare cm = {0};
     bucket bk[BUCKETS];
     memset(bk, 0, sizeof bk);
     while (pos < steps) {
@@ -374,14 +382,13 @@ int cmd_decode(int argc, char **argv) {
         if (sa != NULL && b->steps == 0) llm_attention_reset_worst(sa);
         double te = llm_attention_seconds(se), ta = sa ? llm_attention_seconds(sa) : 0.0;
         size_t ap = sa ? llm_attention_stats(sa).approx_steps : 0;
-        compare before = cm;
         if ((rc = llm_forward(se, token, &lg_e)) != KMV_OK ||
             (sa != NULL && (rc = llm_forward(sa, token, &lg_a)) != KMV_OK)) {
             fprintf(stderr, "kmv " CMD ": position %zu: %s\n", pos, kmv_strerror(rc));
             goto done;
         }
         int next = pos + 1 < ntok ? tokens[pos + 1] : argmax(lg_a ? lg_a : lg_e, c->vocab_size);
-        compare_step(&cm, lg_e, lg_a, c->vocab_size, next, le, la);
+        compare_step(&b->cm, lg_e, lg_a, c->vocab_size, next, le, la);
         b->steps++;
         b->attn_steps += (size_t)(c->n_layers * c->n_heads);
         b->t_exact += llm_attention_seconds(se) - te;
@@ -391,9 +398,6 @@ int cmd_decode(int argc, char **argv) {
             b->approx_steps += as.approx_steps - ap;
             b->worst = as.worst_bound;
         }
-        b->cm.agree += cm.agree - before.agree, b->cm.compared += cm.compared - before.compared;
-        b->cm.kl += cm.kl - before.kl, b->cm.nll_e += cm.nll_e - before.nll_e;
-        b->cm.nll_a += cm.nll_a - before.nll_a;
         pos++;
         if (next == 1) break; /* BOS ends a story */
         if (prompt != NULL) {
@@ -403,7 +407,8 @@ int cmd_decode(int argc, char **argv) {
         token = next;
     }
     if (prompt != NULL) fputc('\n', stdout);
-    report(&cm, pos, se, sa, p.eps);
+    bucket tot = sum_buckets(bk);
+    report(&tot.cm, pos, se, sa, p.eps);
     if (dump && write_dump(se, c, (size_t)llm_position(se), &outs) != 0) goto done;
     if (io_output(&outs, "report") != NULL &&
         write_report(bk, c, context, p.eps, sa != NULL, &outs) != 0)
