@@ -74,6 +74,10 @@ for input in model.bin tok.bin; do
     refuse dump-qk $input $input -- $KMV "${DC[@]}" --prompt a --dump-qk $input
 done
 refuse dump-qk story.txt story.txt -- $KMV "${DC[@]}" --text-file story.txt --dump-qk story.txt
+for input in model.bin tok.bin; do
+    refuse report $input $input -- $KMV "${DC[@]}" --prompt a --report $input
+done
+refuse report story.txt story.txt -- $KMV "${DC[@]}" --text-file story.txt --report story.txt
 for f in Q.npy K.npy x.npy V.npy model.bin tok.bin story.txt; do
     if [ "$(sum "$f")" = "${before[$f]}" ]; then ok; else bad "$f changed"; fi
 done
@@ -86,7 +90,8 @@ ln -s yy.npy ylink.npy
 expect 2 "name the same file" -- $KMV "${MV[@]}" --out yy.npy --stats ylink.npy
 expect 2 "name the same file" -- $KMV "${PF[@]}" --out p.png --plot ./p.png
 expect 2 "name the same file" -- $KMV "${MV[@]}" --out - --stats /dev/stdout
-for f in y.npy yy.npy p.png; do
+expect 2 "name the same file" -- $KMV "${DC[@]}" --prompt a --dump-qk r.json --report ./r.json
+for f in y.npy yy.npy p.png r.json; do
     if [ ! -e $f ]; then ok; else bad "$f was written by a refused run"; fi
 done
 no_tmp "refused runs"
@@ -105,6 +110,17 @@ if [ -p fifo.npy ]; then ok; else bad "fifo.npy is no longer a FIFO"; fi
 if $KMV "${MV[@]}" --out - | cmp -s - ref.npy; then ok; else bad "--out - differs"; fi
 if $KMV "${MV[@]}" --out /dev/stdout | cmp -s - ref.npy; then ok; else bad "--out /dev/stdout differs"; fi
 expect 0 "" -- $KMV "${MV[@]}" --out /dev/null --stats -
+if [ -c /dev/null ]; then ok; else bad "/dev/null is no longer a character device"; fi
+# decode --report: whole through a FIFO, to /dev/null, and as a file
+expect 0 "" -- $KMV "${DC[@]}" --prompt a --report rep.json
+mkfifo rep.fifo
+cat rep.fifo >rep.copy &
+catpid=$!
+pids+=("$catpid")
+expect 0 "" -- $KMV "${DC[@]}" --prompt a --report rep.fifo
+wait "$catpid"
+if grep -q '"totals"' rep.copy && [ -p rep.fifo ]; then ok; else bad "--report through a FIFO: $(cat rep.copy)"; fi
+expect 0 "" -- $KMV "${DC[@]}" --prompt a --report /dev/null
 if [ -c /dev/null ]; then ok; else bad "/dev/null is no longer a character device"; fi
 printf old >target.npy
 ln -s target.npy out.link
@@ -153,6 +169,14 @@ writer=$!
 pids+=("$writer")
 expect 1 "nodir/qk.npz: cannot write" -- $KMV decode --model model.fifo --tokenizer tok.bin --prompt a --dump-qk nodir/qk.npz
 check_unread "decode --dump-qk nodir/qk.npz"
+(cat model.bin >model.fifo) &
+writer=$!
+pids+=("$writer")
+expect 1 "nodir/r.json: cannot write" -- $KMV decode --model model.fifo --tokenizer tok.bin --prompt a --report nodir/r.json
+check_unread "decode --report nodir/r.json"
+# a run that fails after it started (the tokenizer is not one) leaves no report
+expect 1 "" -- $KMV decode --model model.bin --tokenizer story.txt --prompt a --report late.json
+if [ ! -e late.json ]; then ok; else bad "late.json written by a run that failed"; fi
 for f in y2.npy p.csv; do
     if [ ! -e $f ]; then ok; else bad "$f written by a run that failed"; fi
 done
