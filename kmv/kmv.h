@@ -366,6 +366,11 @@ typedef struct kmv_stream_info {
 
 /* Errors: KMV_EINVAL. */
 KMV_API int kmv_stream_get_info(const kmv_stream *s, kmv_stream_info *info);
+/* The params s answers under: as made, or for a loaded stream the file's
+ * algorithm params with ctx's allocator, threads, cap and hooks. An
+ * attention stream gives its effective scale s in attn_scale and the
+ * lifted kernel's bandwidth 1/sqrt(s) in sigma. Errors: KMV_EINVAL. */
+KMV_API int kmv_stream_get_params(const kmv_stream *s, kmv_params *out);
 
 /* Save a stream (params, keys in store order with the shuffle's state,
  * values, queries, table shape; an attention stream's lift: its scale,

@@ -244,6 +244,13 @@ int kmv_stream_decode(kmv_stream *s, const float *query, float *y, kmv_stats *st
     return rc;
 }
 
+int kmv_stream_get_params(const kmv_stream *s, kmv_params *out) {
+    if (s == NULL || out == NULL) return KMV_EINVAL;
+    kmv__params_pack(kmv__index_params(s->ix), out);
+    if (s->attn) out->attn_scale = s->scale;
+    return KMV_OK;
+}
+
 int kmv_stream_get_info(const kmv_stream *s, kmv_stream_info *info) {
     if (s == NULL || info == NULL) return KMV_EINVAL;
     const kmv_index *ix = s->ix;

@@ -1,0 +1,433 @@
+"""kmv: fast Gaussian-kernel matrix-vector products and transformer attention.
+
+    y = K x,   K_ij = exp(-||q_i - k_j||^2 / (2 sigma^2))
+    O = softmax(s Q K^T) V,   s = 1/sqrt(d) unless given
+
+sigma is the Gaussian's standard deviation: code written for
+exp(-||q-k||^2 / h^2) passes sigma = h / sqrt(2).
+
+GUARANTEE (exact=False): ||Kx - y||_2 <= eps ||x||_2 with probability at
+least 1 - delta (Frobenius norms for several columns); an attention row is
+within eps sqrt(1 + R^2) / (1 - eps) of the exact one, R = max ||v_j||.
+Where approximating would cost more, the exact engine answers, and the
+stats say why. The same inputs and seed give the same output, bit for bit,
+whatever the thread count.
+
+Arrays: any real dtype and memory order; float32 C-contiguous arrays (and
+CPU torch tensors of float32, through numpy) are read in place, anything
+else is converted once. Outputs are new float32 arrays. The GIL is released
+while the library computes.
+
+Errors raise subclasses of kmv.Error named after the C library's codes
+(kmv.EDIM, kmv.ENONFINITE, ...); those about bad input are also ValueError,
+the memory ones MemoryError, the file ones OSError.
+
+Costs: the exact engine is O(m n (d + c)) for m queries, n keys, d
+dimensions and c columns; the approximate one is sublinear in n per row
+where the kernel is sparse enough (docs/bounds.md, docs/stream.md).
+
+This is the Python package over libkmv (a CPython extension, kmv._kmv).
+"""
+
+import collections.abc
+import json
+import os
+
+import numpy as np
+
+from . import _kmv
+
+__all__ = [
+    "matvec", "attention", "Stream", "Stats", "Error", "__version__",
+] + [name for name in ("EINVAL", "ENOMEM", "EDIM", "ENONFINITE", "EOVERFLOW", "EEMPTY", "EIO",
+                       "EFORMAT", "EUNSUPPORTED", "ELIMIT")]
+
+__version__ = _kmv.version
+
+
+# ------------------------------------------------------------------ errors
+
+class Error(Exception):
+    """A kmv call failed; .code is the C library's code (a negative int)."""
+    code = None
+
+
+def _error_class(name, bases, doc):
+    code = getattr(_kmv, name)
+    cls = type(name, (Error,) + bases, {"__doc__": f"{doc} (KMV_{name}, code {code}).",
+                                         "code": code, "__module__": __name__})
+    return cls
+
+
+EINVAL = _error_class("EINVAL", (ValueError,), "Invalid argument")
+ENOMEM = _error_class("ENOMEM", (MemoryError,), "Out of memory")
+EDIM = _error_class("EDIM", (ValueError,), "Dimension mismatch")
+ENONFINITE = _error_class("ENONFINITE", (ValueError,), "Input contains NaN or infinity")
+EOVERFLOW = _error_class("EOVERFLOW", (ValueError, OverflowError),
+                         "Size or value beyond the representable range")
+EEMPTY = _error_class("EEMPTY", (ValueError,), "Empty input where at least one row is required")
+EIO = _error_class("EIO", (OSError,), "Input/output error")
+EFORMAT = _error_class("EFORMAT", (ValueError,), "Malformed or unsupported file")
+EUNSUPPORTED = _error_class("EUNSUPPORTED", (NotImplementedError,),
+                            "Not supported by this version")
+ELIMIT = _error_class("ELIMIT", (MemoryError,), "Memory cap (max_bytes) reached")
+
+_kmv._set_errors({cls.code: cls for cls in (EINVAL, ENOMEM, EDIM, ENONFINITE, EOVERFLOW, EEMPTY,
+                                            EIO, EFORMAT, EUNSUPPORTED, ELIMIT)})
+
+
+# ------------------------------------------------------------------- stats
+
+class Stats(collections.abc.Mapping):
+    """What one call did: a read-only mapping with the fields of the CLI's
+    --stats JSON (docs/stats.md): mode ("exact", "approx" or "fallback"),
+    error_bound, kernel_evals, seconds, phases, and under "approx" the
+    engine's counters. Read lazily, so a decoding step pays only for a copy;
+    to_dict() gives a plain dict (for json.dumps)."""
+
+    __slots__ = ("_raw", "_dict")
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._dict = None
+
+    def _d(self):
+        if self._dict is None:
+            self._dict = json.loads(self._raw.json())
+        return self._dict
+
+    def __getitem__(self, key):
+        return self._d()[key]
+
+    def __iter__(self):
+        return iter(self._d())
+
+    def __len__(self):
+        return len(self._d())
+
+    def to_dict(self):
+        """A plain dict (nested dicts for phases and approx)."""
+        return json.loads(self._raw.json())
+
+    def __repr__(self):
+        return f"kmv.Stats({self._d()!r})"
+
+
+# ------------------------------------------------------------------ arrays
+
+def _floats(a, name, ndim):
+    """a as a float32 C-contiguous array of ndim dimensions (1 or 2), read in
+    place when it already is one."""
+    if hasattr(a, "numpy") and not isinstance(a, np.ndarray) and hasattr(a, "detach"):
+        a = a.detach().numpy()  # a CPU torch tensor: shares its memory
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "fiu":
+        raise EINVAL(f"{name}: expected real numbers, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise EDIM(f"{name}: expected a {ndim}-D array, got shape {arr.shape}")
+    if arr.dtype != np.float32 or not arr.flags.c_contiguous:
+        with np.errstate(over="ignore"):  # past float32's range: named below
+            out = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.dtype.kind == "f" and arr.dtype.itemsize > 4:
+            bad = np.isfinite(arr) & ~np.isfinite(out)
+            if bad.any():
+                where = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise ENONFINITE(f"{name}{list(where)} = {arr[where]!r} is past float32's range")
+        arr = out
+    return arr
+
+
+def _nonfinite(err, named):
+    """The ENONFINITE err, re-raised naming the first NaN or infinity among
+    the (name, array) pairs."""
+    for name, arr in named:
+        if arr is None:
+            continue
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            return ENONFINITE(f"{name}{list(where)} is {arr[where]!r}: kmv needs finite input")
+    return err
+
+
+def _threads(threads):
+    if threads is None:
+        return 0
+    if not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise EINVAL(f"threads: expected an int >= 1 or None, got {threads!r}")
+    return int(threads)
+
+
+def _budget(budget):
+    if budget == "certified":
+        return 0
+    if budget == "empirical":
+        return 1
+    raise EINVAL(f"budget: expected 'certified' or 'empirical', got {budget!r}")
+
+
+def _max_bytes(max_bytes):
+    if max_bytes is None:
+        return 0
+    if not isinstance(max_bytes, (int, np.integer)) or max_bytes < 1:
+        raise EINVAL(f"max_bytes: expected an int >= 1 or None, got {max_bytes!r}")
+    return int(max_bytes)
+
+
+def _seed(seed):
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        raise EINVAL(f"seed: expected an int in [0, 2^64), got {seed!r}")
+    return int(seed)
+
+
+def _product(kind, q, k, x, params):
+    """The shared body of matvec and attention."""
+    names = ("queries", "keys", "x") if kind == "matvec" else ("q", "k", "v")
+    qa = _floats(q, names[0], 2)
+    ka = _floats(k, names[1], 2)
+    xarr = np.asarray(x) if not hasattr(x, "detach") else x
+    vec = getattr(xarr, "ndim", None) == 1
+    xa = _floats(x, names[2], 1 if vec else 2)
+    m, d = qa.shape
+    n, dk = ka.shape
+    if dk != d:
+        raise EDIM(f"{names[1]} has {dk} columns, {names[0]} {d}")
+    if d < 1:
+        raise EINVAL(f"{names[0]}: dimension 0")
+    if xa.shape[0] != n:
+        raise EDIM(f"{names[2]} has {xa.shape[0]} rows, {names[1]} {n}")
+    c = 1 if vec else xa.shape[1]
+    out = np.empty((m,) if vec else (m, c), dtype=np.float32)
+    call = _kmv.matvec if kind == "matvec" else _kmv.attention
+    try:
+        raw = call(qa, m, ka, n, d, xa, c, out, **params)
+    except ENONFINITE as e:
+        raise _nonfinite(e, ((names[0], qa), (names[1], ka), (names[2], xa))) from None
+    return out, Stats(raw)
+
+
+# --------------------------------------------------------------- one-shot
+
+def matvec(queries, keys, x, sigma, eps=0.1, delta=0.01, seed=1, exact=False, causal=False,
+           threads=None, measure_error=False, max_bytes=None, verify_every=0):
+    """y = K x with K_ij = exp(-||queries_i - keys_j||^2 / (2 sigma^2)).
+
+    queries: (m, d); keys: (n, d); x: (n,) or (n, c). Returns (y, stats):
+    y of shape (m,) or (m, c), float32, and a kmv.Stats.
+
+    exact=True runs the exact engine (within 1e-5 of float64, relative to
+    sum_j |K_ij x_j|; O(m n (d + c)) time, no m x n matrix held). Otherwise
+    ||Kx - y|| <= eps ||x|| with probability >= 1 - delta, or exact where
+    that is cheaper. causal: query i sees keys j <= i. measure_error also
+    runs the exact product and reports stats["error_measured"].
+    verify_every=N computes rows 0, N, 2N, ... exactly too (the monitor:
+    stats["approx"]["verify_max"]). max_bytes caps the library's memory.
+    """
+    params = dict(sigma=float(sigma), eps=float(eps), delta=float(delta), seed=_seed(seed),
+                  exact=bool(exact), causal=bool(causal), threads=_threads(threads),
+                  measure_error=int(bool(measure_error)), max_bytes=_max_bytes(max_bytes),
+                  verify_every=int(verify_every))
+    return _product("matvec", queries, keys, x, params)
+
+
+def attention(q, k, v, scale=None, causal=False, eps=0.1, exact=False, budget="certified",
+              delta=0.01, seed=1, threads=None, measure_error=False, max_bytes=None,
+              verify_every=0):
+    """O = softmax(scale q k^T) v, row by row (causal: row i over keys j <= i).
+
+    q: (m, d); k: (n, d), n >= 1; v: (n,) or (n, c). scale defaults to
+    1/sqrt(d). Returns (O, stats), O of shape (m,) or (m, c), float32.
+
+    Logits are shifted by their row maximum, so nothing overflows; inputs
+    whose logits could pass float's range raise kmv.EOVERFLOW. exact=False:
+    each row within eps sqrt(1 + R^2) / (1 - eps) of the exact one (R =
+    max ||v_j||) with probability >= 1 - delta, under budget="certified";
+    budget="empirical" sizes samples by their own variance, as the paper's
+    experiments do, with no bound (stats["error_bound"] is None).
+    """
+    if scale is not None and not float(scale) > 0:
+        raise EINVAL(f"scale: expected a positive number or None, got {scale!r}")
+    params = dict(scale=0.0 if scale is None else float(scale), eps=float(eps),
+                  delta=float(delta), seed=_seed(seed), exact=bool(exact), causal=bool(causal),
+                  threads=_threads(threads), measure_error=int(bool(measure_error)),
+                  budget=_budget(budget), max_bytes=_max_bytes(max_bytes),
+                  verify_every=int(verify_every))
+    return _product("attention", q, k, v, params)
+
+
+# ------------------------------------------------------------------ stream
+
+class Stream:
+    """A growing context: keys with their values, and queries, arrive in
+    blocks; products cover the current prefix and one decoding step costs
+    time independent of the keys held once its tables or tree exist
+    (docs/stream.md). Ids are 0, 1, 2, ... in arrival order.
+
+    Stream(dim, sigma=1.0, eps=0.1, attention=False, seed=1, max_bytes=None,
+           cols=1, scale=None, delta=0.01, exact=False, causal=False,
+           threads=None, budget="certified", verify_every=0)
+
+    A Gaussian stream (attention=False) answers K x under sigma, with x
+    given row by row at append (cols columns). An attention stream answers
+    softmax(scale q k^T) v over every key so far (cols value columns;
+    scale 1/sqrt(dim) unless given). causal (Gaussian only) is fixed when
+    the stream is made: matvec's query i then sees keys j <= i.
+
+    Threads: any number of decode() calls may run at once on one stream
+    (they share a lock, with the GIL released); every other call waits for
+    them and runs alone. A closed stream raises ValueError. Use it as a
+    context manager, or call close().
+    """
+
+    def __init__(self, dim, sigma=1.0, eps=0.1, attention=False, seed=1, max_bytes=None, cols=1,
+                 scale=None, delta=0.01, exact=False, causal=False, threads=None,
+                 budget="certified", verify_every=0, _raw=None):
+        if _raw is not None:
+            self._s = _raw
+            return
+        if attention and causal:
+            raise EINVAL("causal: an attention stream's steps see every key so far")
+        if scale is not None and not float(scale) > 0:
+            raise EINVAL(f"scale: expected a positive number or None, got {scale!r}")
+        for name, val in (("dim", dim), ("cols", cols)):
+            if not isinstance(val, (int, np.integer)) or val < 1:
+                raise EINVAL(f"{name}: expected an int >= 1, got {val!r}")
+        self._s = _kmv.stream_create(int(dim), int(cols), bool(attention), sigma=float(sigma),
+                                     scale=0.0 if scale is None else float(scale),
+                                     eps=float(eps), delta=float(delta), seed=_seed(seed),
+                                     exact=bool(exact), causal=bool(causal),
+                                     threads=_threads(threads), budget=_budget(budget),
+                                     verify_every=int(verify_every),
+                                     max_bytes=_max_bytes(max_bytes))
+
+    @classmethod
+    def load(cls, path, threads=None, max_bytes=None):
+        """A stream saved by save(): it answers and goes on exactly as the
+        saved one. A file that is not a snapshot, or damaged anywhere,
+        raises kmv.EFORMAT; a missing one kmv.EIO."""
+        raw = _kmv.stream_load(os.fspath(path), _threads(threads), _max_bytes(max_bytes))
+        return cls(0, _raw=raw)
+
+    # properties
+    dim = property(lambda self: self._s.dim, doc="Key and query dimension.")
+    cols = property(lambda self: self._s.cols, doc="Value columns.")
+    attention = property(lambda self: self._s.attention, doc="True for an attention stream.")
+    closed = property(lambda self: self._s.closed, doc="True once closed.")
+    params = property(lambda self: self._s.params,
+                      doc="The params it answers under (a loaded stream: the file's).")
+
+    def __len__(self):
+        """Keys held."""
+        return self.info()["n_keys"]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __repr__(self):
+        if self.closed:
+            return "<kmv.Stream closed>"
+        kind = "attention" if self.attention else "gaussian"
+        return (f"<kmv.Stream {kind} dim={self.dim} cols={self.cols} keys={len(self)} "
+                f"queries={self.info()['n_queries']}>")
+
+    def close(self):
+        """Free the stream (waits for running steps); later calls raise
+        ValueError. Closing twice is fine."""
+        self._s.close()
+
+    def _rows(self, a, name, width):
+        arr = _floats(a, name, 2 if np.ndim(a) == 2 or width is None else 1)
+        if arr.ndim == 1:
+            arr = arr.reshape(-1, 1) if width == 1 else arr.reshape(1, -1)
+        if arr.shape[1] != (width if width is not None else self.dim):
+            raise EDIM(f"{name}: expected {width if width is not None else self.dim} columns, "
+                       f"got shape {arr.shape}")
+        return arr
+
+    def append(self, keys, values):
+        """Append keys (count, dim) with their values (count, cols), or
+        (count,) when cols is 1; returns the range of their ids. O(count)
+        amortized (tables and tree updated in place, no rebuild)."""
+        ka = _floats(keys, "keys", 2)
+        if ka.shape[1] != self.dim:
+            raise EDIM(f"keys: expected {self.dim} columns, got shape {ka.shape}")
+        va = _floats(values, "values", 1 if np.ndim(values) == 1 else 2)
+        if va.ndim == 1:
+            if self.cols != 1:
+                raise EDIM(f"values: expected {self.cols} columns, got shape {va.shape}")
+            va = va.reshape(-1, 1)
+        if va.shape != (ka.shape[0], self.cols):
+            raise EDIM(f"values: expected shape {(ka.shape[0], self.cols)}, got {va.shape}")
+        try:
+            first = self._s.append_keys(ka, va, ka.shape[0])
+        except ENONFINITE as e:
+            raise _nonfinite(e, (("keys", ka), ("values", va))) from None
+        return range(first, first + ka.shape[0])
+
+    def append_queries(self, q):
+        """Append queries (count, dim) for matvec(); returns their ids."""
+        qa = _floats(q, "queries", 2)
+        if qa.shape[1] != self.dim:
+            raise EDIM(f"queries: expected {self.dim} columns, got shape {qa.shape}")
+        try:
+            first = self._s.append_queries(qa, qa.shape[0])
+        except ENONFINITE as e:
+            raise _nonfinite(e, (("queries", qa),)) from None
+        return range(first, first + qa.shape[0])
+
+    def decode(self, q_row):
+        """One decoding step: the query q_row (dim,) against every key so far.
+        Returns (row, stats), row of shape (cols,): K x's row (Gaussian) or
+        softmax(scale k q) v (attention), within the GUARANTEE. The query is
+        not stored. Steps may run concurrently from several threads."""
+        qa = _floats(q_row, "query", 1 if np.ndim(q_row) == 1 else 2)
+        if qa.size != self.dim:
+            raise EDIM(f"query: expected {self.dim} values, got shape {qa.shape}")
+        out = np.empty(self.cols, dtype=np.float32)
+        try:
+            raw = self._s.decode(qa, out)
+        except ENONFINITE as e:
+            raise _nonfinite(e, (("query", qa),)) from None
+        return out, Stats(raw)
+
+    def matvec(self, x=None, causal=None):
+        """Every stored query's row over every key so far: (n_queries, cols)
+        float32 and stats. Gaussian: K x with the x given at append, or x
+        (n_keys, cols) when given. Attention: softmax rows (x must be None).
+        causal: None (the stream's own); it is fixed when the stream is
+        made, and asking for the other raises kmv.EUNSUPPORTED."""
+        info = self.info()
+        if causal is not None and bool(causal) != bool(self.params["causal"]):
+            raise EUNSUPPORTED("causal is fixed when the stream is made: "
+                               f"kmv.Stream(..., causal={bool(causal)})")
+        m, n = info["n_queries"], info["n_keys"]
+        xa = None
+        if x is not None:
+            xa = _floats(x, "x", 1 if np.ndim(x) == 1 else 2)
+            if xa.ndim == 1:
+                xa = xa.reshape(-1, 1)
+            if xa.shape != (n, self.cols):
+                raise EDIM(f"x: expected shape {(n, self.cols)}, got {xa.shape}")
+        out = np.empty((m, self.cols), dtype=np.float32)
+        try:
+            raw = self._s.matvec(xa, out, m, n)
+        except ENONFINITE as e:
+            raise _nonfinite(e, (("x", xa),)) from None
+        return out, Stats(raw)
+
+    def save(self, path):
+        """Write a snapshot (checksummed) to path, whole or not at all:
+        through a temporary renamed over the target; a FIFO or character
+        device is streamed in place, a directory refused. Steps may run
+        meanwhile."""
+        self._s.save(os.fspath(path))
+
+    def info(self):
+        """What the stream holds and has done: n_keys, n_queries, bytes,
+        lsh_tables, tree_keys, ... (kmv_stream_info's fields)."""
+        return self._s.info()
+
