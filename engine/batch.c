@@ -126,6 +126,11 @@ static int run_fallback(const kmv_index *ix, const float *q, size_t m, const flo
     if (rc != KMV_OK) return rc;
     S->n_threads = threads;
     kmv__stats_fallback(S, S->fallback_reason, (uint64_t)(visible_entries(ix, m) + 0.5));
+    if (ix->params.exact) { /* asked for, not fallen back to (kmv_mode) */
+        S->mode = KMV_MODE_EXACT;
+        S->fallback_reason = KMV_FALLBACK_NONE;
+        S->error_bound = 0.0;
+    }
     return KMV_OK;
 }
 
@@ -144,6 +149,10 @@ static int check_size(batch *b) {
         memset(b->y, 0, b->m * b->c * sizeof(float));
         if (b->pa->measure_error) b->S->error_measured = 0.0;
         b->flow = FLOW_DONE;
+        return KMV_OK;
+    }
+    if (b->pa->exact) { /* the exact engine, as asked */
+        b->flow = FLOW_FALLBACK;
         return KMV_OK;
     }
     if (!b->ix->force_approx && b->pa->backend != KMV_BACKEND_TREE &&
@@ -527,7 +536,9 @@ static void batch_free(batch *b) {
  * against, taken before anything writes y. */
 static int measure_first(const batch *b, float **ye) {
     *ye = NULL;
-    if (!b->pa->measure_error || b->n == 0 || b->m == 0 || b->c == 0) return KMV_OK;
+    if (b->pa->measure_error && b->pa->exact) b->S->error_measured = 0.0; /* exact answers */
+    if (!b->pa->measure_error || b->pa->exact || b->n == 0 || b->m == 0 || b->c == 0)
+        return KMV_OK;
     double tm = kmv__now();
     *ye = kmv__malloc_array(b->a, b->m, b->c * sizeof(float));
     if (*ye == NULL) return KMV_ENOMEM;

@@ -74,4 +74,5 @@ def main():
             sys.exit(f"{sys.argv[2]}: {n} = {got[n]!r} is not of the documented type {rows[n][0]}")
 
 
-main()
+if __name__ == "__main__":
+    main()

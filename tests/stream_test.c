@@ -775,6 +775,53 @@ static void test_memory_cap(void **state) {
     free(x);
 }
 
+/* params.exact on a stream or an index: the exact engine, reported as
+ * asked (mode EXACT, bound 0), not as a fallback, and measure_error costs
+ * no second product. */
+static void test_exact_asked(void **state) {
+    (void)state;
+    const size_t d = 6, n = 4096, m = 300;
+    float *k = malloc(n * d * sizeof(float)), *q = malloc(m * d * sizeof(float));
+    float *x = malloc(n * sizeof(float)), *y = malloc(m * sizeof(float));
+    float *ye = malloc(m * sizeof(float));
+    dg_clustered(k, n, q, m, d, 64, 0.5, 91);
+    dg_x(x, n, DG_X_GAUSS, 92);
+    kmv_params p;
+    kmv_params_init(&p);
+    p.sigma = 0.5;
+    p.exact = 1;
+    p.measure_error = 1;
+    kmv_ctx *ctx;
+    assert_int_equal(kmv_ctx_create(&p, &ctx), KMV_OK);
+    kmv_stats st, sb;
+    assert_int_equal(kmv_matvec(ctx, q, m, k, n, d, x, 1, ye, &sb), KMV_OK);
+    kmv_stream *s = make_stream(ctx, d, 1, 0);
+    assert_int_equal(kmv_stream_append_keys(s, k, x, n), KMV_OK);
+    assert_int_equal(kmv_stream_append_queries(s, q, m), KMV_OK);
+    assert_int_equal(kmv_stream_matvec(s, NULL, y, &st), KMV_OK);
+    assert_int_equal(st.mode, KMV_MODE_EXACT);
+    assert_int_equal(st.fallback_reason, KMV_FALLBACK_NONE);
+    assert_true(st.error_bound == 0.0 && st.error_measured == 0.0 && st.seconds_measure == 0.0);
+    assert_int_equal(st.kernel_evals, (uint64_t)n * m);
+    for (size_t i = 0; i < m; i++) assert_true(fabsf(y[i] - ye[i]) <= 1e-5f * (1.0f + fabsf(ye[i])));
+    assert_int_equal(kmv_stream_decode(s, q, y, &st), KMV_OK);
+    assert_int_equal(st.mode, KMV_MODE_EXACT);
+    kmv_index *ix;
+    assert_int_equal(kmv_index_create(ctx, d, &ix), KMV_OK);
+    assert_int_equal(kmv_index_append(ix, k, n), KMV_OK);
+    assert_int_equal(kmv_index_matvec(ix, q, m, x, 1, y, &st), KMV_OK);
+    assert_int_equal(st.mode, KMV_MODE_EXACT);
+    assert_true(st.error_bound == 0.0);
+    kmv_index_free(ix);
+    kmv_stream_free(s);
+    kmv_ctx_free(ctx);
+    free(k);
+    free(q);
+    free(x);
+    free(y);
+    free(ye);
+}
+
 /* An empty stream, and one with queries but no keys, save and load (the
  * fuzzers found the load of an empty one offsetting a NULL array), then
  * take keys and answer like a stream never saved. */
@@ -1007,6 +1054,7 @@ int main(void) {
         cmocka_unit_test(test_memory_cap),
         cmocka_unit_test(test_step_scratch_at_cap),
         cmocka_unit_test(test_snapshot_empty),
+        cmocka_unit_test(test_exact_asked),
         cmocka_unit_test(test_alloc_failures),
         cmocka_unit_test(test_kill_during_save),
         cmocka_unit_test(test_guarantee_clustered),

@@ -166,6 +166,13 @@ def _budget(budget):
     raise EINVAL(f"budget: expected 'certified' or 'empirical', got {budget!r}")
 
 
+def _backend(backend):
+    try:
+        return ("auto", "lsh", "tree").index(backend)
+    except ValueError:
+        raise EINVAL(f"backend: expected 'auto', 'lsh' or 'tree', got {backend!r}") from None
+
+
 def _max_bytes(max_bytes):
     if max_bytes is None:
         return 0
@@ -209,7 +216,8 @@ def _product(kind, q, k, x, params):
 # --------------------------------------------------------------- one-shot
 
 def matvec(queries, keys, x, sigma, eps=0.1, delta=0.01, seed=1, exact=False, causal=False,
-           threads=None, measure_error=False, max_bytes=None, verify_every=0):
+           threads=None, measure_error=False, max_bytes=None, verify_every=0, backend="auto",
+           force_approx=False):
     """y = K x with K_ij = exp(-||queries_i - keys_j||^2 / (2 sigma^2)).
 
     queries: (m, d); keys: (n, d); x: (n,) or (n, c). Returns (y, stats):
@@ -222,11 +230,17 @@ def matvec(queries, keys, x, sigma, eps=0.1, delta=0.01, seed=1, exact=False, ca
     runs the exact product and reports stats["error_measured"].
     verify_every=N computes rows 0, N, 2N, ... exactly too (the monitor:
     stats["approx"]["verify_max"]). max_bytes caps the library's memory.
+    backend (experimental): "auto" lets the cost model choose between the
+    bounds tree (a deterministic certificate), the LSH tables (Algorithm 3)
+    and exact; "lsh" or "tree" asks for one. force_approx (experimental)
+    skips the cost model's fallbacks to exact, so the approximate engine
+    runs even where exact is cheaper (the guarantee is unchanged).
     """
     params = dict(sigma=float(sigma), eps=float(eps), delta=float(delta), seed=_seed(seed),
                   exact=bool(exact), causal=bool(causal), threads=_threads(threads),
                   measure_error=int(bool(measure_error)), max_bytes=_max_bytes(max_bytes),
-                  verify_every=int(verify_every))
+                  verify_every=int(verify_every), backend=_backend(backend),
+                  force_approx=bool(force_approx))
     return _product("matvec", queries, keys, x, params)
 
 
@@ -265,13 +279,16 @@ class Stream:
 
     Stream(dim, sigma=1.0, eps=0.1, attention=False, seed=1, max_bytes=None,
            cols=1, scale=None, delta=0.01, exact=False, causal=False,
-           threads=None, budget="certified", verify_every=0)
+           threads=None, budget="certified", verify_every=0, backend="auto")
 
     A Gaussian stream (attention=False) answers K x under sigma, with x
     given row by row at append (cols columns). An attention stream answers
     softmax(scale q k^T) v over every key so far (cols value columns;
     scale 1/sqrt(dim) unless given). causal (Gaussian only) is fixed when
     the stream is made: matvec's query i then sees keys j <= i.
+
+    verify_every=N computes decoding steps 0, N, 2N, ... exactly too and
+    reports their error in the step's stats (the monitor of a fast path).
 
     Threads: any number of decode() calls may run at once on one stream
     (they share a lock, with the GIL released); every other call waits for
@@ -281,7 +298,7 @@ class Stream:
 
     def __init__(self, dim, sigma=1.0, eps=0.1, attention=False, seed=1, max_bytes=None, cols=1,
                  scale=None, delta=0.01, exact=False, causal=False, threads=None,
-                 budget="certified", verify_every=0, _raw=None):
+                 budget="certified", verify_every=0, backend="auto", _raw=None):
         if _raw is not None:
             self._s = _raw
             return
@@ -298,7 +315,8 @@ class Stream:
                                      exact=bool(exact), causal=bool(causal),
                                      threads=_threads(threads), budget=_budget(budget),
                                      verify_every=int(verify_every),
-                                     max_bytes=_max_bytes(max_bytes))
+                                     max_bytes=_max_bytes(max_bytes),
+                                     backend=_backend(backend))
 
     @classmethod
     def load(cls, path, threads=None, max_bytes=None):

@@ -72,14 +72,15 @@ static int get_floats(PyObject *obj, size_t count, int writable, const char *nam
 typedef struct {
     double sigma, scale, eps, delta;
     unsigned long long seed;
-    int exact, causal, threads, measure_error, budget, verify_every;
+    int exact, causal, threads, measure_error, budget, verify_every, backend, force_approx;
     unsigned long long max_bytes;
 } py_params;
 
-#define PARAM_FMT "ddddKppiiiiK"
+#define PARAM_FMT "ddddKppiiiiKip"
 #define PARAM_ARGS(pp)                                                                         \
     &(pp).sigma, &(pp).scale, &(pp).eps, &(pp).delta, &(pp).seed, &(pp).exact, &(pp).causal,   \
-        &(pp).threads, &(pp).measure_error, &(pp).budget, &(pp).verify_every, &(pp).max_bytes
+        &(pp).threads, &(pp).measure_error, &(pp).budget, &(pp).verify_every, &(pp).max_bytes, \
+        &(pp).backend, &(pp).force_approx
 
 static void py_params_defaults(py_params *pp) {
     memset(pp, 0, sizeof *pp);
@@ -106,8 +107,10 @@ static int make_params(const py_params *pp, kmv_params *p) {
     kmv_params_get_x(p, &px);
     px.attn_budget = pp->budget;
     px.verify_every = pp->verify_every;
+    px.backend = pp->backend;
+    px.force_approx = pp->force_approx;
     if (kmv_params_set_x(p, &px) != KMV_OK) {
-        raise_code(KMV_EINVAL, "params", "budget or verify_every out of range");
+        raise_code(KMV_EINVAL, "params", "budget, verify_every or backend out of range");
         return 0;
     }
     if (kmv_params_check(p) != KMV_OK) {
@@ -173,7 +176,7 @@ static PyObject *new_stats(const kmv_stats *st, const kmv_params *p, int attn, c
 static PyObject *product(PyObject *args, PyObject *kw, int attn) {
     static char *kwlist[] = {"q", "m", "k", "n", "dim", "x", "c", "out", "sigma", "scale", "eps",
                              "delta", "seed", "exact", "causal", "threads", "measure_error",
-                             "budget", "verify_every", "max_bytes", NULL};
+                             "budget", "verify_every", "max_bytes", "backend", "force_approx", NULL};
     PyObject *qo, *ko, *xo, *oo;
     Py_ssize_t m, n, dim, c;
     py_params pp;
@@ -486,12 +489,15 @@ static PyObject *stream_get_params(PyObject *self, void *c) {
     const kmv_params *p = &((StreamObject *)self)->p;
     kmv_params_x px;
     kmv_params_get_x(p, &px);
-    return Py_BuildValue("{s:d,s:d,s:d,s:d,s:K,s:O,s:O,s:i,s:s,s:i,s:K}", "sigma", p->sigma, "scale",
+    static const char *backends[] = {"auto", "lsh", "tree"};
+    int b = px.backend >= 0 && px.backend <= 2 ? px.backend : 0;
+    return Py_BuildValue("{s:d,s:d,s:d,s:d,s:K,s:O,s:O,s:i,s:s,s:i,s:K,s:s}", "sigma", p->sigma, "scale",
                          p->attn_scale, "eps", p->eps, "delta", p->delta, "seed",
                          (unsigned long long)p->seed, "exact", p->exact ? Py_True : Py_False, "causal",
                          p->causal ? Py_True : Py_False, "threads", p->n_threads, "budget",
                          px.attn_budget == KMV_BUDGET_EMPIRICAL ? "empirical" : "certified",
-                         "verify_every", px.verify_every, "max_bytes", (unsigned long long)p->max_bytes);
+                         "verify_every", px.verify_every, "max_bytes", (unsigned long long)p->max_bytes,
+                         "backend", backends[b]);
 }
 
 static PyMethodDef stream_methods[] = {
@@ -543,7 +549,7 @@ static PyObject *py_stream_create(PyObject *self, PyObject *args, PyObject *kw) 
     (void)self;
     static char *kwlist[] = {"dim", "cols", "attention", "sigma", "scale", "eps", "delta", "seed",
                              "exact", "causal", "threads", "measure_error", "budget",
-                             "verify_every", "max_bytes", NULL};
+                             "verify_every", "max_bytes", "backend", "force_approx", NULL};
     Py_ssize_t dim, cols;
     int attn;
     py_params pp;
