@@ -2,6 +2,7 @@
 in the library), steps sharing one stream; and no reference or memory leak
 over 10,000 calls."""
 import gc
+import os
 import sys
 import threading
 import tracemalloc
@@ -150,5 +151,8 @@ def test_no_leak_over_ten_thousand_calls(rng, tmp_path):
     assert grown < 64 * 1024, f"Python allocations grew {grown} bytes"
     assert [sys.getrefcount(o) for o in (q, k, x, v, bad, s, a)] == refs
     # the library's own memory (malloc, outside tracemalloc): a leak of even
-    # one small block per call would show as megabytes here
-    assert rss1 - rss0 < 4 * 1024 * 1024, f"RSS grew {rss1 - rss0} bytes"
+    # one small block per call would show as megabytes here. Under
+    # AddressSanitizer freed blocks sit in its quarantine (RSS grows by
+    # design); the plain configuration checks this.
+    if "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        assert rss1 - rss0 < 4 * 1024 * 1024, f"RSS grew {rss1 - rss0} bytes"
