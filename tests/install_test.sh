@@ -21,10 +21,10 @@ part() { sed -n "s/^#define KMV_VERSION_$1 \([0-9][0-9]*\)\$/\1/p" kmv/kmv.h; }
 version=$(part MAJOR).$(part MINOR).$(part PATCH)
 soname=libkmv.so.$(part MAJOR).$(part MINOR)
 
-# The Python package, when the runfiles have it (//python:package).
+# The Python package (//python:package).
 python=()
 for f in python/kmv/__init__.py python/kmv/_kmv.so; do
-    [ -f "$f" ] && python+=(--python "$f")
+    if [ -f "$f" ]; then python+=(--python "$f"); else bad "$f missing from the runfiles"; fi
 done
 pydir=lib/python3.$(/usr/bin/python3 -c 'import sys; print(sys.version_info[1])')/dist-packages/kmv
 
@@ -155,6 +155,26 @@ if [ "$(files "$P")" = "$before" ]; then ok; else
 fi
 no_tmp "upgrade"
 expect 0 "the same row, bit for bit" -- "$T/example_shared" "$T/shared2.kmvs"
+
+# --- The Python package from the prefix's site-packages, by Debian's
+# python3 with nothing of this environment but PYTHONPATH (an instrumented
+# extension needs its sanitizer's runtime first).
+asan=$(ldd "$P/$pydir/_kmv.so" | awk '/libasan/ {print $3}')
+pyenv=(PATH=/usr/bin:/bin PYTHONPATH="$P/${pydir%/kmv}" PYTHONDONTWRITEBYTECODE=1)
+[ -n "$asan" ] && pyenv+=(LD_PRELOAD="$asan" ASAN_OPTIONS=detect_leaks=0)
+pyout=$(cd "$T" && env -i "${pyenv[@]}" /usr/bin/python3 -c '
+import kmv, numpy as np
+print(kmv.__file__, kmv.__version__)
+s = kmv.Stream(3, attention=True, cols=2, exact=True)
+s.append(np.eye(3), np.arange(6.0).reshape(3, 2))
+row, st = s.decode([0.0, 0.0, 0.0])
+print(row.tolist(), st["mode"])' 2>&1)
+if grep -qx "$P/$pydir/__init__.py $version" <<<"$(head -1 <<<"$pyout")"; then ok; else
+    bad "import kmv from the prefix: $pyout"
+fi
+if grep -qx '\[2.0, 3.0\] exact' <<<"$(tail -1 <<<"$pyout")"; then ok; else
+    bad "the installed package's step: $pyout"
+fi
 
 # --- Refusals: exit 1, a message, nothing written.
 printf 'a file\n' >"$T/plain"
