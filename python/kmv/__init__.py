@@ -273,22 +273,14 @@ def attention(q, k, v, scale=None, causal=False, eps=0.1, exact=False, budget="c
 
 class Stream:
     """A growing context: keys with their values, and queries, arrive in
-    blocks; products cover the current prefix and one decoding step costs
-    time independent of the keys held once its tables or tree exist
-    (docs/stream.md). Ids are 0, 1, 2, ... in arrival order.
+    blocks (ids 0, 1, 2, ... in arrival order, whatever the block sizes);
+    products cover the current prefix with no rebuild (docs/stream.md).
 
-    Stream(dim, sigma=1.0, eps=0.1, attention=False, seed=1, max_bytes=None,
-           cols=1, scale=None, delta=0.01, exact=False, causal=False,
-           threads=None, budget="certified", verify_every=0, backend="auto")
-
-    A Gaussian stream (attention=False) answers K x under sigma, with x
-    given row by row at append (cols columns). An attention stream answers
-    softmax(scale q k^T) v over every key so far (cols value columns;
-    scale 1/sqrt(dim) unless given). causal (Gaussian only) is fixed when
-    the stream is made: matvec's query i then sees keys j <= i.
-
-    verify_every=N computes decoding steps 0, N, 2N, ... exactly too and
-    reports their error in the step's stats (the monitor of a fast path).
+    A decoding step costs O(n dim) while it runs exact (below 2048 keys, or
+    where neither index would cost under a quarter of the exact row), and
+    time independent of the n keys held once the stream's bounds tree or
+    LSH tables serve it; they are planned at the first step after the keys
+    double. Appends cost O(tables) per key.
 
     Threads: any number of decode() calls may run at once on one stream
     (they share a lock, with the GIL released); every other call waits for
@@ -298,10 +290,23 @@ class Stream:
 
     def __init__(self, dim, sigma=1.0, eps=0.1, attention=False, seed=1, max_bytes=None, cols=1,
                  scale=None, delta=0.01, exact=False, causal=False, threads=None,
-                 budget="certified", verify_every=0, backend="auto", _raw=None):
-        if _raw is not None:
-            self._s = _raw
-            return
+                 budget="certified", verify_every=0, backend="auto"):
+        """dim: key and query dimension; cols: value columns (x's for a
+        Gaussian stream, V's for attention).
+
+        attention=False: K x under the Gaussian kernel of bandwidth sigma,
+        with x given row by row at append. attention=True: softmax(scale
+        q k^T) v over every key so far, scale 1/sqrt(dim) unless given.
+        eps, delta: the GUARANTEE of help(kmv) per step and per product.
+        exact: the exact engine always. causal (Gaussian only), fixed here:
+        matvec's query i sees keys j <= i. seed: every random choice.
+        threads: per call (None: OpenMP's default). max_bytes: a cap on
+        the stream's memory (kmv.ELIMIT past it). budget ("certified" or
+        "empirical"): attention's sample sizes (see kmv.attention).
+        verify_every=N: steps 0, N, 2N, ... are computed exactly too and
+        report their error in the step's stats (the monitor of a fast
+        path). backend (experimental): "auto", "lsh" or "tree".
+        """
         if attention and causal:
             raise EINVAL("causal: an attention stream's steps see every key so far")
         if scale is not None and not float(scale) > 0:
@@ -323,8 +328,9 @@ class Stream:
         """A stream saved by save(): it answers and goes on exactly as the
         saved one. A file that is not a snapshot, or damaged anywhere,
         raises kmv.EFORMAT; a missing one kmv.EIO."""
-        raw = _kmv.stream_load(os.fspath(path), _threads(threads), _max_bytes(max_bytes))
-        return cls(0, _raw=raw)
+        stream = cls.__new__(cls)
+        stream._s = _kmv.stream_load(os.fspath(path), _threads(threads), _max_bytes(max_bytes))
+        return stream
 
     # properties
     dim = property(lambda self: self._s.dim, doc="Key and query dimension.")
@@ -400,8 +406,9 @@ class Stream:
     def decode(self, q_row):
         """One decoding step: the query q_row (dim,) against every key so far.
         Returns (row, stats), row of shape (cols,): K x's row (Gaussian) or
-        softmax(scale k q) v (attention), within the GUARANTEE. The query is
-        not stored. Steps may run concurrently from several threads."""
+        softmax(scale k q) v (attention), within the GUARANTEE of help(kmv)
+        (stats["error_bound"]). The query is not stored. Steps may run
+        concurrently from several threads."""
         qa = _floats(q_row, "query", 1 if np.ndim(q_row) == 1 else 2)
         if qa.size != self.dim:
             raise EDIM(f"query: expected {self.dim} values, got shape {qa.shape}")
