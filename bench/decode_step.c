@@ -66,7 +66,8 @@ int main(int argc, char **argv) {
     if (rc != KMV_OK) return fail("stream", rc);
     if ((rc = kmv_stream_append_keys(s, a.data, x, n)) != KMV_OK) return fail("append", rc);
     kmv_stats st;
-    double t[64];
+    memset(&st, 0, sizeof st);
+    double t[64] = {0};
     for (size_t r = 0; r < reps; r++) {
         double t0 = tool_now();
         for (size_t i = 0; i < steps; i++)

@@ -200,9 +200,12 @@ static PyObject *product(PyObject *args, PyObject *kw, int attn) {
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = kmv_ctx_create(&p, &ctx);
-    if (rc == KMV_OK)
-        rc = (attn ? kmv_attention : kmv_matvec)(ctx, qb.buf, (size_t)m, kb.buf, (size_t)n,
-                                                 (size_t)dim, xb.buf, (size_t)c, ob.buf, &st);
+    if (rc == KMV_OK && attn)
+        rc = kmv_attention(ctx, qb.buf, (size_t)m, kb.buf, (size_t)n, (size_t)dim, xb.buf,
+                           (size_t)c, ob.buf, &st);
+    else if (rc == KMV_OK)
+        rc = kmv_matvec(ctx, qb.buf, (size_t)m, kb.buf, (size_t)n, (size_t)dim, xb.buf, (size_t)c,
+                        ob.buf, &st);
     kmv_ctx_free(ctx);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&ob);
@@ -404,7 +407,7 @@ static PyObject *stream_save(PyObject *self, PyObject *args) {
     Py_DECREF(path);
     if (closed) return closed_error();
     if (rc != KMV_OK) return raise_code(rc, "save", err);
-    Py_RETURN_NONE;
+    return Py_NewRef(Py_None);
 }
 
 static int dict_set(PyObject *d, const char *key, PyObject *v) {
@@ -461,7 +464,7 @@ static PyObject *stream_close(PyObject *self, PyObject *unused) {
     pthread_rwlock_unlock(&so->lock);
     Py_END_ALLOW_THREADS
     kmv_stream_free(s);
-    Py_RETURN_NONE;
+    return Py_NewRef(Py_None);
 }
 
 static PyObject *stream_get_dim(PyObject *self, void *c) {
@@ -625,7 +628,7 @@ static PyObject *py_set_errors(PyObject *self, PyObject *d) {
     }
     Py_INCREF(d);
     Py_XSETREF(errors_by_code, d);
-    Py_RETURN_NONE;
+    return Py_NewRef(Py_None);
 }
 
 static PyObject *py_strerror(PyObject *self, PyObject *arg) {
