@@ -806,6 +806,18 @@ static void test_exact_asked(void **state) {
     for (size_t i = 0; i < m; i++) assert_true(fabsf(y[i] - ye[i]) <= 1e-5f * (1.0f + fabsf(ye[i])));
     assert_int_equal(kmv_stream_decode(s, q, y, &st), KMV_OK);
     assert_int_equal(st.mode, KMV_MODE_EXACT);
+    /* The params it answers under, as made; an attention stream's scale is
+     * its effective one. */
+    kmv_params got;
+    assert_int_equal(kmv_stream_get_params(s, &got), KMV_OK);
+    assert_true(got.sigma == 0.5 && got.exact == 1 && got.measure_error == 1 && got.seed == p.seed);
+    assert_int_equal(kmv_stream_get_params(NULL, &got), KMV_EINVAL);
+    assert_int_equal(kmv_stream_get_params(s, NULL), KMV_EINVAL);
+    kmv_stream *a;
+    assert_int_equal(kmv_stream_attention_create(ctx, 16, 2, &a), KMV_OK);
+    assert_int_equal(kmv_stream_get_params(a, &got), KMV_OK);
+    assert_true(fabs(got.attn_scale - 0.25) < 1e-15 && fabs(got.sigma - 2.0) < 1e-12);
+    kmv_stream_free(a);
     kmv_index *ix;
     assert_int_equal(kmv_index_create(ctx, d, &ix), KMV_OK);
     assert_int_equal(kmv_index_append(ix, k, n), KMV_OK);
