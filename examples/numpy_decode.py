@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """A llama2.c model decoded greedily in NumPy, its attention through kmv.
 
 The forward pass is llama2.c's (run.c), in float32: embeddings, RMSNorm,
