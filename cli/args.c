@@ -117,8 +117,8 @@ static int parse_value(opt *o, const char *cmd, const char *v) {
     char *end;
     errno = 0;
     switch (o->type) {
-    case OPT_STRING:
-        if (*v == '\0') goto bad;
+    case OPT_STRING: /* a file's name is never empty; a text may be */
+        if (*v == '\0' && o->role != ROLE_NONE) goto bad;
         o->s = v;
         return 0;
     case OPT_DOUBLE:

@@ -256,7 +256,7 @@ int cmd_decode(int argc, char **argv) {
     opt o[] = {
         INPUT("model", 1, "M.bin", "llama2.c checkpoint"),
         INPUT("tokenizer", 1, "T.bin", "llama2.c tokenizer"),
-        OPTION("prompt", OPT_STRING, "TEXT", "generate (greedy) after TEXT"),
+        OPTION("prompt", OPT_STRING, "TEXT", "generate (greedy) after TEXT (\"\": from BOS alone)"),
         INPUT("text-file", 0, "F", "score the UTF-8 text in F instead"),
         OPTION("steps", OPT_INT, "N", "positions to run, prompt included (default: the context)"),
         OPTION("context", OPT_INT, "N", "positions the sessions hold (default: the model's "

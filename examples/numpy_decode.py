@@ -212,20 +212,6 @@ def kmv_decode(binary, model_path, tok_path, prompt, steps):
     return run.stdout.removesuffix(b"\n"), int(ran[1]) if ran else steps, wall
 
 
-def compare_prompt(tok, prompt, tokens):
-    """The prompt that makes `kmv decode` run our tokens. It refuses an
-    empty one, so a run from BOS alone gives it the first generated
-    token's text: that encodes back to the same token, which kmv then
-    takes as given; every later token is its own greedy choice."""
-    if prompt or not tokens:
-        return prompt
-    text = tok.piece(BOS, tokens[0]).decode("utf-8", "replace")
-    if tok.encode(text) != [BOS, tokens[0]]:
-        raise SystemExit(f"numpy_decode: the first token's text {text!r} does not encode back "
-                         "to it; give --prompt to compare")
-    return text
-
-
 def agreeing(pieces, text):
     """How many leading pieces match text."""
     at = n = 0
@@ -267,8 +253,7 @@ def main(argv=None):
     if not args.compare:
         return 0
 
-    prompt = compare_prompt(tok, args.prompt, tokens)
-    theirs, ran, wall = kmv_decode(args.compare, args.model, args.tokenizer, prompt, steps)
+    theirs, ran, wall = kmv_decode(args.compare, args.model, args.tokenizer, args.prompt, steps)
     print(f"kmv decode --exact: {ran} positions in {wall:.3f} s (the whole process), "
           f"{ran / wall:.1f} tokens/s")
     ours = b"".join(pieces)

@@ -283,6 +283,11 @@ if command -v python3 >/dev/null; then
 fi
 expect 1 "no tokens to dump|cannot" -- $KMV decode "${M[@]}" --prompt "a" --steps 1 --exact --dump-qk "$T/nodir/qk.npz"
 absent "$T/nodir/qk.npz"
+# An empty prompt starts from BOS alone (the model's own story); an empty
+# file name is still refused.
+out=$($KMV decode "${M[@]}" --prompt "" --steps 20 --exact 2>/dev/null)
+if [[ $out == "Once upon a time"* ]]; then ok; else bad "decode from BOS alone: '$out'"; fi
+expect 2 "invalid value '' for --text-file" -- $KMV decode "${M[@]}" --text-file ""
 expect 2 "exactly one of --prompt and --text-file" -- $KMV decode "${M[@]}" --prompt a --text-file "$T/story.txt"
 expect 2 "steps must be >= 1" -- $KMV decode "${M[@]}" --prompt a --steps 0
 expect 1 "nope.bin: cannot open" -- $KMV decode --model "$T/nope.bin" --tokenizer "${STORIES:-data/stories260K}/tok512.bin" --prompt a
