@@ -150,12 +150,18 @@ def _nonfinite(err, named):
     return err
 
 
-def _threads(threads):
-    if threads is None:
+def _positive_or_none(value, name):
+    """An int >= 1, or None as 0: the library's "unset" for threads and
+    max_bytes."""
+    if value is None:
         return 0
-    if not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise EINVAL(f"threads: expected an int >= 1 or None, got {threads!r}")
-    return int(threads)
+    if not isinstance(value, (int, np.integer)) or value < 1:
+        raise EINVAL(f"{name}: expected an int >= 1 or None, got {value!r}")
+    return int(value)
+
+
+def _threads(threads):
+    return _positive_or_none(threads, "threads")
 
 
 def _budget(budget):
@@ -174,11 +180,7 @@ def _backend(backend):
 
 
 def _max_bytes(max_bytes):
-    if max_bytes is None:
-        return 0
-    if not isinstance(max_bytes, (int, np.integer)) or max_bytes < 1:
-        raise EINVAL(f"max_bytes: expected an int >= 1 or None, got {max_bytes!r}")
-    return int(max_bytes)
+    return _positive_or_none(max_bytes, "max_bytes")
 
 
 def _seed(seed):

@@ -263,16 +263,16 @@ static PyObject *closed_error(void) {
     return NULL;
 }
 
-static PyObject *stream_append_keys(PyObject *self, PyObject *args) {
-    StreamObject *so = (StreamObject *)self;
-    PyObject *ko, *xo;
-    Py_ssize_t count;
-    if (!PyArg_ParseTuple(args, "OOn", &ko, &xo, &count)) return NULL;
+/* A block of count keys with their values (xo), or of queries (xo NULL):
+ * the first id of the block. */
+static PyObject *append_block(StreamObject *so, PyObject *ko, PyObject *xo, Py_ssize_t count) {
+    int keys = xo != NULL;
+    const char *what = keys ? "append" : "append_queries";
     if (count < 0 || (size_t)count > SIZE_MAX / (so->dim + so->cols + 1))
-        return raise_code(KMV_EINVAL, "append", "bad count");
+        return raise_code(KMV_EINVAL, what, "bad count");
     Py_buffer kb, xb;
-    if (!get_floats(ko, (size_t)count * so->dim, 0, "keys", &kb)) return NULL;
-    if (!get_floats(xo, (size_t)count * so->cols, 0, "values", &xb)) {
+    if (!get_floats(ko, (size_t)count * so->dim, 0, keys ? "keys" : "queries", &kb)) return NULL;
+    if (keys && !get_floats(xo, (size_t)count * so->cols, 0, "values", &xb)) {
         PyBuffer_Release(&kb);
         return NULL;
     }
@@ -284,44 +284,31 @@ static PyObject *stream_append_keys(PyObject *self, PyObject *args) {
     if (!closed) {
         kmv_stream_info info;
         kmv_stream_get_info(so->s, &info);
-        first = info.n_keys;
-        rc = kmv_stream_append_keys(so->s, kb.buf, xb.buf, (size_t)count);
+        first = keys ? info.n_keys : info.n_queries;
+        rc = keys ? kmv_stream_append_keys(so->s, kb.buf, xb.buf, (size_t)count)
+                  : kmv_stream_append_queries(so->s, kb.buf, (size_t)count);
     }
     pthread_rwlock_unlock(&so->lock);
     Py_END_ALLOW_THREADS
-    PyBuffer_Release(&xb);
+    if (keys) PyBuffer_Release(&xb);
     PyBuffer_Release(&kb);
     if (closed) return closed_error();
-    if (rc != KMV_OK) return raise_code(rc, "append", NULL);
+    if (rc != KMV_OK) return raise_code(rc, what, NULL);
     return PyLong_FromSize_t(first);
 }
 
+static PyObject *stream_append_keys(PyObject *self, PyObject *args) {
+    PyObject *ko, *xo;
+    Py_ssize_t count;
+    if (!PyArg_ParseTuple(args, "OOn", &ko, &xo, &count)) return NULL;
+    return append_block((StreamObject *)self, ko, xo, count);
+}
+
 static PyObject *stream_append_queries(PyObject *self, PyObject *args) {
-    StreamObject *so = (StreamObject *)self;
     PyObject *qo;
     Py_ssize_t count;
     if (!PyArg_ParseTuple(args, "On", &qo, &count)) return NULL;
-    if (count < 0 || (size_t)count > SIZE_MAX / (so->dim + 1))
-        return raise_code(KMV_EINVAL, "append_queries", "bad count");
-    Py_buffer qb;
-    if (!get_floats(qo, (size_t)count * so->dim, 0, "queries", &qb)) return NULL;
-    int rc, closed;
-    size_t first = 0;
-    Py_BEGIN_ALLOW_THREADS
-    pthread_rwlock_wrlock(&so->lock);
-    closed = so->s == NULL;
-    if (!closed) {
-        kmv_stream_info info;
-        kmv_stream_get_info(so->s, &info);
-        first = info.n_queries;
-        rc = kmv_stream_append_queries(so->s, qb.buf, (size_t)count);
-    }
-    pthread_rwlock_unlock(&so->lock);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&qb);
-    if (closed) return closed_error();
-    if (rc != KMV_OK) return raise_code(rc, "append_queries", NULL);
-    return PyLong_FromSize_t(first);
+    return append_block((StreamObject *)self, qo, NULL, count);
 }
 
 /* decode(query, out) -> RawStats */
@@ -410,13 +397,6 @@ static PyObject *stream_save(PyObject *self, PyObject *args) {
     return Py_NewRef(Py_None);
 }
 
-static int dict_set(PyObject *d, const char *key, PyObject *v) {
-    if (v == NULL) return -1;
-    int r = PyDict_SetItemString(d, key, v);
-    Py_DECREF(v);
-    return r;
-}
-
 static PyObject *stream_info(PyObject *self, PyObject *unused) {
     (void)unused;
     StreamObject *so = (StreamObject *)self;
@@ -429,28 +409,18 @@ static PyObject *stream_info(PyObject *self, PyObject *unused) {
     pthread_rwlock_unlock(&so->lock);
     Py_END_ALLOW_THREADS
     if (closed) return closed_error();
-    PyObject *d = PyDict_New();
-    if (d == NULL) return NULL;
-    if (dict_set(d, "n_keys", PyLong_FromSize_t(in.n_keys)) || dict_set(d, "n_queries", PyLong_FromSize_t(in.n_queries)) ||
-        dict_set(d, "dim", PyLong_FromSize_t(in.dim)) || dict_set(d, "n_cols", PyLong_FromSize_t(in.n_cols)) ||
-        dict_set(d, "bytes", PyLong_FromSize_t(in.bytes)) ||
-        dict_set(d, "keys_hashed", PyLong_FromUnsignedLongLong(in.keys_hashed)) ||
-        dict_set(d, "table_inserts", PyLong_FromUnsignedLongLong(in.table_inserts)) ||
-        dict_set(d, "table_builds", PyLong_FromUnsignedLongLong(in.table_builds)) ||
-        dict_set(d, "sketch_inserts", PyLong_FromUnsignedLongLong(in.sketch_inserts)) ||
-        dict_set(d, "lsh_tables", PyLong_FromLong(in.lsh_tables)) ||
-        dict_set(d, "attention", PyBool_FromLong(in.attention)) ||
-        dict_set(d, "key_bound", PyFloat_FromDouble(in.key_bound)) ||
-        dict_set(d, "relifts", PyLong_FromUnsignedLongLong(in.relifts)) ||
-        dict_set(d, "tree_builds", PyLong_FromUnsignedLongLong(in.tree_builds)) ||
-        dict_set(d, "tree_inserts", PyLong_FromUnsignedLongLong(in.tree_inserts)) ||
-        dict_set(d, "tree_seconds_insert", PyFloat_FromDouble(in.tree_seconds_insert)) ||
-        dict_set(d, "tree_keys", PyLong_FromSize_t(in.tree_keys)) ||
-        dict_set(d, "tree_bytes", PyLong_FromSize_t(in.tree_bytes))) {
-        Py_DECREF(d);
-        return NULL;
-    }
-    return d;
+    typedef unsigned long long ull;
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:O,s:d,s:K,s:K,s:K,s:d,s:K,s:K}",
+                         "n_keys", (ull)in.n_keys, "n_queries", (ull)in.n_queries, "dim",
+                         (ull)in.dim, "n_cols", (ull)in.n_cols, "bytes", (ull)in.bytes,
+                         "keys_hashed", (ull)in.keys_hashed, "table_inserts",
+                         (ull)in.table_inserts, "table_builds", (ull)in.table_builds,
+                         "sketch_inserts", (ull)in.sketch_inserts, "lsh_tables", in.lsh_tables,
+                         "attention", in.attention ? Py_True : Py_False, "key_bound", in.key_bound,
+                         "relifts", (ull)in.relifts, "tree_builds", (ull)in.tree_builds,
+                         "tree_inserts", (ull)in.tree_inserts, "tree_seconds_insert",
+                         in.tree_seconds_insert, "tree_keys", (ull)in.tree_keys, "tree_bytes",
+                         (ull)in.tree_bytes);
 }
 
 static PyObject *stream_close(PyObject *self, PyObject *unused) {
