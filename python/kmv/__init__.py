@@ -19,8 +19,9 @@ else is converted once. Outputs are new float32 arrays. The GIL is released
 while the library computes.
 
 Errors raise subclasses of kmv.Error named after the C library's codes
-(kmv.EDIM, kmv.ENONFINITE, ...); those about bad input are also ValueError,
-the memory ones MemoryError, the file ones OSError.
+(kmv.EDIM, kmv.ENONFINITE, ...); those about bad input (and a damaged
+snapshot, kmv.EFORMAT) are also ValueError, the memory ones MemoryError,
+kmv.EIO OSError.
 
 Costs: the exact engine is O(m n (d + c)) for m queries, n keys, d
 dimensions and c columns; the approximate one is sublinear in n per row
@@ -32,6 +33,7 @@ This is the Python package over libkmv (a CPython extension, kmv._kmv).
 import collections.abc
 import json
 import os
+import types
 
 import numpy as np
 
@@ -48,8 +50,15 @@ __version__ = _kmv.version
 # ------------------------------------------------------------------ errors
 
 class Error(Exception):
-    """A kmv call failed; .code is the C library's code (a negative int)."""
+    """A kmv call failed; .code is the C library's code (a negative int),
+    and the message carries kmv_strerror's text for it."""
     code = None
+
+    def __init__(self, detail=""):
+        text = _kmv.strerror(self.code)[1] if self.code is not None else ""
+        if text and text not in detail:
+            detail = f"{detail} ({text})" if detail else text
+        super().__init__(detail)
 
 
 def _error_class(name, bases, doc):
@@ -97,7 +106,11 @@ class Stats(collections.abc.Mapping):
         return self._dict
 
     def __getitem__(self, key):
-        return self._d()[key]
+        v = self._d()[key]
+        return types.MappingProxyType(v) if isinstance(v, dict) else v
+
+    def __reduce__(self):
+        return (_stats_from_dict, (self.to_dict(),))
 
     def __iter__(self):
         return iter(self._d())
@@ -106,28 +119,35 @@ class Stats(collections.abc.Mapping):
         return len(self._d())
 
     def to_dict(self):
-        """A plain dict (nested dicts for phases and approx)."""
-        return json.loads(self._raw.json())
+        """A plain dict (nested dicts for phases and approx), a copy."""
+        return json.loads(json.dumps(self._d()))
 
     def __repr__(self):
         return f"kmv.Stats({self._d()!r})"
 
 
+def _stats_from_dict(d):
+    st = Stats(None)
+    st._dict = d
+    return st
+
+
 # ------------------------------------------------------------------ arrays
 
-def _floats(a, name, ndim):
-    """a as a float32 C-contiguous array of ndim dimensions (1 or 2), read in
-    place when it already is one."""
+def _floats(a, name, ndims):
+    """a as an aligned float32 C-contiguous array with a number of
+    dimensions in ndims, read in place when it already is one."""
     if hasattr(a, "numpy") and not isinstance(a, np.ndarray) and hasattr(a, "detach"):
         a = a.detach().numpy()  # a CPU torch tensor: shares its memory
     arr = np.asarray(a)
     if arr.dtype.kind not in "fiu":
         raise EINVAL(f"{name}: expected real numbers, got dtype {arr.dtype}")
-    if arr.ndim != ndim:
-        raise EDIM(f"{name}: expected a {ndim}-D array, got shape {arr.shape}")
-    if arr.dtype != np.float32 or not arr.flags.c_contiguous:
+    if arr.ndim not in ndims:
+        want = " or ".join(f"{k}-D" for k in ndims)
+        raise EDIM(f"{name}: expected a {want} array, got shape {arr.shape}")
+    if arr.dtype != np.float32 or not (arr.flags.c_contiguous and arr.flags.aligned):
         with np.errstate(over="ignore"):  # past float32's range: named below
-            out = np.ascontiguousarray(arr, dtype=np.float32)
+            out = np.require(arr, np.float32, ["C", "A"])
         if arr.dtype.kind == "f" and arr.dtype.itemsize > 4:
             bad = np.isfinite(arr) & ~np.isfinite(out)
             if bad.any():
@@ -150,18 +170,55 @@ def _nonfinite(err, named):
     return err
 
 
-def _positive_or_none(value, name):
-    """An int >= 1, or None as 0: the library's "unset" for threads and
-    max_bytes."""
-    if value is None:
-        return 0
-    if not isinstance(value, (int, np.integer)) or value < 1:
-        raise EINVAL(f"{name}: expected an int >= 1 or None, got {value!r}")
+_INT_MAX = 2**31 - 1
+
+
+def _int_in(value, name, lo, hi):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+            or not lo <= value <= hi:
+        raise EINVAL(f"{name}: expected an int in [{lo}, {hi}], got {value!r}")
     return int(value)
 
 
+def _positive_or_none(value, name, hi):
+    """An int in [1, hi], or None as 0: the library's "unset"."""
+    return 0 if value is None else _int_in(value, name, 1, hi)
+
+
 def _threads(threads):
-    return _positive_or_none(threads, "threads")
+    return _positive_or_none(threads, "threads", _INT_MAX)
+
+
+def _max_bytes(max_bytes):
+    return _positive_or_none(max_bytes, "max_bytes", 2**64 - 1)
+
+
+def _seed(seed):
+    return _int_in(seed, "seed", 0, 2**64 - 1)
+
+
+def _flag(value, name):
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer))
+                                               and value in (0, 1)):
+        return bool(value)
+    raise EINVAL(f"{name}: expected True or False, got {value!r}")
+
+
+def _real(value, name, lo, hi, open_ends=True):
+    """A float in (lo, hi) (or [lo, hi]), with a message naming it."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise EINVAL(f"{name}: expected a number, got {value!r}") from None
+    ok = lo < v < hi if open_ends else lo <= v <= hi
+    if not ok:
+        ends = f"({lo:g}, {hi:g})" if open_ends else f"[{lo:g}, {hi:g}]"
+        raise EINVAL(f"{name}: expected a number in {ends}, got {value!r}")
+    return v
+
+
+def _scale(scale):
+    return 0.0 if scale is None else _real(scale, "scale", 0.0, float("inf"))
 
 
 def _budget(budget):
@@ -179,24 +236,26 @@ def _backend(backend):
         raise EINVAL(f"backend: expected 'auto', 'lsh' or 'tree', got {backend!r}") from None
 
 
-def _max_bytes(max_bytes):
-    return _positive_or_none(max_bytes, "max_bytes")
+def _common(eps, delta, seed, exact, threads, max_bytes, verify_every, measure_error=False):
+    """The params every call takes, checked and named."""
+    return dict(eps=_real(eps, "eps", 0.0, 1.0), delta=_real(delta, "delta", 0.0, 1.0),
+                seed=_seed(seed), exact=_flag(exact, "exact"), threads=_threads(threads),
+                max_bytes=_max_bytes(max_bytes),
+                verify_every=_int_in(verify_every, "verify_every", 0, _INT_MAX),
+                measure_error=int(_flag(measure_error, "measure_error")))
 
 
-def _seed(seed):
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
-        raise EINVAL(f"seed: expected an int in [0, 2^64), got {seed!r}")
-    return int(seed)
+def _sigma(sigma):
+    return _real(sigma, "sigma", 1e-150, 1e150, open_ends=False)
 
 
 def _product(kind, q, k, x, params):
     """The shared body of matvec and attention."""
     names = ("queries", "keys", "x") if kind == "matvec" else ("q", "k", "v")
-    qa = _floats(q, names[0], 2)
-    ka = _floats(k, names[1], 2)
-    xarr = np.asarray(x) if not hasattr(x, "detach") else x
-    vec = getattr(xarr, "ndim", None) == 1
-    xa = _floats(x, names[2], 1 if vec else 2)
+    qa = _floats(q, names[0], (2,))
+    ka = _floats(k, names[1], (2,))
+    xa = _floats(x, names[2], (1, 2))
+    vec = xa.ndim == 1
     m, d = qa.shape
     n, dk = ka.shape
     if dk != d:
@@ -238,11 +297,10 @@ def matvec(queries, keys, x, sigma, eps=0.1, delta=0.01, seed=1, exact=False, ca
     skips the cost model's fallbacks to exact, so the approximate engine
     runs even where exact is cheaper (the guarantee is unchanged).
     """
-    params = dict(sigma=float(sigma), eps=float(eps), delta=float(delta), seed=_seed(seed),
-                  exact=bool(exact), causal=bool(causal), threads=_threads(threads),
-                  measure_error=int(bool(measure_error)), max_bytes=_max_bytes(max_bytes),
-                  verify_every=int(verify_every), backend=_backend(backend),
-                  force_approx=bool(force_approx))
+    params = dict(sigma=_sigma(sigma), causal=_flag(causal, "causal"), backend=_backend(backend),
+                  force_approx=_flag(force_approx, "force_approx"),
+                  **_common(eps, delta, seed, exact, threads, max_bytes, verify_every,
+                            measure_error))
     return _product("matvec", queries, keys, x, params)
 
 
@@ -261,13 +319,9 @@ def attention(q, k, v, scale=None, causal=False, eps=0.1, exact=False, budget="c
     budget="empirical" sizes samples by their own variance, as the paper's
     experiments do, with no bound (stats["error_bound"] is None).
     """
-    if scale is not None and not float(scale) > 0:
-        raise EINVAL(f"scale: expected a positive number or None, got {scale!r}")
-    params = dict(scale=0.0 if scale is None else float(scale), eps=float(eps),
-                  delta=float(delta), seed=_seed(seed), exact=bool(exact), causal=bool(causal),
-                  threads=_threads(threads), measure_error=int(bool(measure_error)),
-                  budget=_budget(budget), max_bytes=_max_bytes(max_bytes),
-                  verify_every=int(verify_every))
+    params = dict(scale=_scale(scale), causal=_flag(causal, "causal"), budget=_budget(budget),
+                  **_common(eps, delta, seed, exact, threads, max_bytes, verify_every,
+                            measure_error))
     return _product("attention", q, k, v, params)
 
 
@@ -292,7 +346,7 @@ class Stream:
 
     def __init__(self, dim, sigma=1.0, eps=0.1, attention=False, seed=1, max_bytes=None, cols=1,
                  scale=None, delta=0.01, exact=False, causal=False, threads=None,
-                 budget="certified", verify_every=0, backend="auto"):
+                 budget="certified", verify_every=0, backend="auto", force_approx=False):
         """dim: key and query dimension; cols: value columns (x's for a
         Gaussian stream, V's for attention).
 
@@ -307,23 +361,18 @@ class Stream:
         "empirical"): attention's sample sizes (see kmv.attention).
         verify_every=N: steps 0, N, 2N, ... are computed exactly too and
         report their error in the step's stats (the monitor of a fast
-        path). backend (experimental): "auto", "lsh" or "tree".
+        path). backend and force_approx (experimental): as kmv.matvec's.
         """
-        if attention and causal:
+        if _flag(attention, "attention") and _flag(causal, "causal"):
             raise EINVAL("causal: an attention stream's steps see every key so far")
-        if scale is not None and not float(scale) > 0:
-            raise EINVAL(f"scale: expected a positive number or None, got {scale!r}")
-        for name, val in (("dim", dim), ("cols", cols)):
-            if not isinstance(val, (int, np.integer)) or val < 1:
-                raise EINVAL(f"{name}: expected an int >= 1, got {val!r}")
-        self._s = _kmv.stream_create(int(dim), int(cols), bool(attention), sigma=float(sigma),
-                                     scale=0.0 if scale is None else float(scale),
-                                     eps=float(eps), delta=float(delta), seed=_seed(seed),
-                                     exact=bool(exact), causal=bool(causal),
-                                     threads=_threads(threads), budget=_budget(budget),
-                                     verify_every=int(verify_every),
-                                     max_bytes=_max_bytes(max_bytes),
-                                     backend=_backend(backend))
+        size = 2**63 - 1
+        self._s = _kmv.stream_create(_int_in(dim, "dim", 1, size), _int_in(cols, "cols", 1, size),
+                                     bool(attention), sigma=_sigma(sigma), scale=_scale(scale),
+                                     causal=bool(causal), budget=_budget(budget),
+                                     backend=_backend(backend),
+                                     force_approx=_flag(force_approx, "force_approx"),
+                                     **_common(eps, delta, seed, exact, threads, max_bytes,
+                                               verify_every))
 
     @classmethod
     def load(cls, path, threads=None, max_bytes=None):
@@ -346,6 +395,9 @@ class Stream:
         """Keys held."""
         return self.info()["n_keys"]
 
+    def __bool__(self):
+        return True  # a stream, open or closed, empty or not
+
     def __enter__(self):
         return self
 
@@ -365,23 +417,14 @@ class Stream:
         ValueError. Closing twice is fine."""
         self._s.close()
 
-    def _rows(self, a, name, width):
-        arr = _floats(a, name, 2 if np.ndim(a) == 2 or width is None else 1)
-        if arr.ndim == 1:
-            arr = arr.reshape(-1, 1) if width == 1 else arr.reshape(1, -1)
-        if arr.shape[1] != (width if width is not None else self.dim):
-            raise EDIM(f"{name}: expected {width if width is not None else self.dim} columns, "
-                       f"got shape {arr.shape}")
-        return arr
-
     def append(self, keys, values):
         """Append keys (count, dim) with their values (count, cols), or
         (count,) when cols is 1; returns the range of their ids. O(count)
         amortized (tables and tree updated in place, no rebuild)."""
-        ka = _floats(keys, "keys", 2)
+        ka = _floats(keys, "keys", (2,))
         if ka.shape[1] != self.dim:
             raise EDIM(f"keys: expected {self.dim} columns, got shape {ka.shape}")
-        va = _floats(values, "values", 1 if np.ndim(values) == 1 else 2)
+        va = _floats(values, "values", (1, 2))
         if va.ndim == 1:
             if self.cols != 1:
                 raise EDIM(f"values: expected {self.cols} columns, got shape {va.shape}")
@@ -396,7 +439,7 @@ class Stream:
 
     def append_queries(self, q):
         """Append queries (count, dim) for matvec(); returns their ids."""
-        qa = _floats(q, "queries", 2)
+        qa = _floats(q, "queries", (2,))
         if qa.shape[1] != self.dim:
             raise EDIM(f"queries: expected {self.dim} columns, got shape {qa.shape}")
         try:
@@ -411,9 +454,9 @@ class Stream:
         softmax(scale k q) v (attention), within the GUARANTEE of help(kmv)
         (stats["error_bound"]). The query is not stored. Steps may run
         concurrently from several threads."""
-        qa = _floats(q_row, "query", 1 if np.ndim(q_row) == 1 else 2)
-        if qa.size != self.dim:
-            raise EDIM(f"query: expected {self.dim} values, got shape {qa.shape}")
+        qa = _floats(q_row, "query", (1, 2))
+        if qa.shape not in ((self.dim,), (1, self.dim)):
+            raise EDIM(f"query: expected shape ({self.dim},), got {qa.shape}")
         out = np.empty(self.cols, dtype=np.float32)
         try:
             raw = self._s.decode(qa, out)
@@ -427,30 +470,32 @@ class Stream:
         (n_keys, cols) when given. Attention: softmax rows (x must be None).
         causal: None (the stream's own); it is fixed when the stream is
         made, and asking for the other raises kmv.EUNSUPPORTED."""
-        info = self.info()
-        if causal is not None and bool(causal) != bool(self.params["causal"]):
+        if causal is not None and _flag(causal, "causal") != self.params["causal"]:
             raise EUNSUPPORTED("causal is fixed when the stream is made: "
                                f"kmv.Stream(..., causal={bool(causal)})")
-        m, n = info["n_queries"], info["n_keys"]
         xa = None
         if x is not None:
-            xa = _floats(x, "x", 1 if np.ndim(x) == 1 else 2)
+            xa = _floats(x, "x", (1, 2))
             if xa.ndim == 1:
                 xa = xa.reshape(-1, 1)
-            if xa.shape != (n, self.cols):
+        while True:  # sized again if another thread appends meanwhile
+            info = self.info()
+            m, n = info["n_queries"], info["n_keys"]
+            if xa is not None and xa.shape != (n, self.cols):
                 raise EDIM(f"x: expected shape {(n, self.cols)}, got {xa.shape}")
-        out = np.empty((m, self.cols), dtype=np.float32)
-        try:
-            raw = self._s.matvec(xa, out, m, n)
-        except ENONFINITE as e:
-            raise _nonfinite(e, (("x", xa),)) from None
-        return out, Stats(raw)
+            out = np.empty((m, self.cols), dtype=np.float32)
+            try:
+                raw = self._s.matvec(xa, out, m, n)
+            except ENONFINITE as e:
+                raise _nonfinite(e, (("x", xa),)) from None
+            if raw is not None:
+                return out, Stats(raw)
 
     def save(self, path):
         """Write a snapshot (checksummed) to path, whole or not at all:
         through a temporary renamed over the target; a FIFO or character
-        device is streamed in place, a directory refused. Steps may run
-        meanwhile."""
+        device is streamed in place, a directory refused. Waits for running
+        steps, as every call but decode() does."""
         self._s.save(os.fspath(path))
 
     def info(self):

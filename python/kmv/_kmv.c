@@ -17,7 +17,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <limits.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <string.h>
 
 #define KMV_STATIC_LINKING_ONLY
@@ -51,10 +53,17 @@ static int get_floats(PyObject *obj, size_t count, int writable, const char *nam
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) != 0) return 0;
     const char *f = view->format ? view->format : "B";
-    if (f[0] == '<' || f[0] == '=' || f[0] == '@') f++;
+    if (f[0] == '=' || f[0] == '@' || (f[0] == '<' && PY_LITTLE_ENDIAN) ||
+        (f[0] == '>' && PY_BIG_ENDIAN))
+        f++; /* native order */
     if (view->itemsize != (Py_ssize_t)sizeof(float) || strcmp(f, "f") != 0) {
         PyErr_Format(PyExc_TypeError, "%s: expected float32 data, got format '%s'", name,
                      view->format ? view->format : "B");
+        PyBuffer_Release(view);
+        return 0;
+    }
+    if ((uintptr_t)view->buf % _Alignof(float) != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: float32 data not aligned to 4 bytes", name);
         PyBuffer_Release(view);
         return 0;
     }
@@ -65,6 +74,12 @@ static int get_floats(PyObject *obj, size_t count, int writable, const char *nam
         return 0;
     }
     return 1;
+}
+
+/* Whether two views share a byte (kmv.h: outputs never overlap inputs). */
+static int overlaps(const Py_buffer *a, const Py_buffer *b) {
+    uintptr_t a0 = (uintptr_t)a->buf, b0 = (uintptr_t)b->buf;
+    return a->len > 0 && b->len > 0 && a0 < b0 + (uintptr_t)b->len && b0 < a0 + (uintptr_t)a->len;
 }
 
 /* ------------------------------------------------------------------ params */
@@ -90,9 +105,14 @@ static void py_params_defaults(py_params *pp) {
     pp->seed = 1;
 }
 
-/* pp into a kmv_params; 0 with ValueError naming the field otherwise. */
+/* pp into a kmv_params; 0 with kmv.EINVAL otherwise (the Python layer
+ * names the field first; this is the last line). */
 static int make_params(const py_params *pp, kmv_params *p) {
     kmv_params_init(p);
+    if (pp->max_bytes > SIZE_MAX) {
+        raise_code(KMV_EINVAL, "params", "max_bytes past size_t");
+        return 0;
+    }
     p->sigma = pp->sigma;
     p->attn_scale = pp->scale;
     p->eps = pp->eps;
@@ -195,6 +215,11 @@ static PyObject *product(PyObject *args, PyObject *kw, int attn) {
     if (!get_floats(ko, (size_t)n * (size_t)dim, 0, "keys", &kb)) goto q;
     if (!get_floats(xo, (size_t)n * (size_t)c, 0, attn ? "values" : "x", &xb)) goto k;
     if (!get_floats(oo, (size_t)m * (size_t)c, 1, "out", &ob)) goto x;
+    if (overlaps(&ob, &qb) || overlaps(&ob, &kb) || overlaps(&ob, &xb)) {
+        PyBuffer_Release(&ob);
+        raise_code(KMV_EINVAL, attn ? "attention" : "matvec", "out overlaps an input");
+        goto x;
+    }
     kmv_ctx *ctx = NULL;
     kmv_stats st;
     int rc;
@@ -244,6 +269,7 @@ typedef struct {
     kmv_ctx *ctx;
     kmv_stream *s;
     pthread_rwlock_t lock;
+    int lock_made;
     kmv_params p; /* kmv_stream_get_params(): what each step's stats report */
     size_t dim, cols;
     int attn;
@@ -254,7 +280,7 @@ static void stream_dealloc(PyObject *self) {
     /* Nobody else holds a reference, so no call runs on it. */
     kmv_stream_free(so->s);
     kmv_ctx_free(so->ctx);
-    pthread_rwlock_destroy(&so->lock);
+    if (so->lock_made) pthread_rwlock_destroy(&so->lock);
     Py_TYPE(self)->tp_free(self);
 }
 
@@ -276,7 +302,7 @@ static PyObject *append_block(StreamObject *so, PyObject *ko, PyObject *xo, Py_s
         PyBuffer_Release(&kb);
         return NULL;
     }
-    int rc, closed;
+    int rc = KMV_OK, closed;
     size_t first = 0;
     Py_BEGIN_ALLOW_THREADS
     pthread_rwlock_wrlock(&so->lock);
@@ -322,8 +348,13 @@ static PyObject *stream_decode(PyObject *self, PyObject *args) {
         PyBuffer_Release(&qb);
         return NULL;
     }
+    if (overlaps(&ob, &qb)) {
+        PyBuffer_Release(&ob);
+        PyBuffer_Release(&qb);
+        return raise_code(KMV_EINVAL, "decode", "out overlaps the query");
+    }
     kmv_stats st;
-    int rc, closed;
+    int rc = KMV_OK, closed;
     Py_BEGIN_ALLOW_THREADS
     pthread_rwlock_rdlock(&so->lock);
     closed = so->s == NULL;
@@ -337,8 +368,9 @@ static PyObject *stream_decode(PyObject *self, PyObject *args) {
     return new_stats(&st, &so->p, so->attn, "decode");
 }
 
-/* matvec(x or None, out, m) -> RawStats; out holds m x cols, m the queries
- * the caller saw (checked again under the lock). */
+/* matvec(x or None, out, m, n) -> RawStats; out holds m x cols and x n x
+ * cols, the counts the caller saw. None when another thread appended
+ * queries (or keys, with x) since: nothing was written. */
 static PyObject *stream_matvec(PyObject *self, PyObject *args) {
     StreamObject *so = (StreamObject *)self;
     PyObject *xo, *oo;
@@ -353,6 +385,11 @@ static PyObject *stream_matvec(PyObject *self, PyObject *args) {
         if (have_x) PyBuffer_Release(&xb);
         return NULL;
     }
+    if (have_x && overlaps(&ob, &xb)) {
+        PyBuffer_Release(&ob);
+        PyBuffer_Release(&xb);
+        return raise_code(KMV_EINVAL, "matvec", "out overlaps x");
+    }
     kmv_stats st;
     int rc = KMV_OK, closed, moved = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -361,7 +398,7 @@ static PyObject *stream_matvec(PyObject *self, PyObject *args) {
     if (!closed) {
         kmv_stream_info info;
         kmv_stream_get_info(so->s, &info);
-        moved = info.n_queries != (size_t)m || info.n_keys != (size_t)n;
+        moved = info.n_queries != (size_t)m || (have_x && info.n_keys != (size_t)n);
         if (!moved) rc = kmv_stream_matvec(so->s, have_x ? xb.buf : NULL, ob.buf, &st);
     }
     pthread_rwlock_unlock(&so->lock);
@@ -369,11 +406,7 @@ static PyObject *stream_matvec(PyObject *self, PyObject *args) {
     PyBuffer_Release(&ob);
     if (have_x) PyBuffer_Release(&xb);
     if (closed) return closed_error();
-    if (moved) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "kmv.Stream.matvec: the stream grew in another thread during the call");
-        return NULL;
-    }
+    if (moved) return Py_NewRef(Py_None); /* grown meanwhile: the caller sizes again */
     if (rc != KMV_OK) return raise_code(rc, "matvec", NULL);
     return new_stats(&st, &so->p, so->attn, "stream");
 }
@@ -383,10 +416,10 @@ static PyObject *stream_save(PyObject *self, PyObject *args) {
     PyObject *path;
     if (!PyArg_ParseTuple(args, "O&", PyUnicode_FSConverter, &path)) return NULL;
     char err[512] = "";
-    int rc, closed;
+    int rc = KMV_OK, closed;
     Py_BEGIN_ALLOW_THREADS
-    /* Steps may run while a snapshot is written: both only read. */
-    pthread_rwlock_rdlock(&so->lock);
+    /* Alone (kmv.h): a step may re-plan the tables the snapshot records. */
+    pthread_rwlock_wrlock(&so->lock);
     closed = so->s == NULL;
     if (!closed) rc = kmv_stream_save(so->s, PyBytes_AS_STRING(path), err, sizeof err);
     pthread_rwlock_unlock(&so->lock);
@@ -403,7 +436,7 @@ static PyObject *stream_info(PyObject *self, PyObject *unused) {
     kmv_stream_info in;
     int closed;
     Py_BEGIN_ALLOW_THREADS
-    pthread_rwlock_rdlock(&so->lock);
+    pthread_rwlock_wrlock(&so->lock); /* alone: a step may update the counts */
     closed = so->s == NULL;
     if (!closed) kmv_stream_get_info(so->s, &in);
     pthread_rwlock_unlock(&so->lock);
@@ -432,8 +465,8 @@ static PyObject *stream_close(PyObject *self, PyObject *unused) {
     s = so->s;
     so->s = NULL;
     pthread_rwlock_unlock(&so->lock);
-    Py_END_ALLOW_THREADS
     kmv_stream_free(s);
+    Py_END_ALLOW_THREADS
     return Py_NewRef(Py_None);
 }
 
@@ -454,7 +487,14 @@ static PyObject *stream_get_attention(PyObject *self, void *c) {
 
 static PyObject *stream_get_closed(PyObject *self, void *c) {
     (void)c;
-    return PyBool_FromLong(((StreamObject *)self)->s == NULL);
+    StreamObject *so = (StreamObject *)self;
+    int closed;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_rdlock(&so->lock);
+    closed = so->s == NULL;
+    pthread_rwlock_unlock(&so->lock);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(closed);
 }
 
 static PyObject *stream_get_params(PyObject *self, void *c) {
@@ -464,13 +504,14 @@ static PyObject *stream_get_params(PyObject *self, void *c) {
     kmv_params_get_x(p, &px);
     static const char *backends[] = {"auto", "lsh", "tree"};
     int b = px.backend >= 0 && px.backend <= 2 ? px.backend : 0;
-    return Py_BuildValue("{s:d,s:d,s:d,s:d,s:K,s:O,s:O,s:i,s:s,s:i,s:K,s:s}", "sigma", p->sigma, "scale",
+    return Py_BuildValue("{s:d,s:d,s:d,s:d,s:K,s:O,s:O,s:i,s:s,s:i,s:K,s:s,s:O}", "sigma", p->sigma, "scale",
                          p->attn_scale, "eps", p->eps, "delta", p->delta, "seed",
                          (unsigned long long)p->seed, "exact", p->exact ? Py_True : Py_False, "causal",
                          p->causal ? Py_True : Py_False, "threads", p->n_threads, "budget",
                          px.attn_budget == KMV_BUDGET_EMPIRICAL ? "empirical" : "certified",
                          "verify_every", px.verify_every, "max_bytes", (unsigned long long)p->max_bytes,
-                         "backend", backends[b]);
+                         "backend", backends[b], "force_approx",
+                         px.force_approx ? Py_True : Py_False);
 }
 
 static PyMethodDef stream_methods[] = {
@@ -508,9 +549,9 @@ static StreamObject *new_stream_object(void) {
     if (so == NULL) return NULL;
     so->ctx = NULL;
     so->s = NULL;
-    if (pthread_rwlock_init(&so->lock, NULL) != 0) {
-        /* PyObject_New's memory, nothing else to undo */
-        PyObject_Free(so);
+    so->lock_made = pthread_rwlock_init(&so->lock, NULL) == 0;
+    if (!so->lock_made) {
+        Py_DECREF(so);
         PyErr_NoMemory();
         return NULL;
     }
@@ -605,6 +646,7 @@ static PyObject *py_strerror(PyObject *self, PyObject *arg) {
     (void)self;
     long code = PyLong_AsLong(arg);
     if (code == -1 && PyErr_Occurred()) return NULL;
+    if (code < INT_MIN || code > INT_MAX) code = INT_MIN; /* no such code */
     return Py_BuildValue("(ss)", kmv_errname((int)code), kmv_strerror((int)code));
 }
 

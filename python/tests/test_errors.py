@@ -243,3 +243,57 @@ def test_every_code_has_its_class():
         assert cls.__name__ == name
     assert issubclass(kmv.EIO, OSError) and issubclass(kmv.ENOMEM, MemoryError)
     assert issubclass(kmv.EDIM, ValueError) and issubclass(kmv.ENONFINITE, ValueError)
+
+
+def test_knob_types_and_ranges_are_named(rng):
+    q, k, x = operands(rng)
+    for kw, name in ((dict(max_bytes=2**64), "max_bytes"), (dict(threads=2**40), "threads"),
+                     (dict(verify_every=2**31), "verify_every"),
+                     (dict(verify_every=2.7), "verify_every"), (dict(exact="False"), "exact"),
+                     (dict(causal=2), "causal"), (dict(seed=True), "seed"),
+                     (dict(eps="0.1x"), "eps")):
+        with pytest.raises(kmv.EINVAL, match=name):
+            kmv.matvec(q, k, x, 1.0, **kw)
+    with pytest.raises(kmv.EINVAL, match="sigma"):
+        kmv.matvec(q, k, x, 0.0)
+    with pytest.raises(kmv.EINVAL, match="scale"):
+        kmv.attention(q, k, x, scale=np.inf)
+    with pytest.raises(kmv.EINVAL, match="force_approx"):
+        kmv.Stream(D, force_approx="yes")
+
+
+def test_decode_wants_one_query(rng):
+    s = kmv.Stream(4)
+    s.append(rng.normal(size=(3, 4)), np.ones(3))
+    for bad in (np.ones((2, 2)), np.ones((4, 1)), np.float32(1.0), np.ones((2, 4))):
+        with pytest.raises(kmv.EDIM):
+            s.decode(bad)
+    a, _ = s.decode(np.ones(4))
+    b, _ = s.decode(np.ones((1, 4)))
+    assert np.array_equal(a, b)
+
+
+def test_misaligned_float32_is_copied_not_passed(rng):
+    buf = np.zeros(4 * 12 + 1, np.uint8)
+    a = np.frombuffer(buf.data, np.float32, count=12, offset=1).reshape(3, 4)
+    assert not a.flags.aligned and a.flags.c_contiguous
+    b = kmv._floats(a, "a", (2,))
+    assert b.flags.aligned and b is not a
+    k = rng.normal(size=(5, 4)).astype(np.float32)
+    y, _ = kmv.matvec(a, k, np.ones(5), 1.0, exact=True)
+    ref, _ = kmv.matvec(np.zeros((3, 4)), k, np.ones(5), 1.0, exact=True)
+    assert np.array_equal(y, ref)
+    with pytest.raises(ValueError, match="aligned"):
+        kmv._kmv.matvec(a, 3, k, 5, 4, np.ones((5, 1), np.float32), 1,
+                        np.empty((3, 1), np.float32))
+
+
+def test_raw_output_may_not_overlap_an_input(rng):
+    q, k, x = operands(rng)
+    with pytest.raises(kmv.EINVAL, match="overlaps"):
+        kmv._kmv.matvec(q, M, k, N, D, x, 2, x[:M])  # out is inside x
+    s = kmv._kmv.stream_create(D, 2, False)
+    s.append_keys(k, x, N)
+    buf = np.zeros(D, np.float32)
+    with pytest.raises(kmv.EINVAL, match="overlaps"):
+        s.decode(buf, buf[:2])

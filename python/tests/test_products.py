@@ -122,9 +122,9 @@ def test_dtypes_and_orders_give_the_same_answer(rng):
 
 def test_float32_c_contiguous_is_read_in_place(rng):
     a = rng.normal(size=(4, 3)).astype(np.float32)
-    assert kmv._floats(a, "a", 2) is a
+    assert kmv._floats(a, "a", (2,)) is a
     f = np.asfortranarray(a)
-    assert kmv._floats(f, "f", 2) is not f
+    assert kmv._floats(f, "f", (2,)) is not f
 
 
 class FakeTensor:
@@ -144,7 +144,7 @@ class FakeTensor:
 
 def test_tensor_like_inputs_are_read_without_a_copy(rng):
     a = rng.normal(size=(6, 4)).astype(np.float32)
-    assert kmv._floats(FakeTensor(a), "t", 2) is a
+    assert kmv._floats(FakeTensor(a), "t", (2,)) is a
     k = rng.normal(size=(8, 4)).astype(np.float32)
     v = rng.normal(size=(8, 2)).astype(np.float32)
     o, _ = kmv.attention(FakeTensor(a), FakeTensor(k), FakeTensor(v), exact=True)

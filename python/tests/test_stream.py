@@ -221,3 +221,24 @@ def test_exact_stream_matches_exact_batch(rng):
     assert st["mode"] == "exact"
     for i in range(0, 70, 7):
         np.testing.assert_allclose(s.decode(q[i])[0], b[i], atol=1e-6)
+
+
+def test_stats_are_read_only_and_pickle(rng):
+    import pickle
+    s = kmv.Stream(3)
+    s.append(rng.normal(size=(5, 3)), np.ones(5))
+    _, st = s.decode(np.zeros(3))
+    with pytest.raises(TypeError):
+        st["phases"]["kernel"] = 99.0
+    back = pickle.loads(pickle.dumps(st))
+    assert isinstance(back, kmv.Stats) and back.to_dict() == st.to_dict()
+    d = st.to_dict()
+    d["phases"]["kernel"] = -1
+    assert st["phases"]["kernel"] != -1  # to_dict is a copy
+
+
+def test_closed_stream_is_still_truthy():
+    s = kmv.Stream(2)
+    assert s and len(s) == 0
+    s.close()
+    assert s

@@ -156,3 +156,35 @@ def test_no_leak_over_ten_thousand_calls(rng, tmp_path):
     # design); the plain configuration checks this.
     if "libasan" not in os.environ.get("LD_PRELOAD", ""):
         assert rss1 - rss0 < 4 * 1024 * 1024, f"RSS grew {rss1 - rss0} bytes"
+
+
+def test_products_and_saves_beside_appends_and_steps(rng, tmp_path):
+    """matvec sizes its answer again when another thread appends meanwhile,
+    and a snapshot waits for running steps (kmv.h: every call but a step
+    runs alone)."""
+    q, k = clustered(rng, 3000, 300, 6)
+    x = rng.normal(size=3000).astype(np.float32)
+    s = kmv.Stream(6, sigma=0.5, threads=1)
+    s.append(k, x)
+
+    def worker(t):
+        if t == 0:
+            for a in range(0, 300, 3):
+                s.append_queries(q[a:a + 3])
+        elif t == 1:
+            for _ in range(40):
+                y, _ = s.matvec()
+                assert y.shape[1] == 1 and np.isfinite(y).all()
+        elif t == 2:
+            for i in range(10):
+                s.save(tmp_path / f"s{i}")
+        else:
+            for i in range(300):
+                s.decode(q[i])
+
+    run_threads(4, worker)
+    y, _ = s.matvec()
+    assert y.shape == (300, 1)
+    for i in range(10):
+        t = kmv.Stream.load(tmp_path / f"s{i}")
+        assert len(t) == 3000
