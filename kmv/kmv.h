@@ -386,6 +386,92 @@ KMV_API int kmv_stream_save(const kmv_stream *s, const char *path, char *err, si
 KMV_API int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **out, char *err,
                             size_t err_len);
 
+/* ------------------------------------------------------------- regression */
+
+/* Least squares against the attention proxies of Xiong, He and Du (the
+ * regression paper, docs/regress.md), for A (n x d, float32, row-major) and
+ * b (float64):
+ *   KMV_REGRESS_EXP:   min over x in R^n of ||(exp(s A A^T) + ridge I) x - b||,
+ *                      b in R^n; exp entrywise, s = params.scale (0:
+ *                      1/sqrt(d)). The matrix is D K D, D = diag(exp(s
+ *                      ||a_i||^2 / 2)) and K the Gaussian kernel of A's rows
+ *                      at sigma = 1/sqrt(s): PSD, solved by conjugate
+ *                      gradients whose products are kmv's (exact under the
+ *                      context's params.exact, else approximate where the
+ *                      cost model says it pays), preconditioned by a
+ *                      randomized Nystrom approximation from a column sample.
+ *   KMV_REGRESS_GRAM:  min over x in R^d of ||(A^T A)^j x - b||, b in R^d.
+ *   KMV_REGRESS_AGRAM: min over x in R^d of ||A (A^T A)^j x - b||, b in R^n.
+ *                      Both by sketch-and-precondition: a CountSketch S of
+ *                      A, R from the QR of SA, and iterations on A R^-1
+ *                      (LSQR, and conjugate gradients on the normal
+ *                      equations for each power), whose count does not grow
+ *                      with cond(A); (A^T A)^j is never formed. */
+typedef enum kmv_regress_problem {
+    KMV_REGRESS_EXP = 0,
+    KMV_REGRESS_GRAM = 1,
+    KMV_REGRESS_AGRAM = 2
+} kmv_regress_problem;
+
+typedef struct kmv_regress_params {
+    int problem;        /* a kmv_regress_problem. Default EXP */
+    int power;          /* j >= 1, for GRAM and AGRAM. Default 1 */
+    double scale;       /* s > 0 of exp(s A A^T); 0: 1/sqrt(d). Default 0 */
+    double ridge;       /* >= 0, added to exp's diagonal. Default 0 */
+    double tol;         /* in (0, 1): stop when the iteration's relative
+                           residual is under it. Default 1e-6 */
+    int max_iter;       /* iterations per solve, >= 1. Default 1000 */
+    int precondition;   /* 1: the sketch (GRAM, AGRAM) or Nystrom (EXP)
+                           preconditioner; 0: plain iterations, to compare.
+                           Default 1 */
+    size_t sketch_rows; /* rows of the sketch (GRAM, AGRAM; 0: 4 d) or
+                           columns sampled (EXP; 0: min(n, 200)). Default 0 */
+    /* When not NULL: the relative residual after each iteration, the first
+     * history_len of them (stats.iterations says how many there were). */
+    double *history;
+    size_t history_len;
+} kmv_regress_params;
+
+/* Fill *p with the defaults above. */
+KMV_API void kmv_regress_params_init(kmv_regress_params *p);
+
+/* What kmv_regress() did; times are wall-clock seconds. */
+typedef struct kmv_regress_stats {
+    int iterations;          /* iterations, over every inner solve */
+    int converged;           /* 1: every solve met tol within max_iter */
+    double residual;         /* ||M x - b|| / ||b||, recomputed in float64
+                                at the end (EXP: through the exact engine
+                                unless the context's params.exact is 0 and
+                                n is past what an exact check affords; then
+                                -1) */
+    double residual_optimal; /* the optimum's ||M x* - b|| / ||b|| where
+                                it is known cheaply (AGRAM: ||b - Q Q^T b||
+                                / ||b||; GRAM and EXP with A of full rank:
+                                0), else -1 */
+    size_t sketch_rows;      /* as used */
+    uint64_t products;       /* products with A or A^T (GRAM, AGRAM) or
+                                with the kernel matrix (EXP) */
+    int approx_products;     /* EXP: products the approximate engine
+                                answered */
+    double product_error;    /* EXP: the products' error bound, relative
+                                to ||M|| (0 when exact) */
+    double log_scale_max;    /* EXP: max s ||a_i||^2 / 2 */
+    double seconds, seconds_precond, seconds_products;
+} kmv_regress_stats;
+
+/* Solve the problem rp->problem for A (n x d) and b (b_len = n for EXP
+ * and AGRAM, d for GRAM) into x (n for EXP, d otherwise), under ctx's
+ * params (eps, delta, seed, exact, threads, allocator, max_bytes). x is
+ * written only on success. Errors: KMV_EINVAL (NULL, a param out of range,
+ * n or d of 0), KMV_EDIM (b_len), KMV_ENONFINITE (A or b), KMV_EOVERFLOW
+ * (EXP: exp(s ||a_i||^2) past double's range once scaled; the message
+ * names the largest s ||a_i||^2 / 2 in stats.log_scale_max), KMV_ENOMEM,
+ * KMV_ELIMIT. Not converging within max_iter is not an error: stats say
+ * so. Any number of calls at once on one context. */
+KMV_API int kmv_regress(const kmv_ctx *ctx, const kmv_regress_params *rp, const float *a,
+                        size_t n, size_t d, const double *b, size_t b_len, double *x,
+                        kmv_regress_stats *stats);
+
 /* ---------------------------------------------------------------- .npy I/O */
 
 /* A float32 array: rows x cols, row-major; a 1-D file of length n reads as

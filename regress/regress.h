@@ -1,0 +1,66 @@
+/* Internal: the regression solvers behind kmv_regress() (docs/regress.md).
+ * Everything is float64; A arrives as float32 and is widened once. One
+ * file per part: krylov.c (preconditioned conjugate gradients and LSQR
+ * over operator callbacks), sketch.c (CountSketch and the QR of SA),
+ * gram.c (GRAM and AGRAM), exp.c (EXP: kmv's kernel products in the log
+ * domain, the Nystrom preconditioner), regress.c (the entry point). */
+#ifndef KMV_REGRESS_H
+#define KMV_REGRESS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/alloc.h"
+#include "common/params.h"
+
+/* y = Op x for vectors of the operator's size; KMV_OK or an error code,
+ * which ends the iteration with it. */
+typedef int (*kmv__op_fn)(void *ctx, const double *x, double *y);
+
+/* What a Krylov solve did. */
+typedef struct kmv__krylov_result {
+    int iterations;
+    int converged;
+    double rel_residual; /* the iteration's own estimate at the end */
+} kmv__krylov_result;
+
+/* Where to record each iteration's relative residual (history may be
+ * NULL); `at` counts across solves, so several fill one array. */
+typedef struct kmv__history {
+    double *history;
+    size_t len, at;
+} kmv__history;
+
+/* Preconditioned conjugate gradients for M x = b, M symmetric positive
+ * definite of size n (apply_m), preconditioner P ~ M^-1 (apply_p, NULL
+ * for none), from x = 0. Stops at ||b - M x|| <= tol ||b|| (the
+ * recurrence's residual) or max_iter. x is n doubles. */
+int kmv__pcg(const kmv_allocator *a, size_t n, kmv__op_fn apply_m, void *m_ctx,
+             kmv__op_fn apply_p, void *p_ctx, const double *b, double *x, double tol,
+             int max_iter, kmv__history *h, kmv__krylov_result *out);
+
+#endif /* KMV_REGRESS_H */
+
+/* LSQR (Paige and Saunders) for min ||A x - b||, A of m x n given by
+ * apply_a (x -> A x) and apply_at (y -> A^T y), from x = 0. Stops when
+ * ||A^T r|| <= tol ||A|| ||r|| (the estimate of LSQR's own test), or when
+ * ||r|| <= tol ||b||, or at max_iter. x is n doubles. */
+int kmv__lsqr(const kmv_allocator *a, size_t m, size_t n, kmv__op_fn apply_a, kmv__op_fn apply_at,
+              void *op_ctx, const double *b, double *x, double tol, int max_iter, kmv__history *h,
+              kmv__krylov_result *out);
+
+/* GRAM and AGRAM (rp->problem): a is A widened to float64, row-major n x
+ * d; b has d (GRAM) or n (AGRAM) entries; x gets d. Fills every field of
+ * st that concerns these problems (residual and residual_optimal in
+ * float64, products counting A and A^T products). */
+int kmv__regress_gram(const kmv__params *pa, const kmv_allocator *al,
+                      const kmv_regress_params *rp, const double *a, size_t n, size_t d,
+                      const double *b, double *x, kmv_regress_stats *st);
+
+/* EXP: a is A as given (float32, n x d), b and x have n entries. Kernel
+ * products go through an index under pa (exact under pa->exact). Fills
+ * every field of st that concerns EXP. KMV_EOVERFLOW (st->log_scale_max
+ * set) where the diagonal scaling leaves double's range. */
+int kmv__regress_exp(const kmv__params *pa, const kmv_allocator *al,
+                     const kmv_regress_params *rp, const float *a, size_t n, size_t d,
+                     const double *b, double *x, kmv_regress_stats *st);
