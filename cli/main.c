@@ -21,6 +21,8 @@ static void usage(FILE *f) {
             "              growing prefixes, from one stream (CSV, optional plot)\n"
             "  decode      run a llama2.c model token by token with kmv attention\n"
             "              streams; compare against exact attention\n"
+            "  regress     least squares against exp(s A A^T) or powers of A^T A,\n"
+            "              preconditioned, over kmv's products\n"
             "  demo        a tour on shipped data: the exact engine, attention and the\n"
             "              approximate engine on GloVe, then a stream's decoding steps\n"
             "\n"
@@ -45,6 +47,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "attention") == 0) return cmd_attention(argc - 2, argv + 2);
     if (strcmp(cmd, "prefix") == 0) return cmd_prefix(argc - 2, argv + 2);
     if (strcmp(cmd, "decode") == 0) return cmd_decode(argc - 2, argv + 2);
+    if (strcmp(cmd, "regress") == 0) return cmd_regress(argc - 2, argv + 2);
     if (strcmp(cmd, "demo") == 0) return cmd_demo(argc - 2, argv + 2, argv[0]);
     fprintf(stderr, "kmv: unknown command '%s'\n\n", cmd);
     usage(stderr);
