@@ -18,7 +18,8 @@ enum {
     KMV__RNG_WINDOW = 4,  /* per-row sample windows */
     KMV__RNG_PLAN = 5,    /* planner's pair sample */
     KMV__RNG_DECODE = 6,  /* decoding steps' windows */
-    KMV__RNG_TREE = 7     /* the bounds tree's seeding */
+    KMV__RNG_TREE = 7,    /* the bounds tree's seeding */
+    KMV__RNG_REGRESS = 8  /* GRAM and AGRAM's CountSketch */
 };
 
 static inline uint64_t kmv__mix64(uint64_t z) {
