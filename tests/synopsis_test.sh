@@ -10,7 +10,7 @@ README=${README:-README.md}
 
 block=$(sed -n '/<!-- synopsis:begin -->/,/<!-- synopsis:end -->/p' "$README" | grep -v '^<!--' | grep -v '^```')
 [ -n "$block" ] || bad "no synopsis block in $README"
-for cmd in matvec attention prefix decode demo; do
+for cmd in matvec attention prefix decode regress demo; do
     help=$($KMV $cmd --help | head -1 | sed 's/^usage: //' | tr -s ' ')
     # The command's lines: from "kmv CMD" to the next line starting "kmv".
     doc=$(awk -v c="$cmd" '$1 == "kmv" {on = ($2 == c)} on' <<<"$block" | tr '\n' ' ' | tr -s ' ' | sed 's/ $//')
