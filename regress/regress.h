@@ -39,8 +39,6 @@ int kmv__pcg(const kmv_allocator *a, size_t n, kmv__op_fn apply_m, void *m_ctx,
              kmv__op_fn apply_p, void *p_ctx, const double *b, double *x, double tol,
              int max_iter, kmv__history *h, kmv__krylov_result *out);
 
-#endif /* KMV_REGRESS_H */
-
 /* LSQR (Paige and Saunders) for min ||A x - b||, A of m x n given by
  * apply_a (x -> A x) and apply_at (y -> A^T y), from x = 0. Stops when
  * ||A^T r|| <= tol ||A|| ||r|| (the estimate of LSQR's own test), or when
@@ -48,6 +46,14 @@ int kmv__pcg(const kmv_allocator *a, size_t n, kmv__op_fn apply_m, void *m_ctx,
 int kmv__lsqr(const kmv_allocator *a, size_t m, size_t n, kmv__op_fn apply_a, kmv__op_fn apply_at,
               void *op_ctx, const double *b, double *x, double tol, int max_iter, kmv__history *h,
               kmv__krylov_result *out);
+
+/* R (d x d, upper triangular, row-major, zero below the diagonal) of the
+ * QR of S A, S an s-row CountSketch drawn from seed's KMV__RNG_REGRESS
+ * stream, A row-major n x d. d <= s <= INT_MAX, else KMV_EINVAL; also
+ * KMV_ENOMEM. A R^-1 has a condition number O(1) with high probability
+ * when s is a small multiple of d. */
+int kmv__sketch_r(const kmv_allocator *al, uint64_t seed, const double *a, size_t n, size_t d,
+                  size_t s, double *r);
 
 /* GRAM and AGRAM (rp->problem): a is A widened to float64, row-major n x
  * d; b has d (GRAM) or n (AGRAM) entries; x gets d. Fills every field of
@@ -64,3 +70,5 @@ int kmv__regress_gram(const kmv__params *pa, const kmv_allocator *al,
 int kmv__regress_exp(const kmv__params *pa, const kmv_allocator *al,
                      const kmv_regress_params *rp, const float *a, size_t n, size_t d,
                      const double *b, double *x, kmv_regress_stats *st);
+
+#endif /* KMV_REGRESS_H */
