@@ -19,7 +19,8 @@ enum {
     KMV__RNG_PLAN = 5,    /* planner's pair sample */
     KMV__RNG_DECODE = 6,  /* decoding steps' windows */
     KMV__RNG_TREE = 7,    /* the bounds tree's seeding */
-    KMV__RNG_REGRESS = 8  /* GRAM and AGRAM's CountSketch */
+    KMV__RNG_REGRESS = 8, /* GRAM and AGRAM's CountSketch */
+    KMV__RNG_NYSTROM = 9  /* EXP's Nystrom pivots */
 };
 
 static inline uint64_t kmv__mix64(uint64_t z) {

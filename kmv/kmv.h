@@ -392,14 +392,21 @@ KMV_API int kmv_stream_load(const kmv_ctx *ctx, const char *path, kmv_stream **o
  * regression paper, docs/regress.md), for A (n x d, float32, row-major) and
  * b (float64):
  *   KMV_REGRESS_EXP:   min over x in R^n of ||(exp(s A A^T) + ridge I) x - b||,
- *                      b in R^n; exp entrywise, s = params.scale (0:
- *                      1/sqrt(d)). The matrix is D K D, D = diag(exp(s
- *                      ||a_i||^2 / 2)) and K the Gaussian kernel of A's rows
- *                      at sigma = 1/sqrt(s): PSD, solved by conjugate
- *                      gradients whose products are kmv's (exact under the
- *                      context's params.exact, else approximate where the
- *                      cost model says it pays), preconditioned by a
- *                      randomized Nystrom approximation from a column sample.
+ *                      b in R^n; exp entrywise, s = rp.scale (0:
+ *                      1/sqrt(d)). The matrix is D K D + ridge I, D =
+ *                      diag(exp(s ||a_i||^2 / 2)) and K the Gaussian kernel
+ *                      of A's rows at sigma = 1/sqrt(s): positive definite
+ *                      for distinct rows or ridge > 0, solved by conjugate
+ *                      gradients on its Jacobi scaling (kept in the log
+ *                      domain; precondition 0 keeps it too) whose products
+ *                      are kmv's (exact under the context's params.exact,
+ *                      else approximate where the cost model says it pays),
+ *                      preconditioned by a randomized Nystrom approximation
+ *                      from columns drawn by pivoted Cholesky. Products are
+ *                      float32: for n <= 16384 the float64 residual drives
+ *                      up to 3 refinements, which meet tol while about 1e-7
+ *                      cond(M) < 1; each solve stops at product_error (its
+ *                      floor) if that is above tol.
  *   KMV_REGRESS_GRAM:  min over x in R^d of ||(A^T A)^j x - b||, b in R^d.
  *   KMV_REGRESS_AGRAM: min over x in R^d of ||A (A^T A)^j x - b||, b in R^n.
  *                      Both by sketch-and-precondition: a CountSketch S of
@@ -438,23 +445,27 @@ KMV_API void kmv_regress_params_init(kmv_regress_params *p);
 /* What kmv_regress() did; times are wall-clock seconds. */
 typedef struct kmv_regress_stats {
     int iterations;          /* iterations, over every inner solve */
-    int converged;           /* 1: every solve met tol within max_iter */
+    int converged;           /* 1: every solve met tol within max_iter
+                                (EXP: the final residual is under tol, or
+                                where it is -1, the last solve met tol) */
     double residual;         /* ||M x - b|| / ||b||, recomputed in float64
-                                at the end (EXP: through the exact engine
-                                unless the context's params.exact is 0 and
-                                n is past what an exact check affords; then
-                                -1) */
+                                at the end (EXP: for n <= 16384; beyond,
+                                through the exact engine's float32 product
+                                under params.exact, good to about 1e-7
+                                cond(M), else -1) */
     double residual_optimal; /* the optimum's ||M x* - b|| / ||b|| where
                                 it is known cheaply (AGRAM: ||b - Q Q^T b||
-                                / ||b||; GRAM and EXP with A of full rank:
-                                0), else -1 */
+                                / ||b||; GRAM with A of full rank, EXP with
+                                ridge > 0 or distinct rows: 0), else -1 */
     size_t sketch_rows;      /* as used */
     uint64_t products;       /* products with A or A^T (GRAM, AGRAM) or
                                 with the kernel matrix (EXP) */
     int approx_products;     /* EXP: products the approximate engine
                                 answered */
     double product_error;    /* EXP: the products' error bound, relative
-                                to ||M|| (0 when exact) */
+                                to ||M||: eps once an approximate product
+                                answered, else 0 (exact products carry
+                                float32's 1e-7) */
     double log_scale_max;    /* EXP: max s ||a_i||^2 / 2 */
     double seconds, seconds_precond, seconds_products;
 } kmv_regress_stats;
@@ -464,8 +475,9 @@ typedef struct kmv_regress_stats {
  * params (eps, delta, seed, exact, threads, allocator, max_bytes). x is
  * written only on success. Errors: KMV_EINVAL (NULL, a param out of range,
  * n or d of 0), KMV_EDIM (b_len), KMV_ENONFINITE (A or b), KMV_EOVERFLOW
- * (EXP: exp(s ||a_i||^2) past double's range once scaled; the message
- * names the largest s ||a_i||^2 / 2 in stats.log_scale_max), KMV_ENOMEM,
+ * (EXP: exp(s ||a_i||^2) + ridge past double's range, or x past it or
+ * underflowing entirely; stats.log_scale_max names the largest
+ * s ||a_i||^2 / 2), KMV_ENOMEM,
  * KMV_ELIMIT. Not converging within max_iter is not an error: stats say
  * so. Any number of calls at once on one context. */
 KMV_API int kmv_regress(const kmv_ctx *ctx, const kmv_regress_params *rp, const float *a,

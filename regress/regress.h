@@ -39,6 +39,28 @@ int kmv__pcg(const kmv_allocator *a, size_t n, kmv__op_fn apply_m, void *m_ctx,
              kmv__op_fn apply_p, void *p_ctx, const double *b, double *x, double tol,
              int max_iter, kmv__history *h, kmv__krylov_result *out);
 
+/* EXP's Nystrom preconditioner (nystrom.c): P ~ (E Mt E)^-1 for Mt = T K T
+ * + R, K the Gaussian kernel exp(-s ||a_i - a_j||^2 / 2) of A's rows, T,
+ * R and E diagonal (R >= 0, E > 0), from `cols` columns of T K T drawn by
+ * randomly pivoted Cholesky from seed's KMV__RNG_NYSTROM stream. */
+typedef struct kmv__nystrom {
+    size_t n, k, ld;  /* k columns kept; 0: Jacobi alone, P = E^-2 */
+    double *q;        /* Q, n x k row-major (leading dimension ld) */
+    double *z, *h, *c; /* Z (k x k), the whitening over E (n), scratch (2k) */
+    const double *e;  /* E, the caller's */
+} kmv__nystrom;
+
+/* Build *out (zeroed first; n and e set even on error). KMV_OK (k = 0
+ * where T K T gives nothing to build on or LAPACK fails) or KMV_ENOMEM,
+ * with nothing held then. a: n x d float32; t, r, e: n entries, e kept. */
+int kmv__nystrom_build(const kmv_allocator *al, const float *a, size_t n, size_t d, double s,
+                       const double *t, const double *r, const double *e, size_t cols,
+                       uint64_t seed, int threads, kmv__nystrom *out);
+/* y = P v (not in place); uses ny's scratch, so one call at a time. */
+void kmv__nystrom_apply(kmv__nystrom *ny, const double *v, double *y);
+/* Release what build took; NULLs are fine. */
+void kmv__nystrom_free(const kmv_allocator *al, kmv__nystrom *ny);
+
 /* LSQR (Paige and Saunders) for min ||A x - b||, A of m x n given by
  * apply_a (x -> A x) and apply_at (y -> A^T y), from x = 0. Stops when
  * ||A^T r|| <= tol ||A|| ||r|| (the estimate of LSQR's own test), or when
