@@ -78,7 +78,19 @@ for input in model.bin tok.bin; do
     refuse report $input $input -- $KMV "${DC[@]}" --prompt a --report $input
 done
 refuse report story.txt story.txt -- $KMV "${DC[@]}" --text-file story.txt --report story.txt
-for f in Q.npy K.npy x.npy V.npy model.bin tok.bin story.txt; do
+$GEN write A.npy 40 4 31 >/dev/null
+$GEN write b.npy 40 1 32 ndim=1 >/dev/null
+before[A.npy]=$(sum A.npy)
+before[b.npy]=$(sum b.npy)
+RG=(regress --a A.npy --b b.npy --problem agram)
+for flag in out stats; do
+    other=$([ $flag = out ] && echo "--stats rs.json" || echo "--out rx.npy")
+    for input in A.npy b.npy; do
+        # shellcheck disable=SC2086
+        refuse $flag $input $input -- $KMV "${RG[@]}" $other --$flag $input
+    done
+done
+for f in Q.npy K.npy x.npy V.npy model.bin tok.bin story.txt A.npy b.npy; do
     if [ "$(sum "$f")" = "${before[$f]}" ]; then ok; else bad "$f changed"; fi
 done
 if [ -L Klink.npy ]; then ok; else bad "Klink.npy is no longer a link"; fi
@@ -122,6 +134,22 @@ wait "$catpid"
 if grep -q '"totals"' rep.copy && [ -p rep.fifo ]; then ok; else bad "--report through a FIFO: $(cat rep.copy)"; fi
 expect 0 "" -- $KMV "${DC[@]}" --prompt a --report /dev/null
 if [ -c /dev/null ]; then ok; else bad "/dev/null is no longer a character device"; fi
+# regress: x whole through a FIFO and to /dev/null; a run that fails (b of
+# the wrong length) publishes neither output
+expect 0 "" -- $KMV "${RG[@]}" --out rx_ref.npy --stats rs_ref.json
+mkfifo rx.fifo
+cat rx.fifo >rx.copy &
+catpid=$!
+pids+=("$catpid")
+expect 0 "" -- $KMV "${RG[@]}" --out rx.fifo
+wait "$catpid"
+if cmp -s rx.copy rx_ref.npy && [ -p rx.fifo ]; then ok; else bad "regress --out through a FIFO differs"; fi
+expect 0 "" -- $KMV "${RG[@]}" --out /dev/null
+if [ -c /dev/null ]; then ok; else bad "/dev/null is no longer a character device"; fi
+expect 1 "b must be a vector of 40 entries" -- $KMV regress --a A.npy --b x.npy --problem exp --out rx_bad.npy --stats rs_bad.json
+for f in rx_bad.npy rs_bad.json; do
+    if [ ! -e $f ]; then ok; else bad "$f was published by a failed run"; fi
+done
 printf old >target.npy
 ln -s target.npy out.link
 expect 0 "" -- $KMV "${MV[@]}" --out out.link
@@ -163,6 +191,12 @@ check_unread "matvec --stats nodir/s.json"
 blocked_writer
 expect 1 "nodir/f.png: cannot write" -- $KMV prefix --sigma 1 --queries inq.fifo --keys K.npy --out p.csv --plot nodir/f.png
 check_unread "prefix --plot nodir/f.png"
+blocked_writer
+expect 1 "nodir/x.npy: cannot write" -- $KMV regress --a inq.fifo --b b.npy --problem agram --out nodir/x.npy
+check_unread "regress --out nodir/x.npy"
+blocked_writer
+expect 1 "nodir/s.json: cannot write" -- $KMV regress --a inq.fifo --b b.npy --problem agram --out x3.npy --stats nodir/s.json
+check_unread "regress --stats nodir/s.json"
 mkfifo model.fifo
 (cat model.bin >model.fifo) &
 writer=$!

@@ -297,4 +297,42 @@ head -c 3000 "${STORIES:-data/stories260K}/tok512.bin" > "$T/tok.bin"
 expect 1 "tok.bin: token [0-9]+: truncated" -- $KMV decode "${M[0]}" "${M[1]}" --tokenizer "$T/tok.bin" --prompt a
 expect 1 "story.txt: not a llama2.c checkpoint|story.txt: [0-9]+ bytes, but" -- $KMV decode --model "$T/story.txt" --tokenizer "${STORIES:-data/stories260K}/tok512.bin" --prompt a
 
+
+# kmv regress: each problem solves a small system to its tolerance (the
+# stats' residual, recomputed in float64, under --tol), x as float64 of the
+# right length; bad input is a clear error with no output.
+$GEN write "$T/A.npy" 300 8 21
+$GEN write "$T/b300.npy" 300 1 22 ndim=1
+$GEN write "$T/b8.npy" 8 1 23 ndim=1
+$GEN write "$T/b7.npy" 7 1 24 ndim=1
+$GEN write "$T/Anan.npy" 300 8 25 bad=nan 17 3
+$GEN write "$T/Abig.npy" 300 8 26 fill=300
+R=(regress --a "$T/A.npy")
+for case in "gram b8 1" "gram b8 3" "agram b300 2" "exp b300 1"; do
+    set -- $case
+    rm -f "$T/rx.npy" "$T/rs.json"
+    expect 0 "" -- $KMV "${R[@]}" --b "$T/$2.npy" --problem "$1" --power "$3" --tol 1e-5 --out "$T/rx.npy" --stats "$T/rs.json"
+    want=$([ "$1" = exp ] && echo 300 || echo 8)
+    if [[ $($GEN stat "$T/rx.npy") == "1 $want 1 "* ]]; then ok; else bad "regress $case: x is $($GEN stat "$T/rx.npy")"; fi
+    if head -c 64 "$T/rx.npy" | grep -q "'descr': '<f8'"; then ok; else bad "regress $case: x is not float64"; fi
+    res=$(sed -n 's/.*"residual": \([^,]*\),.*/\1/p' "$T/rs.json")
+    if [ "$1" = agram ]; then
+        # the optimum of an overdetermined system is not 0: within 1e-3 of it
+        opt=$(sed -n 's/.*"residual_optimal": \([^,]*\),.*/\1/p' "$T/rs.json")
+        if awk -v r="$res" -v o="$opt" 'BEGIN { exit !(r <= o * (1 + 1e-3) + 1e-5) }'; then ok; else bad "regress $case: residual $res, optimum $opt"; fi
+    elif awk -v r="$res" 'BEGIN { exit !(r <= 1e-4) }'; then ok; else bad "regress $case: residual $res"; fi
+    if grep -q '"residual_per_iteration": \[[0-9]' "$T/rs.json"; then ok; else bad "regress $case: no residual history"; fi
+done
+expect 0 "usage: kmv regress.*--problem" -- $KMV regress --help
+expect 2 "problem must be exp, gram or agram" -- $KMV "${R[@]}" --b "$T/b8.npy" --problem svd --out "$T/rx2.npy"
+expect 2 "power must be in" -- $KMV "${R[@]}" --b "$T/b8.npy" --problem gram --power 0 --out "$T/rx2.npy"
+expect 2 "tol must be in" -- $KMV "${R[@]}" --b "$T/b8.npy" --problem gram --tol 0 --out "$T/rx2.npy"
+expect 2 "ridge must be >= 0" -- $KMV "${R[@]}" --b "$T/b300.npy" --problem exp --ridge -1 --out "$T/rx2.npy"
+expect 1 "b must be a vector of 8 entries" -- $KMV "${R[@]}" --b "$T/b7.npy" --problem gram --out "$T/rx2.npy"
+expect 1 "b must be a vector of 300 entries" -- $KMV "${R[@]}" --b "$T/b8.npy" --problem agram --out "$T/rx2.npy"
+expect 1 "b must be a vector" -- $KMV "${R[@]}" --b "$T/A.npy" --problem exp --out "$T/rx2.npy"
+expect 1 "Anan.npy.*(NaN|nan).*row 17" -- $KMV regress --a "$T/Anan.npy" --b "$T/b300.npy" --problem exp --out "$T/rx2.npy"
+expect 1 "largest s \|\|a_i\|\|\^2 / 2 is" -- $KMV regress --a "$T/Abig.npy" --b "$T/b300.npy" --problem exp --scale 1 --out "$T/rx2.npy"
+absent "$T/rx2.npy"
+
 finish
