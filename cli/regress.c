@@ -194,6 +194,7 @@ int cmd_regress(int argc, char **argv) {
     }
     for (size_t i = 0; i < want; i++) b[i] = B.data[i];
     kmv_regress_stats st;
+    memset(&st, 0, sizeof st);
     int err = kmv_ctx_create(&p, &ctx);
     if (err == KMV_OK) err = kmv_regress(ctx, &rp, A.data, n, d, b, want, x, &st);
     if (err == KMV_EOVERFLOW && rp.problem == KMV_REGRESS_EXP) {
