@@ -47,15 +47,16 @@ static void u32(buf *b, uint32_t v) {
 
 /* The .npy v1.0 header for a float32 array of this shape, padded so the
  * data starts at a multiple of 64 bytes. */
-static size_t npy_header(const npz_entry *e, char *h, size_t cap) {
-    char shape[128];
+size_t npy_header(const char *descr, const size_t *shape, int ndim, char *h, size_t cap) {
+    char dims[128];
     size_t at = 0;
-    for (int u = 0; u < e->ndim && at < sizeof shape; u++)
-        at += (size_t)snprintf(shape + at, sizeof shape - at, u == 0 ? "%zu" : ", %zu", e->shape[u]);
-    if (e->ndim == 1 && at < sizeof shape) snprintf(shape + at, sizeof shape - at, ",");
+    dims[0] = '\0';
+    for (int u = 0; u < ndim && at < sizeof dims; u++)
+        at += (size_t)snprintf(dims + at, sizeof dims - at, u == 0 ? "%zu" : ", %zu", shape[u]);
+    if (ndim == 1 && at < sizeof dims) snprintf(dims + at, sizeof dims - at, ",");
     char dict[256];
-    int dl = snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': (%s), }",
-                      shape);
+    int dl = snprintf(dict, sizeof dict, "{'descr': '%s', 'fortran_order': False, 'shape': (%s), }",
+                      descr, dims);
     size_t total = 10 + (size_t)dl + 1, pad = (64 - total % 64) % 64;
     if (total + pad > cap) return 0;
     memcpy(h, "\x93NUMPY\x01\x00", 8);
@@ -73,7 +74,7 @@ int npz_build(const npz_entry *e, size_t n, unsigned char **out, size_t *len) {
     for (size_t i = 0; i < n; i++) {
         char name[256], h[512];
         int nl = snprintf(name, sizeof name, "%s.npy", e[i].name);
-        size_t hl = npy_header(&e[i], h, sizeof h), count = 1;
+        size_t hl = npy_header("<f4", e[i].shape, e[i].ndim, h, sizeof h), count = 1;
         for (int u = 0; u < e[i].ndim; u++) count *= e[i].shape[u];
         size_t bytes = hl + count * sizeof(float);
         /* Offsets and sizes are 32-bit: the whole archive, headers and

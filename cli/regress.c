@@ -10,6 +10,7 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "cli/io.h"
+#include "cli/npz.h"
 #include "cli/text.h"
 #include "tools/clock.h"
 #include "kmv/kmv.h"
@@ -19,22 +20,12 @@
 
 static const char *const problems[] = {"exp", "gram", "agram"};
 
-/* A float64 .npy (version 1.0) of n entries: x keeps the solver's
- * precision, which float32 would cut for ill-conditioned problems. */
+/* A float64 .npy of n entries: x keeps the solver's precision, which
+ * float32 would cut for ill-conditioned problems. */
 static int write_npy64(const io_outputs *outs, const double *x, size_t n) {
-    char head[128];
-    int len = snprintf(head, sizeof head, "{'descr': '<f8', 'fortran_order': False, 'shape': (%zu,), }",
-                       n);
-    size_t total = 10 + (size_t)len + 1, pad = (64 - total % 64) % 64;
-    char buf[256];
-    memcpy(buf, "\x93NUMPY\x01\x00", 8);
-    size_t hl = (size_t)len + pad + 1;
-    buf[8] = (char)(hl & 0xff);
-    buf[9] = (char)(hl >> 8);
-    memcpy(buf + 10, head, (size_t)len);
-    memset(buf + 10 + len, ' ', pad);
-    buf[10 + (size_t)len + pad] = '\n';
-    if (io_write(outs, "out", buf, 10 + hl)) return EXIT_FAIL;
+    char head[256];
+    size_t hl = npy_header("<f8", &n, 1, head, sizeof head);
+    if (io_write(outs, "out", head, hl)) return EXIT_FAIL;
     return io_write(outs, "out", x, n * sizeof(double)); /* x86-64: little-endian */
 }
 
