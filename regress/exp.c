@@ -44,6 +44,7 @@
  * is not a double, or where x overflows or underflows entirely; entries
  * of x that underflow alone are kept as the subnormals or zeros they are,
  * and the residual reported is that of the x returned. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <float.h>
 #include <limits.h>
 #include <math.h>

@@ -15,6 +15,7 @@
  * iterations only amplify rounding; spectral() then gives a filtered
  * solution over A's singular vectors, from the same sketch. It also runs
  * where the iterations fell short of tol, and the lesser residual wins. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <cblas.h>
 #include <float.h>
 #include <lapacke.h>

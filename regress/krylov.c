@@ -1,4 +1,5 @@
 /* Krylov solvers over operator callbacks, in float64. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <string.h>
 

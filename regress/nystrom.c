@@ -22,6 +22,7 @@
  * exact inverse, whose bound 1 + ||G - F F^T|| / mu is no worse than
  * theirs, measured 4 to 9% fewer iterations on the tests' problems.
  * Whitening carries it to ridges that differ per row. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <string.h>
 

@@ -1,5 +1,6 @@
 /* kmv_regress(): checks, dispatch to the problem's solver, and the final
  * residual. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <math.h>
 #include <string.h>
 

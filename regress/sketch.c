@@ -3,6 +3,7 @@
  * O(nd log n) of a randomized Hadamard transform) and, with s = O(d) rows,
  * an embedding good enough that A R^-1 is well-conditioned whatever
  * cond(A) is: only A's column space matters, and R carries A's scaling. */
+#define _XOPEN_SOURCE 700 /* POSIX.1-2008 with XSI, before any header: no -D needed */
 #include <lapacke.h>
 #include <limits.h>
 #include <math.h>
